@@ -1,0 +1,24 @@
+"""stride-nnsight: STRIDE training data attribution for nnsight and TransformerLens.
+
+    from stride_nnsight import Stride
+    stride = Stride(model, layer=2).fit(train_texts)
+    attr = stride.attribute(prompts, completions)    # Attribution: scores [query, train]
+"""
+
+__version__ = "0.1.0"
+
+from .arguments import StrideArguments  # noqa: E402
+from .design import SubsetDesign, recommended_n_subsets  # noqa: E402
+from .operators import SteeringOperators  # noqa: E402
+from .results import Attribution  # noqa: E402
+from .stride import Stride  # noqa: E402
+
+__all__ = [
+    "Attribution",
+    "Stride",
+    "StrideArguments",
+    "SteeringOperators",
+    "SubsetDesign",
+    "recommended_n_subsets",
+    "__version__",
+]

@@ -1,0 +1,111 @@
+"""All of STRIDE's settings in one object (kronfluence style)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+from .operators import PLACEMENTS
+
+__all__ = ["StrideArguments", "LAMBDA_RULES"]
+
+LAMBDA_RULES = ("fraction", "cv")
+
+
+@dataclass
+class StrideArguments:
+    """Settings of a STRIDE run. Defaults were chosen on the bundled benchmark (see docs/method.md).
+
+    Subset design:
+        n_subsets: ``K``, number of subsets / operators.
+        subsets_per_example: ``d``, subsets each training example belongs to.
+    Operators:
+        layer: decoder block whose output is read (and, for ``"residual"``, steered);
+            negative values count from the end.
+        placement: ``"residual"`` (edit the residual stream) or ``"logits"`` (edit the output logits).
+        rank: ``r``, size of the shared basis.
+        basis_hidden: hidden width of the basis network.
+    Fitting:
+        steps: optimiser steps; batch_size: rows per step (half fidelity, half stability);
+        lr: AdamW learning rate; weight_decay: AdamW weight decay;
+        fidelity_weight, stability_weight, linearity_weight: loss weights;
+        linearity_operators: operators sampled per step for the linearity loss;
+        sketch_dim: ``q``, width of the Johnson-Lindenstrauss sketch; ridge: ``gamma``;
+        max_length: tokens per training text (longer texts are truncated);
+        checkpoint_every: steps between on-disk checkpoints (when a checkpoint dir is given).
+    Measurement / recovery:
+        measure_batch_size: forward rows per chunk when measuring all K operators;
+        lambda_rule: ``"fraction"`` (lambda = lambda_fraction * lambda_max, per query) or
+            ``"cv"`` (5-fold cross-validated Lasso per query);
+        lambda_fraction: see above; fit_intercept: let the Lasso absorb a shift common to all operators.
+    seed: seeds the design, the operators' initialisation and the fitting's sampling.
+    """
+
+    n_subsets: int = 256
+    subsets_per_example: int = 8
+    layer: int = -2
+    placement: str = "logits"
+    rank: int = 16
+    basis_hidden: int = 64
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    fidelity_weight: float = 1.0
+    stability_weight: float = 1.0
+    linearity_weight: float = 0.1
+    linearity_operators: int = 32
+    sketch_dim: int = 8
+    ridge: float = 1e-2
+    max_length: int = 64
+    checkpoint_every: int = 100
+    measure_batch_size: int = 256
+    lambda_rule: str = "fraction"
+    lambda_fraction: float = 0.05
+    fit_intercept: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+        for name in ("n_subsets", "subsets_per_example", "rank", "basis_hidden", "steps", "batch_size",
+                     "lr", "max_length", "measure_batch_size", "sketch_dim", "linearity_operators",
+                     "checkpoint_every"):
+            positive(name)
+        for name in ("fidelity_weight", "stability_weight", "linearity_weight", "ridge", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.lambda_rule not in LAMBDA_RULES:
+            raise ValueError(f"lambda_rule must be one of {LAMBDA_RULES}, got {self.lambda_rule!r}")
+        if not 0 < self.lambda_fraction < 1:
+            raise ValueError(f"lambda_fraction must lie in (0, 1), got {self.lambda_fraction!r}")
+        if self.subsets_per_example > self.n_subsets:
+            raise ValueError(
+                f"subsets_per_example (d={self.subsets_per_example}) cannot exceed n_subsets "
+                f"(K={self.n_subsets}): lower d or raise K"
+            )
+        if self.max_length < 2:
+            raise ValueError("max_length must be >= 2 tokens")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StrideArguments":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> "StrideArguments":
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown STRIDE setting(s): {sorted(unknown)}; see StrideArguments for the list")
+        return StrideArguments.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,108 @@
+"""Measurements: how each operator moves a query's metric.
+
+For query ``x`` and operator ``k``: ``y_k(x) = f_k(x) - f_base(x)``, where ``f`` is a
+scalar per query that is *higher* when the model "does the thing" more. The default
+metric is the negative mean completion NLL, so ``y_k = Loss_base(x) - Loss_k(x)``:
+positive when subset ``k``'s operator lowers the query's loss (STRIDE.md's sign).
+
+A user metric ``metric(logits, batch) -> [b]`` (logits ``[b, t, V]``, ``batch`` a
+``TokenBatch``) can replace the loss, e.g. a logit difference between two tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .backends.base import ModelBackend
+from .inputs import TokenBatch
+from .operators import SteeringOperators, token_nll
+
+__all__ = ["Metric", "negative_completion_loss", "measure"]
+
+Metric = Callable[[Tensor, TokenBatch], Tensor]
+
+
+def negative_completion_loss(logits: Tensor, batch: TokenBatch) -> Tensor:
+    """Default metric: ``-mean NLL`` of the scored (completion) tokens, per row ``[b]`` (nats)."""
+    return -token_nll(logits, batch.input_ids, batch.loss_mask)
+
+
+def _check_metric_output(value: Tensor, rows: int) -> Tensor:
+    if not isinstance(value, Tensor) or value.shape != (rows,):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"metric must return a tensor of shape [{rows}] (one scalar per row), got {shape}")
+    return value
+
+
+@torch.no_grad()
+def measure(
+    backend: ModelBackend,
+    operators: SteeringOperators,
+    queries: TokenBatch,
+    batch_size: int = 256,
+    metric: Optional[Metric] = None,
+    progress: bool = True,
+) -> tuple[Float[Tensor, "q K"], Float[Tensor, "q"]]:
+    """All ``K`` measurements for every query.
+
+    Returns ``(y, base)``: ``y [q, K]`` float32 with ``y[i, k] = f_k(x_i) - f_base(x_i)``
+    and ``base [q]`` the unsteered metric (for the default metric, minus the loss in nats).
+    Residual placement runs ``q * K`` steered rows in chunks of ``batch_size``; logits
+    placement needs one forward per query chunk and adds all ``K`` edits to its logits.
+    """
+    metric = metric or negative_completion_loss
+    operators.eval()
+    device = backend.device
+    K, n_q = operators.n_operators, len(queries)
+    layer = operators.layer
+    base = torch.empty(n_q)
+    y = torch.empty(n_q, K)
+    q_chunk = max(1, batch_size // 4)
+    bar = tqdm(total=n_q * K, disable=not progress, desc="measuring operators", unit="row")
+    for start in range(0, n_q, q_chunk):
+        idx = list(range(start, min(start + q_chunk, n_q)))
+        batch = queries.rows(idx).to(device)
+        logits, z = backend.forward(batch.input_ids, batch.attention_mask, layer)
+        base_values = _check_metric_output(metric(logits, batch), len(idx)).float().cpu()
+        base[idx] = base_values
+        if operators.placement == "logits":
+            k_chunk = max(1, batch_size)
+            for row, i in enumerate(idx):
+                one = batch.rows([row])
+                width = one.input_ids.shape[1]
+                for k0 in range(0, K, k_chunk):
+                    ks = torch.arange(k0, min(k0 + k_chunk, K), device=device)
+                    rep = _repeat(one, len(ks))
+                    steered = operators(z[row: row + 1, :width].expand(len(ks), -1, -1), ks,
+                                        target=logits[row: row + 1, :width].expand(len(ks), -1, -1))
+                    y[i, k0: k0 + len(ks)] = _check_metric_output(metric(steered, rep), len(ks)).float().cpu() \
+                        - base_values[row]
+                    bar.update(len(ks))
+        else:
+            pairs = [(row, k) for row in range(len(idx)) for k in range(K)]
+            for p0 in range(0, len(pairs), batch_size):
+                chunk = pairs[p0: p0 + batch_size]
+                rows = torch.tensor([r for r, _ in chunk])
+                ks = torch.tensor([k for _, k in chunk], device=device)
+                sub = batch.rows(rows)
+                steered, _ = backend.forward(sub.input_ids, sub.attention_mask, layer, edit=lambda h: operators(h, ks))
+                values = _check_metric_output(metric(steered, sub), len(chunk)).float().cpu()
+                y[torch.tensor(idx)[rows], ks.cpu()] = values - base_values[rows]
+                bar.update(len(chunk))
+    bar.close()
+    if not torch.isfinite(y).all():
+        bad = int((~torch.isfinite(y)).any(1).nonzero()[0, 0])
+        raise FloatingPointError(f"non-finite measurement for query {bad}: check the metric and the inputs")
+    return y, base
+
+
+def _repeat(batch: TokenBatch, times: int) -> TokenBatch:
+    return TokenBatch(batch.input_ids.expand(times, -1), batch.attention_mask.expand(times, -1),
+                      batch.loss_mask.expand(times, -1))
+

@@ -1,0 +1,431 @@
+"""Steering operators and STRIDE's training losses: the one implementation behind every backend.
+
+This module also runs *remotely* (inside an NDIF session, where the code of a ``with``
+block is executed from its source with only whitelisted imports). It therefore imports
+only ``torch``, ``math`` and ``typing``, defines its classes with explicit
+``super(Cls, self)`` calls, and never moves or touches the base model. Shapes are given
+in docstrings (``b`` batch rows, ``t`` tokens, ``d`` d_model, ``V`` vocabulary,
+``K`` operators, ``r`` rank).
+
+An operator ``k`` adds a low-rank, input-dependent edit to a hidden vector::
+
+    residual placement:  z_l -> z_l + B(z_l) @ a_k        a_k: [r, d]
+    logits placement:    o   -> o   + B(h_l) @ a_k        a_k: [r, V]
+
+where ``B`` (the basis network, shared by all operators) maps the residual stream
+``z_l`` at the output of decoder block ``l`` to ``r`` numbers. ``a_k`` starts at zero,
+so every operator is the identity until trained.
+"""
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+PLACEMENTS = ("residual", "logits")
+
+
+class BasisNetwork(torch.nn.Module):
+    """Shared basis ``B``: ``[..., d_model] -> [..., rank]``.
+
+    LayerNorm (no affine) -> Linear(d_model, hidden) -> GELU -> Linear(hidden, rank).
+    The normalisation makes the operators insensitive to the residual stream's scale,
+    which grows with depth.
+    """
+
+    def __init__(self, d_model: int, rank: int, hidden: int) -> None:
+        super(BasisNetwork, self).__init__()
+        self.d_model = int(d_model)
+        self.rank = int(rank)
+        self.hidden = int(hidden)
+        self.inp = torch.nn.Linear(self.d_model, self.hidden)
+        self.out = torch.nn.Linear(self.hidden, self.rank)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(z, (self.d_model,))
+        return self.out(F.gelu(self.inp(h)))
+
+
+class SteeringOperators(torch.nn.Module):
+    """All ``K`` steering operators of one layer: a shared basis and one ``a_k`` per subset.
+
+    Args:
+        n_operators: ``K``.
+        d_model: width of the residual stream read (and, for ``"residual"``, edited).
+        rank: ``r``, the basis size.
+        out_dim: width of what is edited: ``d_model`` for ``"residual"``, the vocabulary
+            size for ``"logits"``.
+        placement: ``"residual"`` or ``"logits"``.
+        layer: index of the decoder block whose output is read (and edited).
+        hidden: width of the basis network's hidden layer.
+    """
+
+    def __init__(
+        self,
+        n_operators: int,
+        d_model: int,
+        rank: int,
+        out_dim: int,
+        placement: str = "residual",
+        layer: int = 0,
+        hidden: int = 64,
+    ) -> None:
+        super(SteeringOperators, self).__init__()
+        if placement not in PLACEMENTS:
+            raise ValueError("placement must be one of %s, got %r" % (PLACEMENTS, placement))
+        self.n_operators = int(n_operators)
+        self.d_model = int(d_model)
+        self.rank = int(rank)
+        self.out_dim = int(out_dim)
+        self.placement = placement
+        self.layer = int(layer)
+        self.basis = BasisNetwork(d_model, rank, hidden)
+        self.coefficients = torch.nn.Parameter(torch.zeros(self.n_operators, self.rank, self.out_dim))
+
+    def operator_weights(self, operator, batch: int) -> torch.Tensor:
+        """Per-row coefficient matrices ``[b, r, out]`` for ``operator``.
+
+        ``operator`` may be an int (the same operator on every row), a LongTensor ``[b]``
+        (one operator per row; ``-1`` means no steering on that row) or a float tensor
+        ``[b, K]`` or ``[K]`` of mixing weights (a weighted sum of operators).
+        """
+        a = self.coefficients
+        if isinstance(operator, int):
+            if not -self.n_operators <= operator < self.n_operators:
+                raise IndexError("operator %d out of range [0, %d)" % (operator, self.n_operators))
+            return a[operator].unsqueeze(0).expand(batch, -1, -1)
+        operator = torch.as_tensor(operator, device=a.device)
+        if operator.is_floating_point():
+            weights = operator.to(a.dtype)
+            if weights.dim() == 1:
+                weights = weights.unsqueeze(0).expand(batch, -1)
+            if weights.shape != (batch, self.n_operators):
+                raise ValueError(
+                    "mixing weights must have shape [%d] or [%d, %d], got %s"
+                    % (self.n_operators, batch, self.n_operators, tuple(operator.shape))
+                )
+            return torch.einsum("bk,kro->bro", weights, a)
+        if operator.dim() != 1 or operator.shape[0] != batch:
+            raise ValueError("per-row operator ids must have shape [%d], got %s" % (batch, tuple(operator.shape)))
+        if bool((operator >= self.n_operators).any()) or bool((operator < -1).any()):
+            raise IndexError("operator ids must lie in [-1, %d)" % self.n_operators)
+        keep = (operator >= 0).to(a.dtype)[:, None, None]
+        return a[operator.clamp(min=0)] * keep
+
+    def delta(self, z: torch.Tensor, operator) -> torch.Tensor:
+        """The edit ``B(z) @ a_k``: ``z [b, t, d] -> [b, t, out]``."""
+        coef = self.operator_weights(operator, z.shape[0])
+        basis = self.basis(z.to(coef.dtype))
+        return torch.bmm(basis, coef)
+
+    def forward(self, z: torch.Tensor, operator, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Apply ``operator``.
+
+        Residual placement: ``steer(z) = z + B(z) a_k``, ``z [b, t, d]``.
+        Logits placement: pass the logits as ``target [b, t, V]``; returns
+        ``target + B(z) a_k``.
+        """
+        base = z if target is None else target
+        return base + self.delta(z, operator).to(base.dtype)
+
+    def all_logit_deltas(self, z: torch.Tensor) -> torch.Tensor:
+        """Edits of every operator at once (logits placement): ``z [p, d] -> [K, p, V]``."""
+        basis = self.basis(z.to(self.coefficients.dtype))
+        return torch.einsum("pr,kro->kpo", basis, self.coefficients)
+
+    def settings(self) -> dict:
+        return {
+            "n_operators": self.n_operators,
+            "d_model": self.d_model,
+            "rank": self.rank,
+            "out_dim": self.out_dim,
+            "placement": self.placement,
+            "layer": self.layer,
+            "hidden": self.basis.hidden,
+        }
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL per row (nats/token) over the tokens where ``loss_mask`` is 1.
+
+    ``logits [b, t, V]`` predict ``input_ids [b, t]`` shifted by one; ``loss_mask [b, t]``
+    marks target tokens (position ``t`` is predicted from ``t - 1``). Returns ``[b]``.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].to(logp.dtype)
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return (nll * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def kl_to_base(base_logits: torch.Tensor, steered_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean per-token ``KL(base || steered)`` per row (nats), over tokens where ``mask`` is 1. ``[b]``."""
+    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
+    steered_logp = torch.log_softmax(steered_logits.float(), dim=-1)
+    kl = (base_logp.exp() * (base_logp - steered_logp)).sum(-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+def linearity_penalty(responses: torch.Tensor, sketch: torch.Tensor, ridge: float) -> torch.Tensor:
+    """STRIDE's linearity loss: how far ``y`` is from the span of the sketched design.
+
+    ``responses [s]``: responses ``y_k = loss_base - loss_k`` of ``s`` operators to one
+    probe example; ``sketch [s, q]``: the matching rows of ``M R`` (membership times a
+    Johnson-Lindenstrauss projection). Returns the mean squared residual
+    ``|| S (S^T S + gamma I)^-1 S^T y - y ||^2 / s`` (a scalar).
+    """
+    s = sketch.to(responses.dtype)
+    gram = s.t() @ s + ridge * torch.eye(s.shape[1], dtype=s.dtype, device=s.device)
+    fitted = s @ torch.linalg.solve(gram, s.t() @ responses)
+    return ((fitted - responses) ** 2).mean()
+
+
+def jl_projection(n_examples: int, dim: int, seed: int) -> torch.Tensor:
+    """Gaussian Johnson-Lindenstrauss projection ``R [n, q]`` with entries N(0, 1/q)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn(n_examples, dim, generator=gen) / math.sqrt(dim)
+
+
+def stride_loss(
+    steered_nll: torch.Tensor,
+    stability_kl: torch.Tensor,
+    linearity: torch.Tensor,
+    weights: tuple,
+) -> torch.Tensor:
+    """Weighted sum ``w_f * mean(fidelity) + w_s * mean(stability) + w_l * linearity``."""
+    w_f, w_s, w_l = weights
+    total = w_f * steered_nll.mean()
+    if stability_kl.numel():
+        total = total + w_s * stability_kl.mean()
+    return total + w_l * linearity
+
+
+StrideOperator = Union[int, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------
+# Remote-safe building blocks of a fit / a measurement. stride_nnsight.remote calls them
+# inside ``model.session(remote=...)``; they are shipped to the server by value (source),
+# so they may use only torch / math / typing and must not import anything from this
+# package. ``model`` is the nnsight model envoy (the server's live model when remote);
+# ``layers_path`` the dotted path of its decoder blocks (e.g. "transformer.h"). Token
+# tensors arrive on the CPU and are moved to the model; what is returned is small, detached
+# and on the CPU. They mirror OperatorFitter.train_step and measurement.measure (default
+# metric) exactly, so a remote run reproduces a local one (tests/test_remote.py checks it).
+# ---------------------------------------------------------------------------------------
+
+
+def decoder_blocks(model, layers_path: str):
+    """The envoy of the decoder-block list, e.g. ``model.transformer.h`` for ``"transformer.h"``."""
+    node = model
+    for name in layers_path.split("."):
+        node = getattr(node, name)
+    return node
+
+
+def block_device(model, layers_path: str, layer: int) -> torch.device:
+    """Device of decoder block ``layer`` (where the operators go); a clear error when the
+    model (on the server: the deployed one) has no such block."""
+    blocks = decoder_blocks(model, layers_path)
+    n_blocks = len(blocks)
+    if not -n_blocks <= int(layer) < n_blocks:
+        raise IndexError("layer %d is out of range: the model at %r has %d decoder blocks"
+                         % (int(layer), layers_path, n_blocks))
+    device = blocks[int(layer)].device
+    return device if device is not None else torch.device("cpu")
+
+
+def trimmed_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                 index: torch.Tensor) -> tuple:
+    """Rows ``index`` of padded token tensors, trailing all-padding columns cut (>= 2 kept),
+    exactly like ``TokenBatch.rows``. Returns ``(input_ids, attention_mask, loss_mask)``."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    mask = attention_mask[index]
+    width = max(int(mask.sum(1).max().item()), 2) if len(index) else 2
+    return input_ids[index, :width], mask[:, :width], loss_mask[index, :width]
+
+
+def steered_forward(model, layers_path: str, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    operators: Optional[torch.nn.Module] = None, operator=None) -> tuple:
+    """One forward of the frozen model in ``model.trace``, optionally steering block ``layer``'s
+    output with ``operators(z, operator)`` (residual placement). Returns ``(logits [b, t, V],
+    z [b, t, d])``, ``z`` read before the edit. Same computation as ``NNsightBackend.forward``.
+
+    Results leave the trace through a list built outside it, so this works whether or not
+    nnsight's ``.save()`` is mounted and at any trace depth (inside a session or not).
+    """
+    box = []
+    with model.trace(input_ids=input_ids, attention_mask=attention_mask):
+        block = decoder_blocks(model, layers_path)[layer]
+        out = block.output
+        hidden = out[0] if isinstance(out, tuple) else out
+        if operators is not None:
+            steered = operators(hidden, operator)
+            block.output = (steered,) + tuple(out[1:]) if isinstance(out, tuple) else steered
+        box.append(hidden)
+        box.append(model.output.logits)
+    return box[1], box[0]
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Device of a module's first parameter (CPU if it has none)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def run_training_steps(
+    model,
+    layers_path: str,
+    operators: SteeringOperators,
+    optimizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    rows: torch.Tensor,
+    operator_ids: torch.Tensor,
+    sketches: torch.Tensor,
+    n_fidelity: int,
+    n_stability: int,
+    loss_weights: tuple,
+    ridge: float,
+) -> torch.Tensor:
+    """Run ``S`` optimiser steps of STRIDE's losses on pre-sampled rows (model frozen).
+
+    Args:
+        model, layers_path: the nnsight model and the path of its decoder blocks.
+        operators, optimizer: the operators (on the model's device) and their optimiser.
+        input_ids, attention_mask, loss_mask: ``[u, t]`` CPU tensors of the ``u`` distinct
+            training examples the steps use.
+        rows: ``[S, R]`` indices into those ``u`` examples, one row of the batch each:
+            ``n_fidelity`` fidelity rows, ``n_stability`` stability rows, then the probe
+            example repeated for the linearity rows.
+        operator_ids: ``[S, R]`` the operator of every row.
+        sketches: ``[S, p, q]`` rows of the sketched design for the ``p`` probe operators
+            (``p = R - n_fidelity - n_stability``; ``p = 0`` switches the linearity loss off).
+        loss_weights: ``(fidelity, stability, linearity)``; ridge: ``gamma``.
+
+    Returns ``[S, 4]`` float64 CPU: total, fidelity, stability, linearity loss of each step.
+    """
+    device = module_device(operators)
+    n_fid, n_stab = int(n_fidelity), int(n_stability)
+    n_probe = int(rows.shape[1]) - n_fid - n_stab
+    n_ref = n_stab + (1 if n_probe else 0)  # rows that need the unsteered model's output
+    ref_rows = slice(n_fid, n_fid + n_ref)
+    stab_rows = slice(n_fid, n_fid + n_stab)
+    records = []
+    for s in range(int(rows.shape[0])):
+        ids, attn, lmask = trimmed_rows(input_ids, attention_mask, loss_mask, rows[s])
+        ids, attn, lmask = ids.to(device), attn.to(device), lmask.to(device)
+        op_ids = operator_ids[s].to(device)
+        operators.train()
+        if operators.placement == "logits":
+            with torch.no_grad():
+                base_logits, z = steered_forward(model, layers_path, operators.layer, ids, attn)
+            steered = operators(z, op_ids, target=base_logits)
+            reference = base_logits[ref_rows]
+        else:
+            reference = None
+            if n_ref:
+                with torch.no_grad():
+                    reference, _ = steered_forward(model, layers_path, operators.layer, ids[ref_rows], attn[ref_rows])
+            steered, _ = steered_forward(model, layers_path, operators.layer, ids, attn, operators, op_ids)
+        ids, attn, lmask = ids.to(steered.device), attn.to(steered.device), lmask.to(steered.device)
+        nll = token_nll(steered, ids, lmask)
+        fidelity = nll[:n_fid]
+        if n_stab:
+            stability = kl_to_base(reference[:n_stab], steered[stab_rows], attn[stab_rows])
+        else:
+            stability = nll.new_zeros(0)
+        if n_probe:
+            row = n_fid + n_stab
+            with torch.no_grad():
+                base_nll = token_nll(reference[n_stab:], ids[row: row + 1], lmask[row: row + 1])
+            responses = base_nll - nll[row: row + n_probe]
+            linearity = linearity_penalty(responses, sketches[s].to(responses.device), ridge)
+        else:
+            linearity = nll.new_zeros(())
+        loss = stride_loss(fidelity, stability, linearity, tuple(loss_weights))
+        if not loss.requires_grad:
+            raise RuntimeError("the STRIDE loss does not depend on the operators: gradients are not reaching "
+                               "the operators (is the edit applied inside the trace / hook?)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        records.append([
+            float(loss.detach()),
+            float(fidelity.detach().mean()),
+            float(stability.detach().mean()) if n_stab else 0.0,
+            float(linearity.detach()),
+        ])
+    return torch.tensor(records, dtype=torch.float64).reshape(-1, 4)
+
+
+def measure_queries(
+    model,
+    layers_path: str,
+    operators: SteeringOperators,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    batch_size: int,
+) -> tuple:
+    """Measurements of all ``K`` operators for ``q`` queries, default metric (minus the mean
+    completion NLL), the same chunking as ``measurement.measure``.
+
+    Token tensors are ``[q, t]`` CPU tensors. Returns ``(y [q, K], base [q])`` float32 CPU with
+    ``y[i, k] = -loss_k(x_i) + loss_base(x_i)``.
+    """
+    device = module_device(operators)
+    operators.eval()
+    K, n_q = operators.n_operators, int(input_ids.shape[0])
+    layer = operators.layer
+    base = torch.empty(n_q)
+    y = torch.empty(n_q, K)
+    q_chunk = max(1, int(batch_size) // 4)
+    with torch.no_grad():
+        for start in range(0, n_q, q_chunk):
+            idx = list(range(start, min(start + q_chunk, n_q)))
+            ids, attn, lmask = trimmed_rows(input_ids, attention_mask, loss_mask, torch.tensor(idx))
+            ids, attn, lmask = ids.to(device), attn.to(device), lmask.to(device)
+            logits, z = steered_forward(model, layers_path, layer, ids, attn)
+            base_values = (-token_nll(logits, ids.to(logits.device), lmask.to(logits.device))).float().cpu()
+            base[idx] = base_values
+            if operators.placement == "logits":
+                k_chunk = max(1, int(batch_size))
+                for row, i in enumerate(idx):
+                    one_ids, _, one_loss = trimmed_rows(ids, attn, lmask, torch.tensor([row]))
+                    width = one_ids.shape[1]
+                    for k0 in range(0, K, k_chunk):
+                        ks = torch.arange(k0, min(k0 + k_chunk, K), device=device)
+                        n_k = len(ks)
+                        steered = operators(z[row: row + 1, :width].expand(n_k, -1, -1), ks,
+                                            target=logits[row: row + 1, :width].expand(n_k, -1, -1))
+                        values = -token_nll(steered, one_ids.expand(n_k, -1).to(steered.device),
+                                            one_loss.expand(n_k, -1).to(steered.device))
+                        y[i, k0: k0 + n_k] = values.float().cpu() - base_values[row]
+            else:
+                pairs = [(row, k) for row in range(len(idx)) for k in range(K)]
+                for p0 in range(0, len(pairs), int(batch_size)):
+                    chunk = pairs[p0: p0 + int(batch_size)]
+                    rows = torch.tensor([r for r, _ in chunk])
+                    ks = torch.tensor([k for _, k in chunk], device=device)
+                    sub_ids, sub_attn, sub_loss = trimmed_rows(ids, attn, lmask, rows)
+                    steered, _ = steered_forward(model, layers_path, layer, sub_ids, sub_attn, operators, ks)
+                    values = -token_nll(steered, sub_ids.to(steered.device), sub_loss.to(steered.device))
+                    y[torch.tensor(idx)[rows], ks.cpu()] = values.float().cpu() - base_values[rows]
+    return y, base
+
+
+def cpu_state(value):
+    """Detached CPU copies of every tensor in a (nested) dict / list / tuple; other values as is.
+    What a remote session saves must be this: small, no graph, no device memory."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_state(v) for v in value)
+    return value

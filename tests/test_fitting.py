@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from stride_nnsight.arguments import StrideArguments
+from stride_nnsight.backends import resolve_backend
+from stride_nnsight.design import SubsetDesign
+from stride_nnsight.fitting import CHECKPOINT_NAME, OperatorFitter
+from stride_nnsight.inputs import encode_texts
+from stride_nnsight.operators import SteeringOperators
+
+
+def make_fitter(model, tokenizer, texts, placement="residual", steps=30, **kw):
+    backend = resolve_backend(model)
+    backend.freeze()
+    args = StrideArguments(n_subsets=8, subsets_per_example=2, layer=1, rank=4, steps=steps, batch_size=8,
+                           lr=2e-2, placement=placement, linearity_operators=6, sketch_dim=3, checkpoint_every=10, **kw)
+    out_dim = 32 if placement == "residual" else backend.vocab_size
+    torch.manual_seed(0)
+    ops = SteeringOperators(8, 32, 4, out_dim, placement=placement, layer=1, hidden=8)
+    design = SubsetDesign(len(texts), 8, 2, seed=0)
+    return OperatorFitter(backend, ops, design, encode_texts(tokenizer, texts, 32), args)
+
+
+@pytest.mark.parametrize("placement", ["residual", "logits"])
+def test_fitting_lowers_fidelity_and_moves_parameters(tiny_model, tiny_tokenizer, small_texts, placement):
+    fitter = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], placement, steps=40)
+    history = fitter.run(progress=False)
+    assert len(history) == 40
+    first, last = np.mean(history.fidelity[:8]), np.mean(history.fidelity[-8:])
+    assert last < first - 0.05, (first, last)
+    assert fitter.operators.coefficients.abs().sum() > 0
+    assert all(np.isfinite(history.total))
+
+
+def test_sampling_respects_membership(tiny_model, tiny_tokenizer, small_texts):
+    fitter = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16])
+    for _ in range(20):
+        fid_ex, fid_ops, stab_ex, stab_ops, probe, probe_ops = fitter.sample_rows()
+        for j, k in zip(fid_ex, fid_ops):
+            assert j in fitter.design.members(int(k))
+        for j, k in zip(stab_ex, stab_ops):
+            assert j not in fitter.design.members(int(k))
+        assert len(set(probe_ops.tolist())) == len(probe_ops)
+
+
+def test_checkpoint_resume_equals_uninterrupted(tiny_model, tiny_tokenizer, small_texts, tmp_path):
+    full = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=20)
+    full.run(progress=False)
+
+    part = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=20)
+    calls = {"n": 0}
+    original = part.train_step
+
+    def crash_after_ten():
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original()
+
+    part.train_step = crash_after_ten
+    with pytest.raises(KeyboardInterrupt):
+        part.run(progress=False, checkpoint_dir=tmp_path)
+    assert (tmp_path / CHECKPOINT_NAME).exists()
+    resumed = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=20)
+    resumed.run(progress=False, checkpoint_dir=tmp_path)
+    assert resumed.history.step == list(range(1, 21))
+    np.testing.assert_allclose(resumed.history.total, full.history.total, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(resumed.operators.coefficients, full.operators.coefficients, rtol=1e-4, atol=1e-6)
+
+
+def test_noop_gradients_are_detected(tiny_model, tiny_tokenizer, small_texts):
+    fitter = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=3)
+
+    class Silent(type(fitter.backend)):
+        def forward(self, input_ids, attention_mask, layer, edit=None):  # drops the edit
+            return super().forward(input_ids, attention_mask, layer, None)
+
+    fitter.backend.__class__ = Silent
+    try:
+        with pytest.raises(RuntimeError, match="not reaching the operators"):
+            fitter.run(progress=False)
+    finally:
+        fitter.backend.__class__ = Silent.__mro__[1]

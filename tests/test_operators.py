@@ -1,0 +1,126 @@
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import stride_nnsight.operators as ops_module
+from stride_nnsight.operators import (
+    SteeringOperators,
+    jl_projection,
+    kl_to_base,
+    linearity_penalty,
+    token_nll,
+)
+
+
+def make_ops(placement="residual", K=6, d=8, r=3, out=None):
+    torch.manual_seed(0)
+    return SteeringOperators(K, d, r, out or d, placement=placement, layer=1, hidden=5)
+
+
+def test_identity_at_zero():
+    ops = make_ops()
+    z = torch.randn(4, 7, 8)
+    torch.testing.assert_close(ops(z, 2), z)
+    torch.testing.assert_close(ops(z, torch.tensor([0, 1, 2, 3])), z)
+
+
+def test_per_row_operators_and_no_steer_rows():
+    ops = make_ops()
+    with torch.no_grad():
+        ops.coefficients.normal_()
+    z = torch.randn(3, 5, 8)
+    out = ops(z, torch.tensor([1, -1, 4]))
+    torch.testing.assert_close(out[0], ops(z[:1], 1)[0])
+    torch.testing.assert_close(out[1], z[1])  # -1: unsteered
+    torch.testing.assert_close(out[2], ops(z[2:], 4)[0])
+    assert not torch.allclose(out[0], z[0])
+
+
+def test_mixing_weights_are_linear_in_coefficients():
+    ops = make_ops()
+    with torch.no_grad():
+        ops.coefficients.normal_()
+    z = torch.randn(2, 4, 8)
+    w = torch.zeros(6)
+    w[1], w[3] = 0.5, 2.0
+    mixed = ops.delta(z, w)
+    expected = 0.5 * ops.delta(z, 1) + 2.0 * ops.delta(z, 3)
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_placement_all_deltas_match_single():
+    ops = make_ops("logits", out=11)
+    with torch.no_grad():
+        ops.coefficients.normal_()
+    z = torch.randn(5, 8)
+    all_d = ops.all_logit_deltas(z)
+    assert all_d.shape == (6, 5, 11)
+    torch.testing.assert_close(all_d[4], ops.delta(z[None], 4)[0], rtol=1e-5, atol=1e-6)
+    logits = torch.randn(1, 5, 11)
+    torch.testing.assert_close(ops(z[None], 4, target=logits), logits + all_d[4][None], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_operator_arguments():
+    ops = make_ops()
+    z = torch.randn(2, 3, 8)
+    with pytest.raises(IndexError):
+        ops(z, 6)
+    with pytest.raises(IndexError):
+        ops(z, torch.tensor([0, 9]))
+    with pytest.raises(ValueError, match="shape"):
+        ops(z, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="mixing weights"):
+        ops(z, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="placement"):
+        SteeringOperators(2, 4, 2, 4, placement="attention")
+
+
+def test_token_nll_matches_cross_entropy():
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    got = token_nll(logits, ids, mask)
+    for b in range(2):
+        pos = [t for t in range(1, 5) if mask[b, t]]
+        ce = torch.nn.functional.cross_entropy(logits[b, [t - 1 for t in pos]], ids[b, pos])
+        torch.testing.assert_close(got[b], ce)
+
+
+def test_kl_is_zero_for_equal_and_positive_otherwise():
+    a = torch.randn(2, 4, 9)
+    mask = torch.ones(2, 4)
+    assert kl_to_base(a, a, mask).abs().max() < 1e-6
+    assert (kl_to_base(a, a + torch.randn(2, 4, 9), mask) > 0).all()
+
+
+def test_linearity_penalty_zero_in_span_positive_outside():
+    torch.manual_seed(0)
+    sketch = torch.randn(20, 4)
+    y_in = sketch @ torch.randn(4)
+    assert linearity_penalty(y_in, sketch, ridge=1e-6) < 1e-6
+    y_out = torch.randn(20)
+    assert linearity_penalty(y_out, sketch, ridge=1e-6) > 0.1
+    r = jl_projection(50, 8, seed=0)
+    assert r.shape == (50, 8)
+    torch.testing.assert_close(r, jl_projection(50, 8, seed=0))
+
+
+ALLOWED_REMOTE_IMPORTS = {"torch", "numpy", "einops", "math", "collections", "typing", "time"}
+
+
+def test_operator_module_is_remote_safe():
+    """operators.py runs inside NDIF sessions: whitelisted imports only, explicit super()."""
+    tree = ast.parse(Path(ops_module.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots = {(node.module or "").split(".")[0]}
+            assert node.level == 0, "relative imports cannot be shipped to NDIF"
+        else:
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "super":
+                assert len(node.args) == 2, "use explicit super(Cls, self)"
+            continue
+        assert roots <= ALLOWED_REMOTE_IMPORTS, f"non-whitelisted import {roots}"

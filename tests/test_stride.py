@@ -1,0 +1,107 @@
+"""The facade: construction, fit -> attribute -> save/load, and clear errors."""
+
+import pytest
+import torch
+
+from stride_nnsight import Attribution, Stride, StrideArguments
+
+FAST = dict(n_subsets=16, subsets_per_example=2, rank=4, steps=12, batch_size=8, linearity_operators=8,
+            sketch_dim=4, basis_hidden=8, max_length=32)
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_model, small_texts):
+    return Stride(tiny_model, layer=1, seed=0, placement="residual", **FAST).fit(small_texts[:24], progress=False)
+
+
+def test_fit_and_attribute_shapes_and_provenance(fitted):
+    attr = fitted.attribute(["the cat sat", "a dog"], [" on the mat.", " ran"], progress=False)
+    assert isinstance(attr, Attribution)
+    assert attr.scores.shape == (2, 24) and attr.scores.dtype == torch.float32
+    assert attr.measurements.shape == (2, 16)
+    p = attr.provenance
+    assert p["method"] == "STRIDE" and p["layer"] == 1 and p["n_subsets"] == 16
+    assert p["subsets_per_example"] == 2 and p["rank"] == 4 and p["placement"] == "residual"
+    assert p["backend"] == "nnsight" and p["hook"] == "blocks.1.hook_resid_post"
+    assert len(p["lambdas"]) == 2 and p["model_fingerprint"] == fitted.fingerprint
+    assert attr.query_texts[0] == "the cat sat on the mat."
+    assert "Stride(" in repr(fitted) and "fitted on 24" in repr(fitted)
+
+
+def test_save_load_roundtrip(fitted, tiny_model, tmp_path):
+    before = fitted.attribute(["the cat sat"], [" on the mat."], progress=False)
+    fitted.save(tmp_path / "state")
+    loaded = Stride.load(tmp_path / "state", tiny_model)
+    after = loaded.attribute(["the cat sat"], [" on the mat."], progress=False)
+    torch.testing.assert_close(after.scores, before.scores)
+    torch.testing.assert_close(after.measurements, before.measurements)
+    assert loaded.args == fitted.args and loaded.train_texts == fitted.train_texts
+    assert loaded.history.total == fitted.history.total
+
+
+def test_load_refuses_other_model(fitted, tiny_tokenizer, tmp_path):
+    from nnsight import TransformersModel
+    from transformers import GPT2LMHeadModel
+
+    fitted.save(tmp_path / "state")
+    torch.manual_seed(123)
+    other = GPT2LMHeadModel(fitted.backend.torch_module.config).eval()
+    other_model = TransformersModel(other, tokenizer=tiny_tokenizer, task="text-generation")
+    with pytest.raises(ValueError, match="model mismatch"):
+        Stride.load(tmp_path / "state", other_model)
+    assert Stride.load(tmp_path / "state", other_model, strict=False).operators is not None
+    with pytest.raises(FileNotFoundError, match="stride.save"):
+        Stride.load(tmp_path / "nowhere", other_model)
+
+
+def test_logits_placement_end_to_end(tiny_model, small_texts):
+    stride = Stride(tiny_model, layer=0, placement="logits", **FAST).fit(small_texts[:24], progress=False)
+    attr = stride.attribute(["the cat"], [" sat"], progress=False)
+    assert attr.scores.shape == (1, 24) and attr.provenance["placement"] == "logits"
+    assert stride.operators.coefficients.shape[-1] == stride.backend.vocab_size
+
+
+def test_from_pretrained_model_saved_to_disk(tiny_hf_model, tiny_tokenizer, small_texts, tmp_path):
+    """The loading path users take (from_pretrained on a local dir) works end to end."""
+    from nnsight import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_hf_model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m", local_files_only=True)
+    model = TransformersModel(hf, tokenizer=tok, task="text-generation")
+    stride = Stride(model, layer=1, **FAST).fit(small_texts[:24], progress=False)
+    assert stride.attribute(["the"], [" cat"], progress=False).scores.shape == (1, 24)
+
+
+def test_bad_inputs_raise_clear_errors(tiny_model, fitted):
+    with pytest.raises(ValueError, match="decoder blocks"):
+        Stride(tiny_model, layer=7)
+    with pytest.raises(ValueError, match="placement"):
+        Stride(tiny_model, placement="attention")
+    with pytest.raises(ValueError, match="cannot exceed"):
+        Stride(tiny_model, n_subsets=4, subsets_per_example=8)
+    with pytest.raises(TypeError, match="unknown STRIDE setting"):
+        Stride(tiny_model, n_subset=4)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        Stride(tiny_model, layer=0).attribute(["a"], [" b"])
+    with pytest.raises(TypeError, match="single string"):
+        fitted.attribute("the cat", " sat")
+    with pytest.raises(ValueError, match="one completion per prompt"):
+        fitted.attribute(["a", "b"], [" c"], progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        Stride(tiny_model, layer=0, **FAST).fit([])
+    with pytest.raises(ValueError, match="lambda_fraction"):
+        StrideArguments(lambda_fraction=2.0)
+
+
+def test_checkpointed_fit_resumes(tiny_model, small_texts, tmp_path):
+    settings = dict(FAST, steps=10, checkpoint_every=5)
+    full = Stride(tiny_model, layer=1, **settings).fit(small_texts[:24], progress=False)
+    first = Stride(tiny_model, layer=1, **dict(settings, steps=5)).fit(
+        small_texts[:24], progress=False, checkpoint_dir=tmp_path)
+    assert len(first.history) == 5
+    resumed = Stride(tiny_model, layer=1, **settings).fit(small_texts[:24], progress=False, checkpoint_dir=tmp_path)
+    assert len(resumed.history) == 10
+    torch.testing.assert_close(resumed.operators.coefficients, full.operators.coefficients, rtol=1e-4, atol=1e-6)
