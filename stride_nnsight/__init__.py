@@ -10,11 +10,13 @@ __version__ = "0.1.0"
 from .arguments import StrideArguments  # noqa: E402
 from .design import SubsetDesign, recommended_n_subsets  # noqa: E402
 from .operators import SteeringOperators  # noqa: E402
-from .results import Attribution  # noqa: E402
-from .stride import Stride  # noqa: E402
+from .results import Attribution, AttributionCache  # noqa: E402
+from .stride import Stride, attribute_layers  # noqa: E402
 
 __all__ = [
     "Attribution",
+    "AttributionCache",
+    "attribute_layers",
     "Stride",
     "StrideArguments",
     "SteeringOperators",

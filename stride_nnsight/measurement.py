@@ -11,7 +11,7 @@ A user metric ``metric(logits, batch) -> [b]`` (logits ``[b, t, V]``, ``batch`` 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ def measure(
     batch_size: int = 256,
     metric: Optional[Metric] = None,
     progress: bool = True,
+    intervention: Any = None,
 ) -> tuple[Float[Tensor, "q K"], Float[Tensor, "q"]]:
     """All ``K`` measurements for every query.
 
@@ -55,6 +56,9 @@ def measure(
     and ``base [q]`` the unsteered metric (for the default metric, minus the loss in nats).
     Residual placement runs ``q * K`` steered rows in chunks of ``batch_size``; logits
     placement needs one forward per query chunk and adds all ``K`` edits to its logits.
+    ``intervention`` (the user's own patch, see ``ModelBackend.forward``) is applied in
+    every run, unsteered and steered alike, so ``y`` measures the operators *on the
+    patched model*.
     """
     metric = metric or negative_completion_loss
     operators.eval()
@@ -68,7 +72,7 @@ def measure(
     for start in range(0, n_q, q_chunk):
         idx = list(range(start, min(start + q_chunk, n_q)))
         batch = queries.rows(idx).to(device)
-        logits, z = backend.forward(batch.input_ids, batch.attention_mask, layer)
+        logits, z = backend.forward(batch.input_ids, batch.attention_mask, layer, intervention=intervention)
         base_values = _check_metric_output(metric(logits, batch), len(idx)).float().cpu()
         base[idx] = base_values
         if operators.placement == "logits":
@@ -91,7 +95,8 @@ def measure(
                 rows = torch.tensor([r for r, _ in chunk])
                 ks = torch.tensor([k for _, k in chunk], device=device)
                 sub = batch.rows(rows)
-                steered, _ = backend.forward(sub.input_ids, sub.attention_mask, layer, edit=lambda h: operators(h, ks))
+                steered, _ = backend.forward(sub.input_ids, sub.attention_mask, layer, edit=lambda h: operators(h, ks),
+                                              intervention=intervention)
                 values = _check_metric_output(metric(steered, sub), len(chunk)).float().cpu()
                 y[torch.tensor(idx)[rows], ks.cpu()] = values - base_values[rows]
                 bar.update(len(chunk))

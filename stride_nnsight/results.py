@@ -239,3 +239,37 @@ class Attribution:
         if self.n_queries > 3:
             lines.append(f"  ... {self.n_queries - 3} more queries")
         return "\n".join(lines)
+
+
+class AttributionCache(dict):
+    """Attributions of the same queries from several steered sites, keyed by hook name
+    (``"blocks.{l}.hook_resid_post"``), like TransformerLens' ``ActivationCache``.
+
+    ``cache["blocks.2.hook_resid_post"]`` is an ``Attribution``; ``stack()`` gives a
+    ``[n_sites, q, n]`` tensor; ``mean()`` an ``Attribution`` of the averaged scores.
+    """
+
+    def __setitem__(self, key: str, value: Attribution) -> None:
+        if not isinstance(value, Attribution):
+            raise TypeError(f"values must be Attribution, got {type(value).__name__}")
+        for other in self.values():
+            if other.shape != value.shape or other.train_ids != value.train_ids or other.query_ids != value.query_ids:
+                raise ValueError("all attributions in a cache must cover the same queries and training examples")
+        super().__setitem__(key, value)
+
+    def stack(self) -> Float[Tensor, "site query train"]:
+        """Scores of every site, stacked in insertion order: ``[n_sites, q, n]``."""
+        if not self:
+            raise ValueError("the cache is empty")
+        return torch.stack([a.scores for a in self.values()])
+
+    def mean(self) -> Attribution:
+        """The site-averaged attribution (provenance lists the sites)."""
+        first = next(iter(self.values()))
+        prov = dict(first.provenance, hook=list(self.keys()), combined="mean over sites")
+        return Attribution(self.stack().mean(0), first.query_ids, first.train_ids, first.query_texts,
+                           first.train_texts, prov)
+
+    def __repr__(self) -> str:
+        shape = tuple(next(iter(self.values())).shape) if self else ()
+        return f"AttributionCache(sites={list(self.keys())}, shape={shape})"

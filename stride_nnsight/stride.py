@@ -18,9 +18,9 @@ from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts
 from .measurement import Metric, measure
 from .operators import SteeringOperators
 from .recovery import recover
-from .results import Attribution
+from .results import Attribution, AttributionCache
 
-__all__ = ["Stride", "STATE_FILE"]
+__all__ = ["Stride", "STATE_FILE", "attribute_layers"]
 
 STATE_FILE = "stride_state.pt"
 
@@ -154,16 +154,20 @@ class Stride:
         completions: Sequence[str],
         *,
         metric: Optional[Metric] = None,
+        intervention: Any = None,
         progress: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw measurements ``y [q, K]`` (metric change under each operator) and base metric ``[q]``."""
         self._require_fit()
         queries = self.encode_queries(prompts, completions)
+        if intervention is not None and self.remote:
+            raise NotImplementedError("intervention= is not supported with remote=...: run the patch locally")
         if self.remote:
             from .remote import measure_remote
 
             return measure_remote(self, queries, metric=metric, progress=progress)
-        return measure(self.backend, self.operators, queries, self.args.measure_batch_size, metric, progress)
+        return measure(self.backend, self.operators, queries, self.args.measure_batch_size, metric, progress,
+                       intervention=intervention)
 
     def attribute(
         self,
@@ -172,6 +176,7 @@ class Stride:
         *,
         query_ids: Optional[Sequence[Any]] = None,
         metric: Optional[Metric] = None,
+        intervention: Any = None,
         lambda_rule: Optional[str] = None,
         lambda_fraction: Optional[float] = None,
         progress: bool = True,
@@ -181,7 +186,11 @@ class Stride:
         Returns an ``Attribution`` with ``scores [len(prompts), n_train]`` (positive =
         the example lowers the completion's loss, or raises ``metric`` when given).
         ``metric(logits [b, t, V], batch: TokenBatch) -> [b]`` replaces the default
-        (negative mean completion NLL).
+        (negative mean completion NLL), e.g. a logit difference between two tokens.
+        ``intervention`` applies the user's own patch in every measured run: for nnsight a
+        callable ``fn(model)`` executed inside the trace (before the steered layer), for
+        TransformerLens a list of ``(hook_name, hook_fn)``; the scores then attribute the
+        metric *of the patched model*.
         """
         self._require_fit()
         prompts = as_text_list(prompts, "prompts")
@@ -190,7 +199,7 @@ class Stride:
             raise ValueError(f"query_ids has {len(query_ids)} entries but there are {len(prompts)} prompts")
         args = self.args.replace(**{k: v for k, v in {"lambda_rule": lambda_rule,
                                                        "lambda_fraction": lambda_fraction}.items() if v is not None})
-        y, base = self.measure(prompts, completions, metric=metric, progress=progress)
+        y, base = self.measure(prompts, completions, metric=metric, intervention=intervention, progress=progress)
         scores, lambdas = recover(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
                                   args.fit_intercept, progress=progress, seed=args.seed)
         return Attribution(
@@ -202,9 +211,24 @@ class Stride:
             provenance=self.provenance(lambda_rule=args.lambda_rule, lambda_fraction=args.lambda_fraction,
                                        lambdas=lambdas.tolist(), metric=getattr(metric, "__name__", "custom")
                                        if metric is not None else "negative_completion_loss",
-                                       base_metric=base.tolist()),
+                                       base_metric=base.tolist(), patched=intervention is not None),
             measurements=y,
         )
+
+    # ----------------------------------------------------------------- steer
+    def steer(self, operator: Any, scale: float = 1.0) -> Any:
+        """Apply operator ``operator`` (an int, per-row ids ``[b]``, or mixing weights over
+        the ``K`` operators ``[K]`` / ``[b, K]``) in *your own* run, so it composes with
+        activation patching.
+
+        nnsight: call inside ``with model.trace(...):`` (before touching later modules);
+        it edits the trace in place and returns ``None``.
+        TransformerLens: returns ``fwd_hooks`` for ``run_with_hooks(fwd_hooks=...)`` or
+        ``with bridge.hooks(fwd_hooks=...)``.
+        ``scale`` multiplies the operator's edit (0 = no steering).
+        """
+        self._require_fit()
+        return self.backend.steer(self.operators, operator, scale)
 
     # ------------------------------------------------------------ provenance
     def provenance(self, **extra: Any) -> dict[str, Any]:
@@ -291,3 +315,18 @@ class Stride:
         a = self.args
         return (f"Stride(backend={self.backend.name}, hook={self.hook_name!r}, placement={a.placement!r}, "
                 f"K={a.n_subsets}, d={a.subsets_per_example}, rank={a.rank}, {status})")
+
+
+def attribute_layers(strides: Sequence[Stride], prompts: Sequence[str], completions: Sequence[str],
+                     **kwargs: Any) -> AttributionCache:
+    """Attribute the same queries with several fitted ``Stride`` objects (typically one per
+    layer) and key the results by hook name, like an ``ActivationCache``.
+
+    ``kwargs`` go to every ``Stride.attribute`` call. Raises if two strides steer the same site.
+    """
+    cache = AttributionCache()
+    for stride in strides:
+        if stride.hook_name in cache:
+            raise ValueError(f"two strides steer the same site {stride.hook_name}: pass one per layer")
+        cache[stride.hook_name] = stride.attribute(prompts, completions, **kwargs)
+    return cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from jaxtyping import Float, Int
@@ -40,10 +40,20 @@ class ModelBackend:
         attention_mask: Int[Tensor, "b t"],
         layer: int,
         edit: Optional[Edit] = None,
+        intervention: Any = None,
     ) -> tuple[Float[Tensor, "b t V"], Float[Tensor, "b t d"]]:
         """Run the model; return ``(logits, z)`` where ``z`` is the residual stream at the
         output of block ``layer`` *before* ``edit`` (which, if given, maps ``z`` to the
-        activation the rest of the network sees). Gradients flow to ``edit``'s parameters."""
+        activation the rest of the network sees). Gradients flow to ``edit``'s parameters.
+
+        ``intervention`` is the user's own edit of the run, in the toolkit's idiom: for
+        nnsight a callable ``fn(model)`` executed inside the trace before the steering site
+        (e.g. an activation patch at an earlier layer); for TransformerLens a list of
+        ``(hook_name, hook_fn)`` pairs added to ``run_with_hooks``."""
+        raise NotImplementedError
+
+    def steer(self, operators: Any, operator: Any, scale: float = 1.0) -> Any:
+        """Apply ``operator`` of ``operators`` in the user's own run (see ``Stride.steer``)."""
         raise NotImplementedError
 
     def hook_name(self, layer: int) -> str:
@@ -83,24 +93,35 @@ class ModelBackend:
         return model_fingerprint(self.torch_module)
 
 
-def model_fingerprint(module: torch.nn.Module, sample: int = 2048) -> str:
-    """A short hash identifying a model: its class, config and a sample of every weight.
+def model_fingerprint(module: torch.nn.Module, sample: int = 4096) -> str:
+    """A short hash identifying a Hugging Face model: its config and samples of its weights.
 
-    Hashes the first ``sample`` values of each parameter (cheap for large models);
-    parameters on the ``meta`` device (remote models) contribute only their shape.
+    Toolkit-independent: the same weights give the same fingerprint whether they are
+    wrapped by nnsight or by a TransformerLens bridge (which renames and adds parameters),
+    because only the config and the input/output embedding matrices (plus, for models
+    without them, every parameter) are hashed. Weights on the ``meta`` device (remote
+    models) contribute only their shape.
     """
     h = hashlib.sha256()
-    h.update(type(module).__name__.encode())
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        cfg = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
-        for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
-            cfg.pop(key, None)
+        cfg = {k: v for k, v in config.to_dict().items()
+               if isinstance(v, (int, float, str, bool, type(None))) and not k.startswith("_")
+               and k not in ("transformers_version", "torch_dtype", "dtype", "attn_implementation", "use_cache")}
         h.update(json.dumps(cfg, sort_keys=True).encode())
-    for name, p in module.named_parameters():
+    tensors: list[tuple[str, Tensor]] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        layer = getattr(module, getter, lambda: None)()
+        if layer is not None and getattr(layer, "weight", None) is not None:
+            tensors.append((getter, layer.weight))
+    if not tensors:
+        tensors = list(module.named_parameters())
+    for name, p in tensors:
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         if p.device.type != "meta":
-            values = p.detach().reshape(-1)[:sample].float().cpu().numpy()
-            h.update(values.round(6).tobytes())
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // sample)
+            values = flat[::step][:sample].float().cpu().numpy()
+            h.update(values.round(4).tobytes())
     return h.hexdigest()[:16]

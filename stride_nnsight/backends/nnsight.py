@@ -71,9 +71,22 @@ class NNsightBackend(ModelBackend):
         """The envoy of decoder block ``layer`` (usable inside a trace)."""
         return reduce(getattr, self.layers_path.split("."), self.model)[layer]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, layer: int, edit: Optional[Edit] = None):
+    def output_head(self):
+        """The envoy of the output embedding (``lm_head``), usable inside a trace."""
+        head = self.torch_module.get_output_embeddings()
+        for name, module in self.torch_module.named_modules():
+            if module is head:
+                return reduce(getattr, name.split("."), self.model)
+        raise ValueError(f"{type(self.torch_module).__name__} has no output embedding module to steer")
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, layer: int, edit: Optional[Edit] = None,
+                intervention: Any = None):
         model = self.model
+        if intervention is not None and not callable(intervention):
+            raise TypeError("for nnsight models, intervention must be a callable fn(model) run inside the trace")
         with model.trace(input_ids=input_ids, attention_mask=attention_mask):
+            if intervention is not None:
+                intervention(model)
             block = self.block(layer)
             out = block.output
             hidden = out[0] if isinstance(out, tuple) else out
@@ -83,3 +96,21 @@ class NNsightBackend(ModelBackend):
             z = hidden.save()
             logits = model.output.logits.save()
         return logits, z
+
+    def steer(self, operators: Any, operator: Any, scale: float = 1.0) -> None:
+        """Apply ``operator`` inside the *current* ``model.trace(...)``.
+
+        Residual placement edits the output of block ``operators.layer``; logits placement
+        reads that block's output and adds the operator's edit to the output head's logits.
+        Call it before touching modules that run after the steered block (nnsight visits
+        modules in execution order)."""
+        block = self.block(operators.layer)
+        out = block.output
+        hidden = out[0] if isinstance(out, tuple) else out
+        delta = operators.delta(hidden, operator) * scale
+        if operators.placement == "residual":
+            steered = hidden + delta.to(hidden.dtype)
+            block.output = (steered,) + tuple(out[1:]) if isinstance(out, tuple) else steered
+        else:
+            head = self.output_head()
+            head.output = head.output + delta.to(head.output.dtype)

@@ -68,7 +68,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .base import Edit, ModelBackend
+from .base import model_fingerprint, Edit, ModelBackend
 
 __all__ = ["TransformerLensBackend", "make_hook", "resid_post_hook_name", "bridge_from_hf"]
 
@@ -210,7 +210,14 @@ class TransformerLensBackend(ModelBackend):
     def hook_name(self, layer: int) -> str:
         return resid_post_hook_name(layer)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, layer: int, edit: Optional[Edit] = None):
+    def fingerprint(self) -> str:
+        """Fingerprint of the wrapped Hugging Face model: equal to the nnsight backend's for
+        the same weights, so operators fitted under one toolkit load under the other."""
+        original = getattr(self.model, "original_model", None)
+        return model_fingerprint(original if isinstance(original, torch.nn.Module) else self.model)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, layer: int, edit: Optional[Edit] = None,
+                intervention: Any = None):
         layer = self.check_layer(layer)
         captured: dict[str, Tensor] = {}
         apply = make_hook(edit) if edit is not None else None
@@ -222,10 +229,41 @@ class TransformerLensBackend(ModelBackend):
 
         logits = self.model.run_with_hooks(
             input_ids,
-            fwd_hooks=[(self.hook_name(layer), hook_fn)],
+            fwd_hooks=list(_user_hooks(intervention)) + [(self.hook_name(layer), hook_fn)],
             attention_mask=attention_mask,
             return_type="logits",
         )
         if "z" not in captured:
             raise RuntimeError(f"hook {self.hook_name(layer)} did not fire during the forward pass")
         return logits, captured["z"]
+
+    def steer(self, operators: Any, operator: Any, scale: float = 1.0) -> list:
+        """Hooks that apply ``operator``: pass them to ``run_with_hooks(fwd_hooks=...)`` or
+        ``with bridge.hooks(fwd_hooks=...)``. Residual placement: one hook at
+        ``blocks.{l}.hook_resid_post``; logits placement: that hook reads ``z`` and a hook on
+        the unembedding output adds the edit to the logits."""
+        name = self.hook_name(operators.layer)
+        if operators.placement == "residual":
+            return [(name, make_hook(lambda z: z + scale * operators.delta(z, operator).to(z.dtype)))]
+        seen: dict = {}
+
+        def read(activation: Tensor, hook: Any) -> None:
+            seen["z"] = activation
+
+        def add(logits: Tensor, hook: Any) -> Tensor:
+            return logits + scale * operators.delta(seen["z"], operator).to(logits.dtype)
+
+        return [(name, read), (UNEMBED_HOOK, add)]
+
+
+UNEMBED_HOOK = "unembed.hook_out"
+
+
+def _user_hooks(intervention: Any) -> list:
+    if intervention is None:
+        return []
+    hooks = list(intervention)
+    for item in hooks:
+        if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
+            raise TypeError("for TransformerLens models, intervention must be a list of (hook_name, hook_fn) pairs")
+    return hooks
