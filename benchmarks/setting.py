@@ -43,7 +43,7 @@ from stride_nnsight.operators import token_nll
 from stride_nnsight.toy import SPECIAL_TOKEN, tiny_gpt2_config, train_causal_lm, train_tokenizer
 
 __all__ = ["BenchConfig", "FULL", "QUICK", "Query", "Corpus", "BenchSetting", "build_corpus",
-           "build_setting", "ground_truth", "kjv_available", "query_losses", "CACHE_DIR"]
+           "build_setting", "ground_truth", "kjv_available", "query_losses", "quick_config", "CACHE_DIR"]
 
 CACHE_DIR = Path(__file__).resolve().parent / "cache"
 
@@ -65,12 +65,12 @@ class BenchConfig:
     max_words: int = 28
     max_length: int = 48               # tokens per training document (BOS and EOS included)
     vocab_size: int = 2048
-    n_layer: int = 4
+    n_layer: int = 2
     n_embd: int = 64
     n_head: int = 4
-    epochs: int = 20
-    lr: float = 3e-3
-    batch_size: int = 16
+    epochs: int = 14
+    lr: float = 5e-3
+    batch_size: int = 32
     n_models: int = 32                 # LDS retrains
     fraction: float = 0.5              # size of each LDS subset
     gt_seed: int = 4242                # LDS subsets and retrain seeds (not STRIDE's design seed)
@@ -87,7 +87,7 @@ class BenchConfig:
 
 FULL = BenchConfig()
 QUICK = BenchConfig(name="quick", n_facts=12, n_fact_queries=6, n_text_docs=96, n_text_queries=6,
-                    vocab_size=600, n_layer=2, n_embd=32, n_head=2, epochs=8, n_models=6)
+                    vocab_size=600, n_layer=2, n_embd=32, n_head=2, epochs=8, batch_size=16, n_models=6)
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def _text_pool(config: BenchConfig, rng: random.Random, mc) -> tuple[list[tuple[
     need = config.n_text_docs + config.n_text_queries + 4 * config.n_facts + 200
     pool, seen = [], set()
     while len(pool) < need:
-        t = " ".join(mc.filler_sentences(rng, rng.randint(2, 3)))
+        t = " ".join(mc.filler_sentences(rng, rng.randint(1, 3)))
         if t not in seen:
             seen.add(t)
             pool.append((t, f"generated:{len(pool)}"))

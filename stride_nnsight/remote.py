@@ -48,7 +48,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -427,6 +427,7 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
         state = torch.load(directory / CHECKPOINT_NAME, weights_only=False)
         fitter.load_state_dict(state)
         log = [ChunkRecord(**r) for r in state.get("remote_chunks", [])]
+    stride.remote_log = log  # grows as chunks finish (also readable after a failure)
     args = stride.args
     total = args.steps
     initial = [p.detach().clone() for p in fitter.operators.parameters()]
@@ -455,7 +456,8 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
                 _check_small(result, "result")
                 losses = result["losses"]
                 if tuple(losses.shape) != (size, 4):
-                    raise RuntimeError(f"remote session returned losses of shape {tuple(losses.shape)}, expected ({size}, 4)")
+                    raise RuntimeError(f"remote session returned losses of shape {tuple(losses.shape)}, "
+                                       f"expected ({size}, 4)")
                 fitter.operators.load_state_dict(result["operators"])
                 fitter.optimizer.load_state_dict(result["optimizer"])
             except KeyboardInterrupt:
@@ -481,7 +483,6 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
         raise RuntimeError("remote fitting ran but no operator parameter changed: gradients are not reaching "
                            "the operators (is the edit applied inside the trace?)")
     fitter.operators.eval()
-    stride.remote_log = log
     return fitter.history
 
 
@@ -527,6 +528,7 @@ def measure_remote(stride: Any, queries: TokenBatch, *, metric: Any = None,
         state = torch.load(directory / MEASURE_STATE, weights_only=False)
         y, base, done_units = state["y"], state["base"], int(state["done_units"])
         log = [ChunkRecord(**r) for r in state["log"]]
+    stride.remote_measure_log = log  # grows as chunks finish (also readable after a failure)
     operator_state = cpu_state(operators.state_dict())
     operator_settings = _operator_settings(operators)
 
@@ -553,7 +555,8 @@ def measure_remote(stride: Any, queries: TokenBatch, *, metric: Any = None,
                 _check_small(result, "result")
                 if tuple(result["y"].shape) != (stop - start, K) or tuple(result["base"].shape) != (stop - start,):
                     raise RuntimeError(f"remote session returned y {tuple(result['y'].shape)} / base "
-                                       f"{tuple(result['base'].shape)}, expected ({stop - start}, {K}) / ({stop - start},)")
+                                       f"{tuple(result['base'].shape)}, expected ({stop - start}, {K}) / "
+                                       f"({stop - start},)")
             except KeyboardInterrupt:
                 raise
             except Exception as error:
@@ -570,7 +573,6 @@ def measure_remote(stride: Any, queries: TokenBatch, *, metric: Any = None,
             bar.update((stop - start) * K)
     finally:
         bar.close()
-    stride.remote_measure_log = log
     if not torch.isfinite(y).all():
         bad = int((~torch.isfinite(y)).any(1).nonzero()[0, 0])
         raise FloatingPointError(f"non-finite measurement for query {bad}: check the metric and the inputs")

@@ -59,7 +59,7 @@ __all__ = [
 SPECIAL_TOKEN = "<|endoftext|>"
 
 #: Hyper-parameters `build_toy_model` passes to `train_causal_lm`.
-DEFAULT_TRAIN_KWARGS: dict = {"epochs": 40, "lr": 3e-3, "batch_size": 16, "max_length": 64}
+DEFAULT_TRAIN_KWARGS: dict = {"epochs": 30, "lr": 5e-3, "batch_size": 16, "max_length": 64}
 
 
 # --------------------------------------------------------------------------------------
@@ -286,8 +286,8 @@ def train_causal_lm(
     set before training.
 
     Args:
-        model: A causal LM taking ``input_ids``, ``attention_mask`` and ``labels`` and
-            returning an output with ``.loss`` (e.g. `GPT2LMHeadModel`).
+        model: A causal LM taking ``input_ids`` and ``attention_mask`` and returning an
+            output with ``.logits`` of shape ``[B, T, V]`` (e.g. `GPT2LMHeadModel`).
         tokenizer: Its tokenizer (must have ``eos_token_id`` and ``pad_token_id``).
         texts: Training documents (any list; e.g. a subset of the corpus).
         epochs: Passes over ``texts``.
@@ -333,7 +333,10 @@ def train_causal_lm(
         for batch_idx in _epoch_batches(lengths, batch_size, gen):
             batch = [seqs[i] for i in batch_idx]
             ids, mask, labels = (t.to(device) for t in _collate(batch, pad_id))
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -441,11 +444,31 @@ def build_toy_model(
     train_causal_lm(model, tokenizer, corpus.documents, seed=seed, **DEFAULT_TRAIN_KWARGS)
 
     if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        (path / "toy_meta.json").write_text(json.dumps(meta, sort_keys=True))
+        _save_atomically(path, model, tokenizer, meta)
     return model.eval(), tokenizer, corpus
+
+
+def _save_atomically(path: Path, model, tokenizer, meta: dict) -> None:
+    """Write model + tokenizer + meta to a temp dir next to ``path``, then rename it into
+    place (so a concurrent reader never sees a half-written cache)."""
+    import shutil
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "toy_meta.json").write_text(json.dumps(meta, sort_keys=True))
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process put it there first: keep theirs
+            pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def toy_language_model(

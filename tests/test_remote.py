@@ -32,8 +32,8 @@ from stride_nnsight.remote import (
     plan_chunk_size,
 )
 
-SETTINGS = dict(placement="residual", layer=1, n_subsets=8, subsets_per_example=2, rank=4, seed=0, steps=6, batch_size=6,
-                linearity_operators=4, sketch_dim=3, basis_hidden=8, max_length=32, measure_batch_size=8)
+SETTINGS = dict(placement="residual", layer=1, n_subsets=8, subsets_per_example=2, rank=4, seed=0, steps=6,
+                batch_size=6, linearity_operators=4, sketch_dim=3, basis_hidden=8, max_length=32, measure_batch_size=8)
 PROMPTS = ["the cat sat", "a dog ran", "the bird", "small red"]
 COMPLETIONS = [" on the mat.", " in the park.", " sang.", " house."]
 
@@ -242,7 +242,8 @@ def test_failure_names_chunk_and_rerun_resumes_without_redoing_finished_chunks(
     again.fit(train(small_texts), progress=False, checkpoint_dir=tmp_path)
     # only steps 4 and 5 ran (the retry after a failure runs half the failed chunk's size)
     assert [args[11].shape[0] for args, _ in sessions] == [1, 1]
-    assert [(r.chunk, r.start, r.stop, r.status) for r in again.remote_log][-2:] == [(2, 4, 5, "done"), (3, 5, 6, "done")]
+    assert [(r.chunk, r.start, r.stop, r.status) for r in again.remote_log][-2:] == \
+        [(2, 4, 5, "done"), (3, 5, 6, "done")]
     assert again.history.step == list(range(1, 7))
     assert_same_operators(again, local_fits["residual"][0])
 
@@ -250,7 +251,8 @@ def test_failure_names_chunk_and_rerun_resumes_without_redoing_finished_chunks(
 def test_bad_layer_index_fails_in_chunk_zero_with_a_clear_message(tiny_model, small_texts):
     stride = Stride(tiny_model, remote="local", remote_steps_per_session=2, **SETTINGS)
     stride.layer = 5  # the model has 2 blocks; the server-side lookup fails
-    with pytest.raises(RemoteChunkError, match=r"chunk 0 \(steps 0\.\.1 of 6.*IndexError: layer 5 is out of range") as info:
+    expected = r"chunk 0 \(steps 0\.\.1 of 6.*IndexError: layer 5 is out of range"
+    with pytest.raises(RemoteChunkError, match=expected) as info:
         stride.fit(train(small_texts), progress=False)
     assert "checkpoint_dir" in str(info.value)
 
@@ -339,3 +341,23 @@ def test_custom_metric_is_refused_remotely(tiny_model, local_fits):
     stride.design, stride.operators = local.design, local.operators
     with pytest.raises(NotImplementedError, match="custom metric"):
         stride.measure(PROMPTS, COMPLETIONS, metric=lambda logits, batch: logits[:, -1, 0], progress=False)
+
+
+def test_works_when_the_whole_package_is_registered_by_value(tiny_model, small_texts, local_fits):
+    """A checkout run without installing: nnsight's pull_env registers all of stride_nnsight by name."""
+    from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES
+
+    import nnsight
+
+    added = "stride_nnsight" not in _PICKLE_BY_VALUE_MODULES
+    nnsight.register("stride_nnsight")
+    try:
+        server = _server_emulation_cls()(tiny_model)
+        stride = Stride(tiny_model, remote=server, remote_steps_per_session=1, **{**SETTINGS, "steps": 2})
+        stride.fit(train(small_texts), progress=False)
+    finally:
+        if added:
+            _PICKLE_BY_VALUE_MODULES.discard("stride_nnsight")
+    assert server.requests == 2
+    np.testing.assert_allclose(stride.history.total, local_fits["residual"][0].history.total[:2], rtol=1e-5, atol=1e-6)
+    assert "stride_nnsight.operators" not in _PICKLE_BY_VALUE_MODULES  # the driver cleans up after itself

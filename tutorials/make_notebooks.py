@@ -70,8 +70,88 @@ torch.allclose(same.scores[0], attr.scores[0], atol=1e-5)"""),
 ]
 
 
+PATCHING = [
+    ("md", """# Attribution meets activation patching
+
+Interpretability work asks *how* a model computes an answer (activation patching) and
+*where from* it learned it (training data attribution). STRIDE composes with patching:
+
+* `stride.attribute(..., metric=fn)` attributes any scalar you compute from the logits,
+  here a **logit difference** between the true answer and a distractor;
+* `stride.attribute(..., intervention=patch)` applies **your patch** in every measured run,
+  so the scores attribute the *patched* model's behaviour;
+* `stride.steer(k)` applies operator `k` inside **your own** `model.trace(...)`.
+
+We use the bundled tiny model: two planted facts *"The capital of A is X"* and
+*"The capital of B is Y"*, and patch the entity tokens of A's prompt with B's."""),
+    ("code", """import os
+import torch
+from stride_nnsight import Stride
+from stride_nnsight.toy import toy_language_model
+
+model, corpus = toy_language_model(seed=0, cache_dir=os.environ.get("STRIDE_NNSIGHT_CACHE", ".stride_cache"))
+stride = Stride(model, n_subsets=128, subsets_per_example=6, seed=0, steps=150).fit(corpus.documents, progress=False)
+tok = model.tokenizer"""),
+    ("code", """# Two capital facts whose prompts have the same number of tokens (so positions line up).
+capitals = [f for f, r in zip(corpus.facts, corpus.relations) if r == "capital"]
+enc = lambda f, completion: stride.encode_queries([f.prompt], [completion])
+pairs = [(a, b) for a in capitals for b in capitals if a.id < b.id
+         and enc(a, a.completion).input_ids.shape == enc(b, a.completion).input_ids.shape]
+fact_a, fact_b = pairs[0]
+print(fact_a.text, "|", fact_b.text)
+tok_a = tok(fact_a.completion, add_special_tokens=False).input_ids[0]
+tok_b = tok(fact_b.completion, add_special_tokens=False).input_ids[0]
+
+def logit_diff(logits, batch):
+    \"\"\"logit(first token of A's answer) - logit(first token of B's answer), at the position predicting it.\"\"\"
+    pos = batch.loss_mask.argmax(1) - 1
+    rows = torch.arange(logits.shape[0])
+    return logits[rows, pos, tok_a] - logits[rows, pos, tok_b]"""),
+    ("code", """# Cache block 0's output on B's prompt, then patch it into A's run at the positions that differ.
+clean, corrupt = enc(fact_a, fact_a.completion), enc(fact_b, fact_a.completion)
+differ = (clean.input_ids[0] != corrupt.input_ids[0]).nonzero().flatten()
+with model.trace(input_ids=corrupt.input_ids, attention_mask=corrupt.attention_mask):
+    cached = model.transformer.h[0].output.save()
+
+def patch(m):
+    m.transformer.h[0].output[:, differ] = cached[:, differ]
+
+with model.trace(input_ids=clean.input_ids, attention_mask=clean.attention_mask):
+    patch(model)
+    patched_logits = model.output.logits.save()
+with model.trace(input_ids=clean.input_ids, attention_mask=clean.attention_mask):
+    clean_logits = model.output.logits.save()
+print("logit diff clean:  ", float(logit_diff(clean_logits, clean)))
+print("logit diff patched:", float(logit_diff(patched_logits, clean)))"""),
+    ("code", """before = stride.attribute([fact_a.prompt], [fact_a.completion], metric=logit_diff, progress=False)
+after = stride.attribute([fact_a.prompt], [fact_a.completion], metric=logit_diff, intervention=patch, progress=False)
+
+def show(attr, title):
+    table = attr.top_k(5, query=0)
+    table["source_of"] = ["A" if j in fact_a.source_ids else "B" if j in fact_b.source_ids else "" for j in table.train_index]
+    print(title); print(table[["rank", "train_index", "score", "source_of"]].to_string(index=False))
+
+show(before, "proponents of the logit difference, clean run")
+show(after, "proponents of the logit difference, patched run")"""),
+    ("md", """`before` and `after` are ordinary `Attribution`s: subtract their scores to see which
+training documents the patch made matter more or less."""),
+    ("code", """delta = after.scores[0] - before.scores[0]
+moved = torch.topk(delta.abs(), 5).indices.tolist()
+[(j, round(float(delta[j]), 4), "A" if j in fact_a.source_ids else "B" if j in fact_b.source_ids else "") for j in moved]"""),
+    ("md", "`steer` puts an operator into your own trace, next to your patch:"),
+    ("code", """k = int(torch.argmax(before.measurements[0]))  # the operator that helps the clean answer most
+with model.trace(input_ids=clean.input_ids, attention_mask=clean.attention_mask):
+    patch(model)
+    stride.steer(k)
+    steered = model.output.logits.save()
+print("patched + steered logit diff:", float(logit_diff(steered, clean)))
+float(logit_diff(steered, clean)) != float(logit_diff(patched_logits, clean))"""),
+]
+
+
 def main() -> None:
     nbf.write(notebook(QUICKSTART), HERE / "01_quickstart.ipynb")
+    nbf.write(notebook(PATCHING), HERE / "02_activation_patching.ipynb")
 
 
 if __name__ == "__main__":

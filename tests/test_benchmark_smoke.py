@@ -1,0 +1,79 @@
+"""Smoke test of the public benchmark pipeline (``python -m benchmarks.run --quick``).
+
+Runs the tiny configuration end to end (corpus, model, LDS retrains, every method but EK-FAC,
+STRIDE ablations, lambda rules, report) in a temporary folder and checks that a RESULTS-style
+report with finite numbers comes out. EK-FAC is left out to stay well under a minute; the full
+benchmark runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` lives next to the package, not inside it
+    sys.path.insert(0, str(ROOT))
+
+METHODS = ["random", "bm25", "representation", "gradient_dot", "gradient_cosine", "gradient_dot_store", "trak",
+           "stride"]
+
+
+def test_generated_fallback_corpus_is_valid():
+    from benchmarks.setting import build_corpus, quick_config
+
+    corpus = build_corpus(quick_config(text_source="generated"))
+    assert corpus.text_source == "generated"
+    cfg = quick_config()
+    assert len(corpus.documents) == cfg.n_train
+    assert len(corpus.query_indices("fact")) == cfg.n_fact_queries
+    assert len(corpus.query_indices("text")) == cfg.n_text_queries
+    for q in corpus.queries:
+        if q.kind == "fact":
+            assert len(q.relevant) == 2
+            assert all(q.prompt + q.completion in corpus.documents[i] for i in q.relevant)
+        else:  # held out: the full text is not a training document
+            assert (q.prompt + q.completion) not in corpus.documents
+    assert corpus.fingerprint() == build_corpus(quick_config(text_source="generated")).fingerprint()
+
+
+def test_quick_benchmark_end_to_end(tmp_path, capsys):
+    pytest.importorskip("rank_bm25")
+    from benchmarks.run import main
+
+    out = tmp_path / "RESULTS.md"
+    cache = tmp_path / "cache"
+    assert main(["--quick", "--cache-dir", str(cache), "--out", str(out), "--methods", ",".join(METHODS),
+                 "--no-single"]) == 0
+    text = out.read_text()
+    for heading in ("## Setting", "## Methods", "## Targets", "## STRIDE ablations", "## Run"):
+        assert heading in text
+    assert "QUICK smoke configuration" in text
+
+    summary = json.loads((cache / "last_summary.json").read_text())
+    assert set(summary["methods"]) == set(METHODS)
+    for name, m in summary["methods"].items():
+        for key in ("lds", "lds_fact", "lds_text", "recall@10", "mrr", "per_query_s"):
+            assert math.isfinite(m[key]), (name, key, m[key])
+        assert -1.0 <= m["lds"] <= 1.0
+        lo, hi = m["lds_ci"]
+        assert lo <= m["lds"] + 1e-9 and m["lds"] <= hi + 1e-9
+    # the planted sources are lexically unmistakable: BM25 must find them
+    assert summary["methods"]["bm25"]["recall@10"] > 0.5
+    stride = summary["methods"]["stride"]
+    assert stride["state_bytes"] > 0 and stride["index_s"] > 0
+    assert summary["ablations"] and all(math.isfinite(v["lds"]) for v in summary["ablations"].values())
+    assert {"placement", "steps"} <= {k.split("=")[0] for k in summary["ablations"]}
+    assert summary["lambda"] and all(math.isfinite(v["lds"]) for v in summary["lambda"].values())
+
+    # a second run reuses every cached stage
+    capsys.readouterr()
+    assert main(["--quick", "--cache-dir", str(cache), "--out", str(out), "--methods", "bm25,stride",
+                 "--no-single", "--skip-ablations"]) == 0
+    log = capsys.readouterr().out
+    assert "loaded the trained model" in log and "(6 cached, 0 to train" in log
+    assert "bm25: cached" in log and "stride: cached" in log
