@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main", "run_demo", "demo_stride"]
 
 
 def _default_cache() -> Path:
@@ -47,20 +47,16 @@ def run_demo(
           f"({time.perf_counter() - t0:.1f}s)", file=out)
 
     settings = {k: v for k, v in {"steps": steps, "placement": placement}.items() if v is not None}
-    state_dir = cache_dir / ("stride-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())) + f"-seed{seed}")
     t1 = time.perf_counter()
-    if (state_dir / "stride_state.pt").exists() and not refit:
-        stride = Stride.load(state_dir, model)
-        print(f"[2/4] loaded fitted STRIDE operators from {state_dir}", file=out)
-    else:
-        stride = Stride(model, seed=seed, **settings)
-        print(f"[2/4] fitting {stride}", file=out)
-        stride.fit(corpus.documents, checkpoint_dir=state_dir / "checkpoint")
-        stride.save(state_dir)
+    stride, fitted_now, state_dir = demo_stride(model, corpus, cache_dir, seed=seed, refit=refit, **settings)
+    if fitted_now:
         h = stride.history
         k = max(1, len(h) // 10)
+        print(f"[2/4] fitted {stride}", file=out)
         print(f"      fidelity loss {sum(h.fidelity[:k]) / k:.3f} -> {sum(h.fidelity[-k:]) / k:.3f} nats; "
               f"saved to {state_dir} ({time.perf_counter() - t1:.1f}s)", file=out)
+    else:
+        print(f"[2/4] loaded fitted STRIDE operators from {state_dir}", file=out)
 
     t2 = time.perf_counter()
     facts = corpus.facts
@@ -91,6 +87,23 @@ def run_demo(
     print(f"recall@10 of planted sources over {len(facts)} queries: {recall:.3f} "
           f"(random ranking: {chance:.3f}); total {time.perf_counter() - t0:.1f}s", file=out)
     return {"recall@10": recall, "random": chance, "attribution": attr, "stride": stride}
+
+
+def demo_stride(model, corpus, cache_dir: Path, seed: int = 0, refit: bool = False, progress: bool = True,
+                **settings):
+    """The demo's fitted ``Stride``: loaded from ``cache_dir`` when it was fitted before with
+    the same settings, else fitted (resumably) and saved there. Returns
+    ``(stride, fitted_now, state_dir)``."""
+    from .stride import STATE_FILE, Stride
+
+    tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
+    state_dir = Path(cache_dir) / f"stride-{tag}-seed{seed}"
+    if (state_dir / STATE_FILE).exists() and not refit:
+        return Stride.load(state_dir, model), False, state_dir
+    stride = Stride(model, seed=seed, **settings)
+    stride.fit(corpus.documents, checkpoint_dir=state_dir / "checkpoint", progress=progress)
+    stride.save(state_dir)
+    return stride, True, state_dir
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -86,11 +86,14 @@ We use the bundled tiny model: two planted facts *"The capital of A is X"* and
 *"The capital of B is Y"*, and patch the entity tokens of A's prompt with B's."""),
     ("code", """import os
 import torch
-from stride_nnsight import Stride
+from pathlib import Path
+from stride_nnsight.cli import demo_stride
 from stride_nnsight.toy import toy_language_model
 
-model, corpus = toy_language_model(seed=0, cache_dir=os.environ.get("STRIDE_NNSIGHT_CACHE", ".stride_cache"))
-stride = Stride(model, n_subsets=128, subsets_per_example=6, seed=0, steps=150).fit(corpus.documents, progress=False)
+cache = Path(os.environ.get("STRIDE_NNSIGHT_CACHE", ".stride_cache"))
+model, corpus = toy_language_model(seed=0, cache_dir=cache)
+# The demo's operators (library defaults): loaded if `stride-nnsight demo --cache-dir ...` already fitted them, else fitted now.
+stride, _, _ = demo_stride(model, corpus, cache, progress=False)
 tok = model.tokenizer"""),
     ("code", """# Two capital facts whose prompts have the same number of tokens (so positions line up).
 capitals = [f for f, r in zip(corpus.facts, corpus.relations) if r == "capital"]
@@ -107,14 +110,15 @@ def logit_diff(logits, batch):
     pos = batch.loss_mask.argmax(1) - 1
     rows = torch.arange(logits.shape[0])
     return logits[rows, pos, tok_a] - logits[rows, pos, tok_b]"""),
-    ("code", """# Cache block 0's output on B's prompt, then patch it into A's run at the positions that differ.
+    ("code", """# Cache block 1's output on B's prompt, then patch it into A's run at the positions that differ.
+# (Patch sites must come before the steered block, here block 2, since nnsight visits modules in order.)
 clean, corrupt = enc(fact_a, fact_a.completion), enc(fact_b, fact_a.completion)
 differ = (clean.input_ids[0] != corrupt.input_ids[0]).nonzero().flatten()
 with model.trace(input_ids=corrupt.input_ids, attention_mask=corrupt.attention_mask):
-    cached = model.transformer.h[0].output.save()
+    cached = model.transformer.h[1].output.save()
 
 def patch(m):
-    m.transformer.h[0].output[:, differ] = cached[:, differ]
+    m.transformer.h[1].output[:, differ] = cached[:, differ]
 
 with model.trace(input_ids=clean.input_ids, attention_mask=clean.attention_mask):
     patch(model)
