@@ -66,7 +66,7 @@ def test_steer_inside_user_trace_matches_measurement(pair, tiny_model, bridge):
         unsteered = tiny_model.output.logits.save()
     y, base = nn_stride.measure(PROMPTS[:1], COMPLETIONS[:1], progress=False)
     expected = -base[0] - token_nll(steered_nn, batch.input_ids, batch.loss_mask)[0]
-    assert y[0, k] == pytest.approx(float(expected), abs=1e-4)
+    assert y[0, k] == pytest.approx(float(expected.detach()), abs=1e-4)
     assert float(-token_nll(unsteered, batch.input_ids, batch.loss_mask)[0]) == pytest.approx(float(base[0]), abs=1e-5)
     # the same operator as TransformerLens hooks gives the same logits
     steered_tl = bridge.run_with_hooks(batch.input_ids, fwd_hooks=tl_stride.steer(k),

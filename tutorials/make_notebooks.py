@@ -148,8 +148,8 @@ with model.trace(input_ids=clean.input_ids, attention_mask=clean.attention_mask)
     patch(model)
     stride.steer(k)
     steered = model.output.logits.save()
-print("patched + steered logit diff:", float(logit_diff(steered, clean)))
-float(logit_diff(steered, clean)) != float(logit_diff(patched_logits, clean))"""),
+print("patched + steered logit diff:", float(logit_diff(steered, clean).detach()))
+float(logit_diff(steered, clean).detach()) != float(logit_diff(patched_logits, clean))"""),
 ]
 
 
