@@ -26,7 +26,7 @@ from .arguments import StrideArguments
 from .backends.base import ModelBackend
 from .design import SubsetDesign
 from .inputs import TokenBatch
-from .operators import SteeringOperators, jl_projection, kl_to_base, linearity_penalty, stride_loss, token_nll
+from .operators import SteeringOperators, jl_projection, step_losses
 
 __all__ = ["FitHistory", "OperatorFitter", "CHECKPOINT_NAME"]
 
@@ -130,43 +130,14 @@ class OperatorFitter:
         op_ids = op_ids.to(backend.device)
         ops.train()
 
-        n_ref = n_stab + (1 if n_probe else 0)  # rows that need the unsteered model's output
-        ref_rows = slice(n_fid, n_fid + n_ref)
-        if ops.placement == "logits":
-            # One unsteered forward serves both: the edit is added to its logits.
-            with torch.no_grad():
-                base_logits, z = backend.forward(batch.input_ids, batch.attention_mask, ops.layer)
-            steered = ops(z, op_ids, target=base_logits)
-            reference = base_logits[ref_rows]
-        else:
-            reference = None
-            if n_ref:
-                with torch.no_grad():
-                    reference, _ = backend.forward(batch.input_ids[ref_rows], batch.attention_mask[ref_rows], ops.layer)
-            steered, _ = backend.forward(batch.input_ids, batch.attention_mask, ops.layer,
-                                         edit=lambda z: ops(z, op_ids))
+        sketch = self.sketch[torch.from_numpy(probe_ops)] if n_probe else None
 
-        nll = token_nll(steered, batch.input_ids, batch.loss_mask)
-        fidelity = nll[:n_fid]
-        stab_slice = slice(n_fid, n_fid + n_stab)
-        if n_stab:
-            stability = kl_to_base(reference[:n_stab], steered[stab_slice], batch.attention_mask[stab_slice])
-        else:
-            stability = nll.new_zeros(0)
-        if n_probe:
-            row = n_fid + n_stab
-            with torch.no_grad():
-                base_nll = token_nll(reference[n_stab:], batch.input_ids[row: row + 1], batch.loss_mask[row: row + 1])
-            responses = base_nll - nll[row: row + n_probe]
-            sketch = self.sketch[torch.from_numpy(probe_ops)].to(responses.device)
-            linearity = linearity_penalty(responses, sketch, args.ridge)
-        else:
-            linearity = nll.new_zeros(())
-        loss = stride_loss(fidelity, stability, linearity,
-                           (args.fidelity_weight, args.stability_weight, args.linearity_weight))
-        if not loss.requires_grad:
-            raise RuntimeError("the STRIDE loss does not depend on the operators: gradients are not reaching "
-                               "the operators (is the edit applied inside the trace / hook?)")
+        def forward(input_ids, attention_mask, edit):
+            return backend.forward(input_ids, attention_mask, ops.layer, edit=edit)
+
+        loss, fidelity, stability, linearity = step_losses(
+            forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
+            n_fid, n_stab, (args.fidelity_weight, args.stability_weight, args.linearity_weight), args.ridge)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -248,25 +248,83 @@ def trimmed_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mas
 
 
 def steered_forward(model, layers_path: str, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    operators: Optional[torch.nn.Module] = None, operator=None) -> tuple:
-    """One forward of the frozen model in ``model.trace``, optionally steering block ``layer``'s
-    output with ``operators(z, operator)`` (residual placement). Returns ``(logits [b, t, V],
-    z [b, t, d])``, ``z`` read before the edit. Same computation as ``NNsightBackend.forward``.
+                    edit=None, intervention=None) -> tuple:
+    """One forward of the frozen nnsight model in ``model.trace``: the single implementation of
+    STRIDE's steering site, used locally (``NNsightBackend.forward``) and inside remote sessions.
+
+    ``intervention(model)`` (the user's own patch) runs first inside the trace; ``edit`` maps
+    the output ``z`` of block ``layer`` to the activation the rest of the network sees.
+    Returns ``(logits [b, t, V], z [b, t, d])``, ``z`` read before the edit.
 
     Results leave the trace through a list built outside it, so this works whether or not
     nnsight's ``.save()`` is mounted and at any trace depth (inside a session or not).
     """
     box = []
     with model.trace(input_ids=input_ids, attention_mask=attention_mask):
+        if intervention is not None:
+            intervention(model)
         block = decoder_blocks(model, layers_path)[layer]
         out = block.output
         hidden = out[0] if isinstance(out, tuple) else out
-        if operators is not None:
-            steered = operators(hidden, operator)
+        if edit is not None:
+            steered = edit(hidden)
             block.output = (steered,) + tuple(out[1:]) if isinstance(out, tuple) else steered
         box.append(hidden)
         box.append(model.output.logits)
     return box[1], box[0]
+
+
+def step_losses(forward, operators: SteeringOperators, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                loss_mask: torch.Tensor, operator_ids: torch.Tensor, sketch: Optional[torch.Tensor],
+                n_fidelity: int, n_stability: int, loss_weights: tuple, ridge: float) -> tuple:
+    """STRIDE's three losses for one batch: the single implementation behind local fitting
+    (``OperatorFitter``) and remote fitting (``run_training_steps``).
+
+    ``forward(input_ids, attention_mask, edit) -> (logits, z)`` runs the frozen model (``edit``
+    ``None`` = unsteered). Rows: ``n_fidelity`` fidelity rows, ``n_stability`` stability rows,
+    then the linearity probe example repeated once per probe operator. ``sketch [p, q]``: the
+    sketched design rows of the ``p`` probe operators. Returns ``(total, fidelity [n_f],
+    stability [n_s], linearity)``.
+    """
+    n_fid, n_stab = int(n_fidelity), int(n_stability)
+    n_probe = int(input_ids.shape[0]) - n_fid - n_stab
+    n_ref = n_stab + (1 if n_probe else 0)  # rows that need the unsteered model's output
+    ref_rows = slice(n_fid, n_fid + n_ref)
+    stab_rows = slice(n_fid, n_fid + n_stab)
+    if operators.placement == "logits":
+        # One unsteered forward serves both: the edit is added to its logits.
+        with torch.no_grad():
+            base_logits, z = forward(input_ids, attention_mask, None)
+        steered = operators(z, operator_ids, target=base_logits)
+        reference = base_logits[ref_rows]
+    else:
+        reference = None
+        if n_ref:
+            with torch.no_grad():
+                reference, _ = forward(input_ids[ref_rows], attention_mask[ref_rows], None)
+        steered, _ = forward(input_ids, attention_mask, lambda h: operators(h, operator_ids))
+    input_ids, attention_mask, loss_mask = (input_ids.to(steered.device), attention_mask.to(steered.device),
+                                            loss_mask.to(steered.device))
+    nll = token_nll(steered, input_ids, loss_mask)
+    fidelity = nll[:n_fid]
+    if n_stab:
+        stability = kl_to_base(reference[:n_stab].to(steered.device), steered[stab_rows], attention_mask[stab_rows])
+    else:
+        stability = nll.new_zeros(0)
+    if n_probe:
+        row = n_fid + n_stab
+        with torch.no_grad():
+            base_nll = token_nll(reference[n_stab:].to(steered.device), input_ids[row: row + 1],
+                                 loss_mask[row: row + 1])
+        responses = base_nll - nll[row: row + n_probe]
+        linearity = linearity_penalty(responses, sketch.to(responses.device), ridge)
+    else:
+        linearity = nll.new_zeros(())
+    total = stride_loss(fidelity, stability, linearity, tuple(loss_weights))
+    if not total.requires_grad:
+        raise RuntimeError("the STRIDE loss does not depend on the operators: gradients are not reaching "
+                           "the operators (is the edit applied inside the trace / hook?)")
+    return total, fidelity, stability, linearity
 
 
 def module_device(module: torch.nn.Module) -> torch.device:
@@ -310,47 +368,19 @@ def run_training_steps(
     Returns ``[S, 4]`` float64 CPU: total, fidelity, stability, linearity loss of each step.
     """
     device = module_device(operators)
-    n_fid, n_stab = int(n_fidelity), int(n_stability)
-    n_probe = int(rows.shape[1]) - n_fid - n_stab
-    n_ref = n_stab + (1 if n_probe else 0)  # rows that need the unsteered model's output
-    ref_rows = slice(n_fid, n_fid + n_ref)
-    stab_rows = slice(n_fid, n_fid + n_stab)
+    n_stab = int(n_stability)
     records = []
     for s in range(int(rows.shape[0])):
         ids, attn, lmask = trimmed_rows(input_ids, attention_mask, loss_mask, rows[s])
         ids, attn, lmask = ids.to(device), attn.to(device), lmask.to(device)
-        op_ids = operator_ids[s].to(device)
         operators.train()
-        if operators.placement == "logits":
-            with torch.no_grad():
-                base_logits, z = steered_forward(model, layers_path, operators.layer, ids, attn)
-            steered = operators(z, op_ids, target=base_logits)
-            reference = base_logits[ref_rows]
-        else:
-            reference = None
-            if n_ref:
-                with torch.no_grad():
-                    reference, _ = steered_forward(model, layers_path, operators.layer, ids[ref_rows], attn[ref_rows])
-            steered, _ = steered_forward(model, layers_path, operators.layer, ids, attn, operators, op_ids)
-        ids, attn, lmask = ids.to(steered.device), attn.to(steered.device), lmask.to(steered.device)
-        nll = token_nll(steered, ids, lmask)
-        fidelity = nll[:n_fid]
-        if n_stab:
-            stability = kl_to_base(reference[:n_stab], steered[stab_rows], attn[stab_rows])
-        else:
-            stability = nll.new_zeros(0)
-        if n_probe:
-            row = n_fid + n_stab
-            with torch.no_grad():
-                base_nll = token_nll(reference[n_stab:], ids[row: row + 1], lmask[row: row + 1])
-            responses = base_nll - nll[row: row + n_probe]
-            linearity = linearity_penalty(responses, sketches[s].to(responses.device), ridge)
-        else:
-            linearity = nll.new_zeros(())
-        loss = stride_loss(fidelity, stability, linearity, tuple(loss_weights))
-        if not loss.requires_grad:
-            raise RuntimeError("the STRIDE loss does not depend on the operators: gradients are not reaching "
-                               "the operators (is the edit applied inside the trace / hook?)")
+
+        def forward(i, a, edit):
+            return steered_forward(model, layers_path, operators.layer, i, a, edit)
+
+        loss, fidelity, stability, linearity = step_losses(
+            forward, operators, ids, attn, lmask, operator_ids[s].to(device), sketches[s],
+            n_fidelity, n_stab, loss_weights, ridge)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -413,7 +443,8 @@ def measure_queries(
                     rows = torch.tensor([r for r, _ in chunk])
                     ks = torch.tensor([k for _, k in chunk], device=device)
                     sub_ids, sub_attn, sub_loss = trimmed_rows(ids, attn, lmask, rows)
-                    steered, _ = steered_forward(model, layers_path, layer, sub_ids, sub_attn, operators, ks)
+                    steered, _ = steered_forward(model, layers_path, layer, sub_ids, sub_attn,
+                                                 lambda h: operators(h, ks))
                     values = -token_nll(steered, sub_ids.to(steered.device), sub_loss.to(steered.device))
                     y[torch.tensor(idx)[rows], ks.cpu()] = values.float().cpu() - base_values[rows]
     return y, base

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ..operators import steered_forward
 from .base import Edit, ModelBackend
 
 __all__ = ["NNsightBackend", "find_layers_path"]
@@ -81,21 +82,9 @@ class NNsightBackend(ModelBackend):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, layer: int, edit: Optional[Edit] = None,
                 intervention: Any = None):
-        model = self.model
         if intervention is not None and not callable(intervention):
             raise TypeError("for nnsight models, intervention must be a callable fn(model) run inside the trace")
-        with model.trace(input_ids=input_ids, attention_mask=attention_mask):
-            if intervention is not None:
-                intervention(model)
-            block = self.block(layer)
-            out = block.output
-            hidden = out[0] if isinstance(out, tuple) else out
-            if edit is not None:
-                steered = edit(hidden)
-                block.output = (steered,) + tuple(out[1:]) if isinstance(out, tuple) else steered
-            z = hidden.save()
-            logits = model.output.logits.save()
-        return logits, z
+        return steered_forward(self.model, self.layers_path, layer, input_ids, attention_mask, edit, intervention)
 
     def steer(self, operators: Any, operator: Any, scale: float = 1.0) -> None:
         """Apply ``operator`` inside the *current* ``model.trace(...)``.
