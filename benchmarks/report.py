@@ -292,7 +292,9 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
         if lambdas:
             w("")
             w("Lambda rule (recovery re-run on the default fit's measurements; no refit; default = "
-              f"{default_args['lambda_rule']} {default_args['lambda_fraction']}):")
+              f"{default_args['lambda_rule']} {default_args['lambda_fraction']}). The two *diagnostic* rows are not "
+              "library options: dense linear read-outs of the same measurements, which show whether the Lasso's "
+              "sparsity or the measurements themselves limit the LDS:")
             w("")
             w("| rule | LDS all [95% CI] | LDS fact | LDS text | nan | recall@10 | MRR | recovery time / query | "
               "non-zero scores |")
@@ -319,8 +321,24 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
     # ---- run info
     w("## Run")
     w("")
-    w("Stage wall times (this invocation; cached stages take ~0): " + ", ".join(
+    w("Stage wall times of this invocation (stages found in the cache take ~0): " + ", ".join(
         f"{k.replace('_s', '')} {_secs(v)}" for k, v in stages.items()) + ".")
+    w("")
+    costs = [f"training the model on everything {_secs(setting.train_seconds)}"]
+    if gt_info.get("cache_wall_seconds"):
+        costs.append(f"{gt.n_models} ground-truth retrains {_secs(gt_info['cache_wall_seconds'])} wall "
+                     f"({plan.jobs} worker processes; from the cache files' timestamps)")
+    meth = sum(v["res"].index_s + v["res"].batch_s + (v["res"].single_s if math.isfinite(v["res"].single_s) else 0)
+               for v in rows.values())
+    costs.append(f"all methods {_secs(meth)} (sum of index, batch and single-query times)")
+    ab = [r for r in ablations.values() if not isinstance(r, dict)]
+    if ab:
+        ab_s = sum(r.index_s + r.batch_s for r in ab if r.extra.get("group") != "steps")
+        ab_s += max((r.index_s for r in ab if r.extra.get("group") == "steps"), default=0.0)
+        ab_s += sum(r.batch_s for r in ab if r.extra.get("group") == "steps")
+        costs.append(f"ablations {_secs(ab_s)} of worker time ({plan.jobs} at a time)")
+    w("Cost of each part when it was computed: " + "; ".join(costs) + ". The load-average column above tells "
+      "how busy the machine was.")
     w("")
     if missing:
         w("**Missing from this report:** " + "; ".join(missing) + ". Rerun `python -m benchmarks.run`: finished "
@@ -399,9 +417,15 @@ def _findings(rows, ab_rows, lambda_summary, default_args) -> str:
             lines.append(f"- **{group}**: no variant beats the defaults on LDS (best `{best_name}` "
                          f"{best_m['lds']['mean']:.3f} vs {base['lds']['mean']:.3f}).")
     if lambda_summary and base is not None:
-        best = max(lambda_summary.items(), key=lambda kv: kv[1]["lds"])
-        lines.append(f"- **lambda rule**: best `{best[0]}` LDS {best[1]['lds']:.3f} vs default "
-                     f"{base['lds']['mean']:.3f}.")
+        rules = {k: v for k, v in lambda_summary.items() if not k.startswith("diagnostic")}
+        diags = {k: v for k, v in lambda_summary.items() if k.startswith("diagnostic")}
+        if rules:
+            best = max(rules.items(), key=lambda kv: kv[1]["lds"])
+            lines.append(f"- **lambda rule**: best `{best[0]}` LDS {best[1]['lds']:.3f} (recall@10 "
+                         f"{_f(best[1]['recall@10'])}) vs default {base['lds']['mean']:.3f}.")
+        for k, v in diags.items():
+            lines.append(f"- {k}: LDS {v['lds']:.3f}, recall@10 {_f(v['recall@10'])} (vs the default Lasso "
+                         f"{base['lds']['mean']:.3f} / {_f(base['recall@10'])}).")
     lines.append("")
     lines.append("A difference whose paired CI contains 0 is not resolved by this benchmark's "
                  f"{len(base['lds']['per_query']) if base else '?'} queries.")

@@ -321,6 +321,9 @@ def stage_ground_truth(plan: Plan, setting) -> tuple[Any, dict]:
     t0 = time.perf_counter()
     gt = ground_truth(setting, progress=False)  # loads every file; trains (serially) whatever is still missing
     info["load_seconds"] = time.perf_counter() - t0
+    files = sorted(folder.glob("retrain_*.npz"))
+    if files and (folder / "manifest.json").exists():  # wall time of the (possibly earlier) run that made them
+        info["cache_wall_seconds"] = max(f.stat().st_mtime for f in files) - (folder / "manifest.json").stat().st_mtime
     return gt, info
 
 
@@ -416,6 +419,23 @@ def stage_lambda(plan: Plan, setting, stride_res) -> dict[str, Any]:
         label = f"lambda = {frac} x lambda_max" if rule == "fraction" else "5-fold CV Lasso"
         out[label] = {"scores": scores, "seconds": time.perf_counter() - t0, "rule": rule, "fraction": frac,
                       "nonzero_frac": float((scores != 0).mean())}
+    # diagnostics (not library options): dense linear read-outs of the same measurements, to tell
+    # whether the Lasso's sparsity or the measurements themselves limit the LDS
+    Y = np.asarray(y, dtype=np.float64)
+    Yc = Y - Y.mean(axis=1, keepdims=True)
+    Md = membership.toarray().astype(np.float64)  # [K, n]
+    t0 = time.perf_counter()
+    back = Yc @ Md / a.subsets_per_example
+    out["diagnostic: dense back-projection M^T(y - mean y)/d"] = {
+        "scores": back.astype(np.float32), "seconds": time.perf_counter() - t0, "rule": "diagnostic",
+        "fraction": None, "nonzero_frac": float((back != 0).mean())}
+    t0 = time.perf_counter()
+    gamma = float(a.subsets_per_example)
+    gram = Md @ Md.T + gamma * np.eye(Md.shape[0])
+    ridge = np.linalg.solve(gram, Yc.T).T @ Md  # M^T (M M^T + gamma I)^-1 (y - mean y)
+    out[f"diagnostic: minimum-norm ridge M^T(MM^T + {gamma:g} I)^-1(y - mean y)"] = {
+        "scores": ridge.astype(np.float32), "seconds": time.perf_counter() - t0, "rule": "diagnostic",
+        "fraction": None, "nonzero_frac": float((ridge != 0).mean())}
     return out
 
 

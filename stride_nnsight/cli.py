@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -99,7 +101,11 @@ def demo_stride(model, corpus, cache_dir: Path, seed: int = 0, refit: bool = Fal
     tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
     state_dir = Path(cache_dir) / f"stride-{tag}-seed{seed}"
     if (state_dir / STATE_FILE).exists() and not refit:
-        return Stride.load(state_dir, model), False, state_dir
+        try:
+            return Stride.load(state_dir, model), False, state_dir
+        except ValueError as err:  # fitted on an older toy model: refit below
+            warnings.warn(f"ignoring cached STRIDE state in {state_dir}: {err}", stacklevel=2)
+            shutil.rmtree(state_dir)
     stride = Stride(model, seed=seed, **settings)
     stride.fit(corpus.documents, checkpoint_dir=state_dir / "checkpoint", progress=progress)
     stride.save(state_dir)
