@@ -23,6 +23,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 benchmark: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.run
 
 clean:

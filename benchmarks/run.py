@@ -51,6 +51,13 @@ SWEEPS: dict[str, tuple] = {
 LOSS_VARIANTS = [("no stability loss", {"stability_weight": 0.0}),
                  ("no linearity loss", {"linearity_weight": 0.0}),
                  ("fidelity loss only", {"stability_weight": 0.0, "linearity_weight": 0.0})]
+#: Follow-ups, chosen AFTER the one-at-a-time ablations above had run (they pointed at
+#: under-fitted operators: more steps and fewer memberships per example both helped), to test
+#: the combination; the queries and the ground truth were fixed before either.
+FOLLOW_UPS: list[tuple[str, dict]] = [
+    ("d=4, steps=1600", {"subsets_per_example": 4, "steps": 1600}),
+    ("d=4, K=512, steps=1600", {"subsets_per_example": 4, "n_subsets": 512, "steps": 1600}),
+]
 LAMBDA_RULES = [("fraction", 0.01), ("fraction", 0.02), ("fraction", 0.1), ("fraction", 0.2), ("cv", 0.05)]
 _SHORT = {"n_subsets": "K", "subsets_per_example": "d", "rank": "rank"}
 
@@ -65,6 +72,8 @@ def ablation_specs(defaults, n_layers: int, sweeps: Optional[dict] = None) -> li
         for v in values:
             if v != getattr(defaults, key):
                 specs.append((f"{_SHORT.get(key, key)}={v}", _SHORT.get(key, key), {key: v}))
+    for name, ch in (FOLLOW_UPS if sweeps is None else []):
+        specs.append((name, "follow-up", ch))
     default_layer = defaults.layer % n_layers
     for layer in range(n_layers):
         if layer != default_layer:
@@ -74,7 +83,7 @@ def ablation_specs(defaults, n_layers: int, sweeps: Optional[dict] = None) -> li
 
 def steps_sweep(defaults) -> tuple[int, ...]:
     s = defaults.steps
-    return tuple(sorted({max(10, s // 4), max(10, s // 2), 2 * s} - {s}))
+    return tuple(sorted({max(10, s // 4), max(10, s // 2), 2 * s, 4 * s, 8 * s} - {s}))
 
 
 #: --quick: tiny STRIDE and a reduced ablation set (exercises every code path).
@@ -233,20 +242,37 @@ def _ablation_task(task: dict) -> dict:
         res.extra["group"], res.extra["changes"] = task["group"], task["changes"]
         _save_result(folder, task["key"], res)
         return {"name": task["name"], "s": time.perf_counter() - t0}
-    # steps sweep: one fit resumed from its checkpoint at each step count
+    # steps sweep: one fit resumed from its checkpoint at each step count. The checkpoint and the
+    # cumulative fit time are kept, so a longer sweep later resumes where this one stopped.
+    from stride_nnsight import Stride
+
     ckpt = folder / f"steps-sweep-{task['base_key']}"
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    fit_total = 0.0
+    state_file = ckpt / "sweep.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else None
+    pending = [(st, key) for st, key in zip(task["steps"], task["keys"]) if _load_result(folder, key) is None]
+    if not pending:
+        return {"name": "steps sweep", "s": 0.0}
+    if state is None or state["step"] > min(st for st, _ in pending):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        state = {"step": 0, "fit_seconds": 0.0}
+    last = max(st for st, _ in pending)
     for steps, key in zip(task["steps"], task["keys"]):
+        if steps <= state["step"] or steps > last:
+            continue
         args = StrideArguments.from_dict({**task["args"], "steps": steps})
-        res, _ = run_stride(setting, lm, args, name=f"steps={steps}", single=False, checkpoint_dir=ckpt,
-                            fit_seconds_before=fit_total)
-        fit_total = res.index_s
-        res.extra["group"], res.extra["changes"] = "steps", {"steps": steps}
-        res.notes.append("fitted by resuming one run from its checkpoint; fit time is cumulative")
-        _save_result(folder, key, res)
-    shutil.rmtree(ckpt, ignore_errors=True)
+        if _load_result(folder, key) is None:
+            res, _ = run_stride(setting, lm, args, name=f"steps={steps}", single=False, checkpoint_dir=ckpt,
+                                fit_seconds_before=state["fit_seconds"])
+            res.extra["group"], res.extra["changes"] = "steps", {"steps": steps}
+            res.notes.append("fitted by resuming one run from its checkpoint; fit time is cumulative")
+            _save_result(folder, key, res)
+            fit_total = res.index_s
+        else:  # already measured: only fit through to this step
+            t1 = time.perf_counter()
+            Stride(lm, args=args).fit(setting.documents, progress=False, checkpoint_dir=ckpt)
+            fit_total = state["fit_seconds"] + time.perf_counter() - t1
+        state = {"step": steps, "fit_seconds": fit_total}
+        state_file.write_text(json.dumps(state))
     return {"name": "steps sweep", "s": time.perf_counter() - t0}
 
 
@@ -411,7 +437,10 @@ def stage_lambda(plan: Plan, setting, stride_res) -> dict[str, Any]:
         return {}
     a = _stride_args(plan)
     membership = SubsetDesign(len(setting.documents), a.n_subsets, a.subsets_per_example, a.seed).membership
-    out = {}
+    t0 = time.perf_counter()
+    recover(np.asarray(y, dtype=np.float64), membership, a.lambda_rule, a.lambda_fraction, a.fit_intercept,
+            progress=False, seed=a.seed)
+    out: dict[str, Any] = {"_default_recovery_seconds": time.perf_counter() - t0}
     for rule, frac in plan.lambda_rules:
         t0 = time.perf_counter()
         scores, lambdas = recover(np.asarray(y, dtype=np.float64), membership, rule, frac, a.fit_intercept,

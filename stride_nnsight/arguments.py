@@ -42,12 +42,12 @@ class StrideArguments:
     """
 
     n_subsets: int = 256
-    subsets_per_example: int = 8
+    subsets_per_example: int = 4
     layer: int = -2
     placement: str = "logits"
     rank: int = 16
     basis_hidden: int = 64
-    steps: int = 400
+    steps: int = 800
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
