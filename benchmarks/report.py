@@ -25,6 +25,7 @@ LABELS = {
     "stride": "**STRIDE (defaults)**",
 }
 GRADIENT_METHODS = ("gradient_dot", "gradient_cosine", "trak", "ekfac")
+_SHORT = {"n_subsets": "K", "subsets_per_example": "d"}
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -100,7 +101,8 @@ def _ok(flag: bool) -> str:
 # ------------------------------------------------------------------------------ report
 
 
-def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, default_args) -> str:
+def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, default_args,
+           base_args=None) -> str:
     c, corpus = setting.config, setting.corpus
     Q = len(corpus.queries)
     n = len(corpus.documents)
@@ -113,11 +115,21 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
             continue
         rows[name] = {"res": res, "m": metrics(res.scores, gt, corpus)}
 
+    base_args = base_args or default_args
+    changed = {k: v for k, v in base_args.items() if default_args.get(k) != v}
     ab_rows = []
-    if "stride" in rows:
+    base_res = ablations.get("ablation base")
+    if changed and base_res is not None and not isinstance(base_res, dict):
+        label = "ablation base (" + ", ".join(f"{_SHORT.get(k, k)}={v}" for k, v in changed.items()) + ")"
+        ab_rows.append((label, "–", base_res, metrics(base_res.scores, gt, corpus)))
+        if "stride" in rows:
+            now = ", ".join(f"{_SHORT.get(k, k)}={default_args[k]}" for k in changed)
+            ab_rows.append((f"current library defaults ({now})", "follow-up", rows["stride"]["res"],
+                            rows["stride"]["m"]))
+    elif "stride" in rows:
         ab_rows.append(("defaults", "–", rows["stride"]["res"], rows["stride"]["m"]))
     for name, res in ablations.items():
-        if not isinstance(res, dict):
+        if name != "ablation base" and not isinstance(res, dict):
             ab_rows.append((name, res.extra.get("group", ""), res, metrics(res.scores, gt, corpus)))
 
     lam_m = {k: metrics(v["scores"], gt, corpus) for k, v in (lambdas or {}).items() if not k.startswith("_")}
@@ -267,7 +279,7 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
           f"linearity penalty {_f(x.get('linearity_end'), 5)}; {100 * x.get('nonzero_frac', 0):.1f}% of the scores "
           f"are non-zero. Settings: `{_short_args(default_args)}`.")
         w("")
-        w(_shortfalls(rows, ab_rows, lambdas, lam_m, default_args, n, Q))
+        w(_shortfalls(rows, ab_rows, lambdas, lam_m, base_args, n, Q))
         w("")
     else:
         missing.append("STRIDE main run")
@@ -276,7 +288,13 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
     if ablations or lambdas:
         w("## STRIDE ablations")
         w("")
-        w(f"One setting changed at a time from the defaults (first row). Ablation fits ran {plan.jobs} at a time in "
+        if changed:
+            w("The grid is centred on the ablation base (first row): the library defaults when the grid was fixed "
+              "and first run, before this benchmark led to the current defaults (" + ", ".join(
+                  f"`{k}` {base_args[k]} -> {default_args[k]}" for k in changed) + "), which appear as the second "
+              "row. The *follow-up* rows were chosen after the one-at-a-time rows had run.")
+            w("")
+        w(f"One setting changed at a time from the first row. Ablation fits ran {plan.jobs} at a time in "
           "worker processes (one torch thread each), so their times compare with each other, not with "
           "the table above. The steps sweep resumes one run from its checkpoint (cumulative fit time).")
         w("")
@@ -352,6 +370,9 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
     if missing:
         w("**Missing from this report:** " + "; ".join(missing) + ". Rerun `python -m benchmarks.run`: finished "
           "parts are cached and are not redone.")
+    elif not ab:
+        w("Ablations were not run in this invocation (`--skip-ablations`); the last full ablation run is "
+          "`benchmarks/RESULTS-initial-defaults.md`.")
     else:
         w("Nothing is missing: every method, ablation and lambda rule finished.")
     w("")
@@ -405,11 +426,11 @@ def _findings(rows, ab_rows, lambda_summary, default_args) -> str:
     """Data-driven sentences: the best variant per group and what each says about the defaults."""
     if not ab_rows:
         return ""
-    base = next((m for name, _, _, m in ab_rows if name == "defaults"), None)
+    base = next((m for _, group, _, m in ab_rows if group == "–"), None)
     lines = ["### What the ablations say", ""]
     groups: dict[str, list] = {}
     for name, group, res, m in ab_rows:
-        if name == "defaults":
+        if group == "–":
             continue
         groups.setdefault(group, []).append((name, m))
     for group, items in groups.items():
@@ -419,11 +440,11 @@ def _findings(rows, ab_rows, lambda_summary, default_args) -> str:
         delta = best_m["lds"]["mean"] - base["lds"]["mean"]
         ci = _paired(best_m["lds"], base["lds"])
         if delta > 0:
-            lines.append(f"- **{group}**: best variant `{best_name}` LDS {best_m['lds']['mean']:.3f} vs defaults "
+            lines.append(f"- **{group}**: best variant `{best_name}` LDS {best_m['lds']['mean']:.3f} vs first row "
                          f"{base['lds']['mean']:.3f} ({delta:+.3f}{ci}); recall@10 {_f(best_m['recall@10'])} vs "
                          f"{_f(base['recall@10'])}.")
         else:
-            lines.append(f"- **{group}**: no variant beats the defaults on LDS (best `{best_name}` "
+            lines.append(f"- **{group}**: no variant beats the first row on LDS (best `{best_name}` "
                          f"{best_m['lds']['mean']:.3f} vs {base['lds']['mean']:.3f}).")
     if lambda_summary and base is not None:
         rules = {k: v for k, v in lambda_summary.items() if not k.startswith("diagnostic")}
@@ -456,8 +477,9 @@ def _shortfalls(rows, ab_rows, lambdas, lam_m, a, n, Q) -> str:
         best = max(ab_rows, key=lambda r: r[3]["lds"]["mean"]) if ab_rows else None
         msg = (f"- **Attribution quality.** With the library defaults STRIDE's LDS is {s_lds:.3f}"
                + (f", below {LABELS[bar_name]} ({grad[bar_name]['m']['lds']['mean']:.3f})" if bar_name else "")
-               + (f" and BM25 ({rows['bm25']['m']['lds']['mean']:.3f})" if "bm25" in rows else "") + ".")
-        if best is not None and best[0] != "defaults":
+               + (f" and BM25 ({rows['bm25']['m']['lds']['mean']:.3f})"
+                  if "bm25" in rows and rows["bm25"]["m"]["lds"]["mean"] > s_lds else "") + ".")
+        if best is not None and best[2] is not s["res"]:
             b = best[3]
             reach = [LABELS[k].strip("*") for k in ("bm25", "representation", bar_name)
                      if k and k in rows and b["lds"]["mean"] > rows[k]["m"]["lds"]["mean"]]
@@ -476,9 +498,10 @@ def _shortfalls(rows, ab_rows, lambdas, lam_m, a, n, Q) -> str:
                 f"{st} steps {m['lds']['mean']:.3f}" for st, m in steps) + ".")
             if best_steps > a["steps"]:
                 text += (f" More fitting helps: each step trains {a['batch_size'] // 2} fidelity rows spread over "
-                         f"K={a['n_subsets']} operators, so at the default {a['steps']} steps an operator sees "
+                         f"K={a['n_subsets']} operators, so at {a['steps']} steps (d={a['subsets_per_example']}) "
+                         "an operator sees "
                          f"{per_op:.0f} member examples in all while its subset holds n*d/K = {members:.0f} "
-                         f"({per_op / members:.2f} passes): the default operators are under-fitted.")
+                         f"({per_op / members:.2f} passes): those operators are under-fitted.")
             else:
                 text += " More steps do not help here."
             lines.append(text)
