@@ -37,7 +37,6 @@ def run_demo(
     """
     import torch
 
-    from .stride import Stride
     from .toy import toy_language_model
 
     cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor

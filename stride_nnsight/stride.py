@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from . import __version__
