@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import shutil
 import warnings
@@ -97,8 +99,13 @@ def demo_stride(model, corpus, cache_dir: Path, seed: int = 0, refit: bool = Fal
     ``(stride, fitted_now, state_dir)``."""
     from .stride import STATE_FILE, Stride
 
-    tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items())) or "default"
-    state_dir = Path(cache_dir) / f"stride-{tag}-seed{seed}"
+    from .arguments import StrideArguments
+
+    # The directory is named after every setting (defaults included), so a change of the
+    # library's defaults never reuses operators fitted under the old ones.
+    args = StrideArguments(seed=seed).replace(**settings).to_dict()
+    tag = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+    state_dir = Path(cache_dir) / f"stride-{tag}"
     if (state_dir / STATE_FILE).exists() and not refit:
         try:
             return Stride.load(state_dir, model), False, state_dir
