@@ -58,7 +58,8 @@ FOLLOW_UPS: list[tuple[str, dict]] = [
     ("d=4, steps=1600", {"subsets_per_example": 4, "steps": 1600}),
     ("d=4, K=512, steps=1600", {"subsets_per_example": 4, "n_subsets": 512, "steps": 1600}),
 ]
-LAMBDA_RULES = [("fraction", 0.01), ("fraction", 0.02), ("fraction", 0.1), ("fraction", 0.2), ("cv", 0.05)]
+LAMBDA_RULES = [("fraction", 0.01), ("fraction", 0.02), ("fraction", 0.1), ("fraction", 0.2), ("fraction", 0.3),
+                ("fraction", 0.5), ("cv", 0.05)]
 _SHORT = {"n_subsets": "K", "subsets_per_example": "d", "rank": "rank"}
 
 
