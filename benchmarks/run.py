@@ -487,6 +487,43 @@ def stage_lambda(plan: Plan, setting, stride_res) -> dict[str, Any]:
     return out
 
 
+COMBO_FRACTIONS = (0.2, 0.5)
+
+
+def stage_combos(plan: Plan, setting, methods: dict, ablations: dict) -> dict[str, Any]:
+    """The lambda fractions that did best on the default fit, re-applied (no refit) to the
+    measurements of the longer fits: the current defaults, the follow-ups and the longest steps run."""
+    from stride_nnsight.design import SubsetDesign
+    from stride_nnsight.recovery import recover
+
+    fits = []
+    if not isinstance(methods.get("stride"), (dict, type(None))):
+        fits.append(("current defaults", methods["stride"]))
+    steps = [(r.extra.get("steps", 0), name, r) for name, r in ablations.items()
+             if not isinstance(r, dict) and r.extra.get("group") == "steps"]
+    for name, r in ablations.items():
+        if not isinstance(r, dict) and r.extra.get("group") == "follow-up":
+            fits.append((name, r))
+    if steps:
+        _, name, r = max(steps, key=lambda t: t[0])
+        fits.append((f"{name} (d={r.extra['args']['subsets_per_example']})", r))
+    out = {}
+    for label, r in fits:
+        y = r.extra.get("measurements")
+        a = r.extra.get("args")
+        if y is None or a is None:
+            continue
+        membership = SubsetDesign(len(setting.documents), a["n_subsets"], a["subsets_per_example"], a["seed"]).membership
+        for frac in COMBO_FRACTIONS:
+            t0 = time.perf_counter()
+            scores, _ = recover(np.asarray(y, dtype=np.float64), membership, "fraction", frac, a["fit_intercept"],
+                                progress=False, seed=a["seed"])
+            out[f"{label}, lambda = {frac} x lambda_max"] = {
+                "scores": scores, "seconds": time.perf_counter() - t0, "fit": label, "fraction": frac,
+                "fit_s": r.index_s, "nonzero_frac": float((scores != 0).mean())}
+    return out
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -522,6 +559,7 @@ def run(plan: Plan) -> Path:
         t0 = time.perf_counter()
         ablations = stage_ablations(plan, setting)
         lambdas = stage_lambda(plan, setting, methods.get("stride"))
+        lambdas["_combos"] = stage_combos(plan, setting, methods, ablations)
         stages["ablations_s"] = time.perf_counter() - t0
     stages["total_s"] = time.perf_counter() - t_start
 
