@@ -275,9 +275,12 @@ def stride_state_bytes(stride) -> tuple[int, int]:
 
 
 def run_stride(setting, lm, args, *, name: str = "stride", single: bool = True, checkpoint_dir=None,
-               fit_seconds_before: float = 0.0, log=print) -> tuple[MethodResult, Any]:
+               fit_seconds_before: float = 0.0, save_dir=None, fitted=None, log=print) -> tuple[MethodResult, Any]:
     """Fit STRIDE with ``args`` on the setting's documents and attribute its queries.
 
+    ``save_dir``: also ``stride.save`` the fitted state there (not timed). ``fitted``: a
+    ``Stride`` already fitted on these documents (e.g. loaded from an earlier ``save_dir``):
+    no fit, ``index_s`` is NaN and only the queries are timed.
     Returns ``(result, stride)``; ``result.extra`` holds the raw measurements ``y [Q, K]``
     (for re-running the recovery under other lambda rules) and the fit's loss curve summary.
     """
@@ -286,10 +289,18 @@ def run_stride(setting, lm, args, *, name: str = "stride", single: bool = True, 
     prompts, completions = setting.corpus.prompts, setting.corpus.completions
     res = MethodResult(name=name, scores=np.zeros((len(prompts), len(setting.documents)), np.float32),
                        load=[_load()])
-    stride = Stride(lm, args=args)
-    with PeakRSS() as mem, _timed() as t:
-        stride.fit(setting.documents, progress=False, checkpoint_dir=checkpoint_dir)
-    res.index_s, res.peak_index_bytes = fit_seconds_before + t["s"], mem.peak
+    if fitted is not None:
+        if list(fitted.train_texts) != list(setting.documents):
+            raise ValueError("the fitted Stride was fitted on other documents than this setting's")
+        stride, res.index_s = fitted, float("nan")
+        res.notes.append("operators fitted earlier and loaded from disk (index time not re-measured)")
+    else:
+        stride = Stride(lm, args=args)
+        with PeakRSS() as mem, _timed() as t:
+            stride.fit(setting.documents, progress=False, checkpoint_dir=checkpoint_dir)
+        res.index_s, res.peak_index_bytes = fit_seconds_before + t["s"], mem.peak
+        if save_dir is not None:
+            stride.save(save_dir)
     with PeakRSS() as mem, _timed() as t:
         attr = stride.attribute(prompts, completions, progress=False)
     res.batch_s, res.peak_query_bytes = t["s"], mem.peak
@@ -308,7 +319,7 @@ def run_stride(setting, lm, args, *, name: str = "stride", single: bool = True, 
         "lambdas": attr.provenance.get("lambdas"),
         "fidelity_start": float(np.mean(h.fidelity[:k])), "fidelity_end": float(np.mean(h.fidelity[-k:])),
         "stability_end": float(np.mean(h.stability[-k:])), "linearity_end": float(np.mean(h.linearity[-k:])),
-        "steps": len(h), "state_file_bytes": full, "args": args.to_dict(),
+        "steps": len(h), "state_file_bytes": full, "args": stride.args.to_dict(),
         "nonzero_frac": float((res.scores != 0).mean()),
     })
     res.load.append(_load())

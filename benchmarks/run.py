@@ -12,7 +12,12 @@ what is finished and prints what it does):
    library's default `StrideArguments`;
 4. STRIDE ablations (placement, losses, K, d, rank, layer, steps), ``--jobs`` in parallel,
    and the lambda rules re-run on the default fit's measurements;
-5. ``RESULTS.md`` (``--out``), written even when some parts are missing (it says which).
+5. confirmation on fresh queries: a second query set fixed with the corpus (the facts not
+   queried in 3, more held-out verses), its own ground truth from retrains on the same masks
+   and seeds, and every method on it (STRIDE reusing the operators fitted in 3): checks that
+   defaults chosen on the queries of 3 hold on queries nobody tuned on
+   (``--skip-confirmation`` skips it);
+6. ``RESULTS.md`` (``--out``), written even when some parts are missing (it says which).
 
 ``--quick`` runs a tiny configuration (< 60 s on 2 cores) into a temporary folder: the
 smoke test of this pipeline, not a benchmark.
@@ -92,7 +97,9 @@ def steps_sweep(defaults) -> tuple[int, ...]:
 #: first run (`StrideArguments` before this benchmark led to changing them); it stays centred
 #: there so that the cached grid stays valid. The main STRIDE row always uses the current
 #: defaults, and the report shows both.
-ABLATION_BASE: dict = {"subsets_per_example": 8, "steps": 400}
+#: Its recovery setting is pinned too (the library default then): the lambda rule is ablated
+#: separately, on the measurements of the default fit.
+ABLATION_BASE: dict = {"subsets_per_example": 8, "steps": 400, "lambda_fraction": 0.05}
 
 #: --quick: tiny STRIDE and a reduced ablation set (exercises every code path).
 QUICK_STRIDE = {"n_subsets": 32, "subsets_per_example": 4, "steps": 30, "rank": 4, "batch_size": 16,
@@ -114,6 +121,7 @@ class Plan:
     lambda_rules: list = field(default_factory=lambda: list(LAMBDA_RULES))
     methods: tuple = ()
     skip_ablations: bool = False
+    confirm: bool = True
     remeasure: bool = False
     single: bool = True
 
@@ -142,7 +150,12 @@ def _slug(text: str) -> str:
 
 
 def _args_key(args_dict: dict) -> str:
-    return hashlib.sha256(json.dumps(args_dict, sort_keys=True).encode()).hexdigest()[:10]
+    """Cache key of a STRIDE configuration. ``fit_passes`` only matters when ``steps`` is unset,
+    so it is left out otherwise (keys of explicit-steps runs predate the setting and stay valid)."""
+    d = dict(args_dict)
+    if d.get("steps") is not None:
+        d.pop("fit_passes", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _results_dir(setting) -> Path:
@@ -211,7 +224,8 @@ def _retrain_task(task: dict) -> dict:
     """Train LDS model ``i`` and write its cache file in `retrain_ground_truth`'s format."""
     from stride_nnsight import evaluation as E
 
-    setting = _worker_setting(task["config"], task["cache_dir"], task["threads"])
+    main = _worker_setting(task["config"], task["cache_dir"], task["threads"])
+    setting = main.confirmation() if task.get("confirm") else main
     i, folder = task["i"], Path(task["folder"])
     path = folder / f"retrain_{i:05d}_s0.npz"
     if path.exists():
@@ -222,9 +236,12 @@ def _retrain_task(task: dict) -> dict:
     t0 = time.perf_counter()
     model = setting.train_fn(np.flatnonzero(masks[i]).astype(np.int64), seed)
     loss = np.asarray(setting.eval_fn(model), dtype=np.float64)
+    # the confirmation retrains repeat the main ones (same masks and seeds): their losses on the
+    # main queries are kept too, to check that the two ground truths come from the same models
+    more = {"losses_main": np.asarray(main.eval_fn(model), dtype=np.float64)} if task.get("confirm") else {}
     digest = E._mask_digest(masks[i])
     E._atomic_write(path, lambda f: np.savez(f, losses=loss, train_seed=np.int64(seed), mask_digest=np.str_(digest),
-                                             model=np.int64(i), rep=np.int64(0)))
+                                             model=np.int64(i), rep=np.int64(0), **more))
     return {"i": i, "s": time.perf_counter() - t0, "skipped": False}
 
 
@@ -322,12 +339,16 @@ class _Deferred(Exception):
     pass
 
 
-def stage_ground_truth(plan: Plan, setting) -> tuple[Any, dict]:
-    from .setting import ground_truth
+def stage_ground_truth(plan: Plan, setting, confirm: bool = False, label: str = "[2/6] LDS ground truth") \
+        -> tuple[Any, dict]:
+    """Ground truth of ``setting`` (``confirm``: of ``setting.confirmation()``), retrains in parallel."""
+    from .setting import ground_truth, ground_truth_folder
 
+    main_setting = setting
+    setting = setting.confirmation() if confirm else setting
     c = setting.config
     info: dict[str, Any] = {"retrain_seconds": []}
-    folder = setting.cache_dir / f"ground_truth-{setting.key}-m{c.n_models}-f{c.fraction}-s{c.gt_seed}"
+    folder = ground_truth_folder(setting)
     # let the library write (or check) the cache manifest, then fill the cache in parallel
     from stride_nnsight.evaluation import retrain_ground_truth
 
@@ -335,7 +356,7 @@ def stage_ground_truth(plan: Plan, setting) -> tuple[Any, dict]:
         raise _Deferred
 
     missing = [i for i in range(c.n_models) if not (folder / f"retrain_{i:05d}_s0.npz").exists()]
-    _log(f"[2/5] LDS ground truth: {c.n_models} retrains on {c.fraction:.0%} subsets "
+    _log(f"{label}: {c.n_models} retrains on {c.fraction:.0%} subsets "
          f"({c.n_models - len(missing)} cached, {len(missing)} to train, {plan.jobs} jobs) in {folder}")
     if missing:
         try:
@@ -345,8 +366,8 @@ def stage_ground_truth(plan: Plan, setting) -> tuple[Any, dict]:
                                         "config": c.to_dict()})
         except _Deferred:
             pass
-        tasks = [{"i": i, "config": c.to_dict(), "cache_dir": str(setting.cache_dir), "folder": str(folder),
-                  "threads": plan.threads} for i in missing]
+        tasks = [{"i": i, "config": c.to_dict(), "cache_dir": str(main_setting.cache_dir), "folder": str(folder),
+                  "threads": plan.threads, "confirm": confirm} for i in missing]
         t0 = time.perf_counter()
         results = _pool(plan, _retrain_task, tasks, "retrain",
                         lambda t, r: f"model {t['i']} done")
@@ -367,7 +388,7 @@ def stage_methods(plan: Plan, setting, lm) -> dict[str, Any]:
     folder = _results_dir(setting)
     results: dict[str, Any] = {}
     names = plan.methods or (BASELINES + ("stride",))
-    _log(f"[3/5] methods, one at a time in this process: {', '.join(names)}")
+    _log(f"[3/6] methods, one at a time in this process: {', '.join(names)}")
     for name in names:
         if name == "stride":
             args = _stride_args(plan)
@@ -381,8 +402,8 @@ def stage_methods(plan: Plan, setting, lm) -> dict[str, Any]:
             continue
         _log(f"  {name}: running ...")
         try:
-            if name == "stride":
-                res, _ = run_stride(setting, lm, args, single=plan.single)
+            if name == "stride":  # the fitted state is kept for the confirmation stage
+                res, _ = run_stride(setting, lm, args, single=plan.single, save_dir=folder / f"{key}.state")
             else:
                 res = run_baseline(name, setting, lm, single=plan.single)
         except Exception:
@@ -394,6 +415,57 @@ def stage_methods(plan: Plan, setting, lm) -> dict[str, Any]:
         _log(f"  {name}: index {res.index_s:.1f}s, {len(setting.corpus.queries)} queries {res.batch_s:.1f}s, "
              f"single query {res.single_s:.2f}s")
     return results
+
+
+def stage_confirmation(plan: Plan, setting, lm, gt_main) -> dict[str, Any]:
+    """Every method on the fresh confirmation queries (``corpus.confirm_queries``), with their own
+    ground truth from retrains on the same masks and seeds as the main one. STRIDE reuses the
+    operators of the main run (saved there); nothing is tuned here."""
+    from stride_nnsight import Stride
+    from stride_nnsight.stride import STATE_FILE
+
+    from .methods import BASELINES, run_baseline, run_stride
+    from .setting import ground_truth_folder
+
+    gt, info = stage_ground_truth(plan, setting, confirm=True,
+                                  label="[5/6] confirmation: ground truth for the fresh queries")
+    csetting = setting.confirmation()
+    # the confirmation retrains repeat the main ones: check that they gave the same models
+    diffs = []
+    for i in range(gt.n_models):
+        f = ground_truth_folder(csetting) / f"retrain_{i:05d}_s0.npz"
+        with np.load(f) as z:
+            if "losses_main" in z.files:
+                diffs.append(float(np.max(np.abs(z["losses_main"] - np.asarray(gt_main.losses)[i]))))
+    info["max_abs_diff_main_losses"] = max(diffs) if diffs else None
+    folder = _results_dir(csetting)
+    names = plan.methods or (BASELINES + ("stride",))
+    _log(f"  confirmation: {len(csetting.corpus.queries)} fresh queries, methods {', '.join(names)}")
+    results: dict[str, Any] = {}
+    for name in names:
+        args = _stride_args(plan) if name == "stride" else None
+        key = f"stride-{_args_key(args.to_dict())}" if name == "stride" else f"baseline-{name}"
+        cached = None if plan.remeasure else _load_result(folder, key)
+        if cached is not None:
+            results[name] = cached
+            _log(f"  {name}: cached")
+            continue
+        try:
+            if name == "stride":
+                state = _results_dir(setting) / f"{key}.state"
+                fitted = Stride.load(state, lm) if (state / STATE_FILE).is_file() else None
+                res, _ = run_stride(csetting, lm, args, single=plan.single, fitted=fitted,
+                                    save_dir=None if fitted is not None else state)
+            else:
+                res = run_baseline(name, csetting, lm, single=plan.single)
+        except Exception:
+            _log(f"  {name} FAILED:\n{traceback.format_exc()}")
+            results[name] = {"error": traceback.format_exc(limit=3)}
+            continue
+        _save_result(folder, key, res)
+        results[name] = res
+        _log(f"  {name}: {len(csetting.corpus.queries)} queries {res.batch_s:.1f}s, single query {res.single_s:.2f}s")
+    return {"setting": csetting, "gt": gt, "info": info, "methods": results}
 
 
 def _ablation_base(plan: Plan):
@@ -433,7 +505,7 @@ def stage_ablations(plan: Plan, setting) -> dict[str, Any]:
         # the sweep is one task (one run resumed); run it first, it takes longest
         tasks.insert(0, {**common, "kind": "steps", "args": base.to_dict(), "steps": list(sweep),
                          "keys": sweep_keys, "base_key": _args_key(base.to_dict())})
-    _log(f"[4/5] STRIDE ablations: {len(out)} variants ({len(tasks)} tasks to run, {plan.jobs} jobs)")
+    _log(f"[4/6] STRIDE ablations: {len(out)} variants ({len(tasks)} tasks to run, {plan.jobs} jobs)")
     _pool(plan, _ablation_task, tasks, "ablation",
           lambda t, r: f"{r['name']} ({r['s']:.0f}s)")
     results = {}
@@ -535,7 +607,7 @@ def run(plan: Plan) -> Path:
     _set_threads(plan.threads)
     plan.cache_dir.mkdir(parents=True, exist_ok=True)
     c = plan.config
-    _log(f"[1/5] setting '{c.name}': {c.n_train} documents, {c.n_fact_queries} fact + {c.n_text_queries} text "
+    _log(f"[1/6] setting '{c.name}': {c.n_train} documents, {c.n_fact_queries} fact + {c.n_text_queries} text "
          f"queries, GPT-2 {c.n_layer}x{c.n_embd} (cache: {plan.cache_dir}; torch threads {plan.threads})")
     if c.text_source == "kjv" or (c.text_source == "auto" and not kjv_available()):
         if not kjv_available():
@@ -561,11 +633,16 @@ def run(plan: Plan) -> Path:
         lambdas = stage_lambda(plan, setting, methods.get("stride"))
         lambdas["_combos"] = stage_combos(plan, setting, methods, ablations)
         stages["ablations_s"] = time.perf_counter() - t0
+    confirmation = None
+    if plan.confirm:
+        t0 = time.perf_counter()
+        confirmation = stage_confirmation(plan, setting, lm, gt)
+        stages["confirmation_s"] = time.perf_counter() - t0
     stages["total_s"] = time.perf_counter() - t_start
 
-    _log(f"[5/5] writing {plan.out}")
+    _log(f"[6/6] writing {plan.out}")
     text = report.render(plan=plan, setting=setting, gt=gt, gt_info=gt_info, methods=methods,
-                         ablations=ablations, lambdas=lambdas, stages=stages,
+                         ablations=ablations, lambdas=lambdas, stages=stages, confirmation=confirmation,
                          default_args=_stride_args(plan).to_dict(),
                          base_args=_ablation_base(plan).to_dict())
     plan.out.parent.mkdir(parents=True, exist_ok=True)
@@ -586,6 +663,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                           "fastest for this model size, see docs/benchmarks.md)")
     p.add_argument("--methods", default="", help="comma-separated subset of methods (default: all)")
     p.add_argument("--skip-ablations", action="store_true")
+    p.add_argument("--skip-confirmation", action="store_true", help="skip the fresh-query confirmation stage")
     p.add_argument("--no-single", action="store_true", help="skip the single-query latency calls")
     p.add_argument("--remeasure", action="store_true", help="rerun methods and ablations even if cached "
                                                             "(the setting and ground truth stay cached)")
@@ -601,6 +679,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     threads=a.threads)
     plan.methods = tuple(m for m in a.methods.split(",") if m)
     plan.skip_ablations = a.skip_ablations
+    plan.confirm = not a.skip_confirmation
     plan.remeasure = a.remeasure
     plan.single = not a.no_single
     out = run(plan)

@@ -43,7 +43,7 @@ from stride_nnsight.operators import token_nll
 from stride_nnsight.toy import SPECIAL_TOKEN, tiny_gpt2_config, train_causal_lm, train_tokenizer
 
 __all__ = ["BenchConfig", "FULL", "QUICK", "Query", "Corpus", "BenchSetting", "build_corpus",
-           "build_setting", "ground_truth", "kjv_available", "query_losses", "quick_config", "CACHE_DIR"]
+           "build_setting", "ground_truth", "ground_truth_folder", "kjv_available", "query_losses", "quick_config", "CACHE_DIR"]
 
 CACHE_DIR = Path(__file__).resolve().parent / "cache"
 
@@ -108,6 +108,10 @@ class Corpus:
     queries: list[Query]
     text_source: str                   # "kjv" or "generated"
     facts: list[dict] = field(default_factory=list)
+    #: A second, fresh query set of the same two kinds (the facts not used as queries, and more
+    #: held-out verses), fixed with the corpus but not part of its fingerprint. It is used only
+    #: to confirm, after the defaults were chosen on ``queries``, that they hold on new queries.
+    confirm_queries: list[Query] = field(default_factory=list)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -277,10 +281,29 @@ def build_corpus(config: BenchConfig) -> Corpus:
     for f in facts[::step][: config.n_fact_queries]:
         queries.append(Query(f["prompt"], f["completion"], "fact", tuple(f["source_ids"]), f["relation"]))
     for text, cite in queries_text:
-        w = _words(text)
-        h = max(4, len(w) // 2)
-        queries.append(Query(" ".join(w[:h]), " " + " ".join(w[h:]), "text", (), cite))
-    return Corpus(documents=documents, kinds=kinds, queries=queries, text_source=source, facts=facts)
+        queries.append(_text_query(text, cite))
+
+    # the confirmation set: the facts not queried above, and further held-out verses that are
+    # neither training documents nor filler sentences of the fact documents
+    queried = {q.relevant for q in queries if q.kind == "fact"}
+    confirm = [Query(f["prompt"], f["completion"], "fact", tuple(f["source_ids"]), f["relation"])
+               for f in facts if tuple(f["source_ids"]) not in queried][: config.n_fact_queries]
+    taken = used | set(fillers[: 2 * len(facts)])
+    for text, cite in pool:
+        if len(confirm) == len(queries):
+            break
+        if text not in taken and text not in repeated and ok(text, max(10, config.min_words), config.max_words):
+            confirm.append(_text_query(text, cite))
+            taken.add(text)
+    return Corpus(documents=documents, kinds=kinds, queries=queries, text_source=source, facts=facts,
+                  confirm_queries=confirm)
+
+
+def _text_query(text: str, cite: str) -> Query:
+    """First half of a verse (>= 4 words) -> its second half."""
+    w = _words(text)
+    h = max(4, len(w) // 2)
+    return Query(" ".join(w[:h]), " " + " ".join(w[h:]), "text", (), cite)
 
 
 # ------------------------------------------------------------------------------ model
@@ -355,6 +378,14 @@ class BenchSetting:
     def n_params(self) -> int:
         return int(sum(p.numel() for p in self.model.parameters()))
 
+    def confirmation(self) -> "BenchSetting":
+        """The same corpus and model, queried with ``corpus.confirm_queries`` instead (its own
+        ``key``, hence its own ground-truth and results folders)."""
+        if not self.corpus.confirm_queries:
+            raise ValueError("this corpus has no confirmation queries")
+        corpus = replace(self.corpus, queries=list(self.corpus.confirm_queries), confirm_queries=[])
+        return replace(self, corpus=corpus)
+
 
 def build_setting(config: BenchConfig = FULL, cache_dir: Path = CACHE_DIR, log=print) -> BenchSetting:
     """Corpus, tokenizer and the model trained on the whole corpus (loaded from cache when present)."""
@@ -388,12 +419,17 @@ def build_setting(config: BenchConfig = FULL, cache_dir: Path = CACHE_DIR, log=p
     return setting
 
 
+def ground_truth_folder(setting: BenchSetting) -> Path:
+    c = setting.config
+    return setting.cache_dir / f"ground_truth-{setting.key}-m{c.n_models}-f{c.fraction}-s{c.gt_seed}"
+
+
 def ground_truth(setting: BenchSetting, progress: bool = True):
     """LDS ground truth (`retrain_ground_truth`), resumable: one cached file per finished retrain."""
     from stride_nnsight.evaluation import retrain_ground_truth
 
     c = setting.config
-    folder = setting.cache_dir / f"ground_truth-{setting.key}-m{c.n_models}-f{c.fraction}-s{c.gt_seed}"
+    folder = ground_truth_folder(setting)
     return retrain_ground_truth(
         setting.train_fn, setting.eval_fn, n_train=len(setting.documents), n_models=c.n_models,
         fraction=c.fraction, seed=c.gt_seed, cache_dir=folder, progress=progress,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+import math
+from typing import Any, Optional
 
 from .operators import PLACEMENTS
 
@@ -26,7 +27,11 @@ class StrideArguments:
         rank: ``r``, size of the shared basis.
         basis_hidden: hidden width of the basis network.
     Fitting:
-        steps: optimiser steps; batch_size: rows per step (half fidelity, half stability);
+        steps: optimiser steps; ``None`` (default) scales them with the training set:
+            ``fit_passes`` passes over the ``n * d`` (example, subset) memberships, each step
+            drawing ``batch_size // 2`` of them as fidelity rows (see ``fit_steps``);
+        fit_passes: passes over the memberships when ``steps`` is ``None``;
+        batch_size: rows per step (half fidelity, half stability);
         lr: AdamW learning rate; weight_decay: AdamW weight decay;
         fidelity_weight, stability_weight, linearity_weight: loss weights;
         linearity_operators: operators sampled per step for the linearity loss;
@@ -47,7 +52,8 @@ class StrideArguments:
     placement: str = "logits"
     rank: int = 16
     basis_hidden: int = 64
-    steps: int = 800
+    steps: Optional[int] = None
+    fit_passes: float = 3.0
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -61,7 +67,7 @@ class StrideArguments:
     checkpoint_every: int = 100
     measure_batch_size: int = 256
     lambda_rule: str = "fraction"
-    lambda_fraction: float = 0.05
+    lambda_fraction: float = 0.3
     fit_intercept: bool = True
     seed: int = 0
 
@@ -74,10 +80,14 @@ class StrideArguments:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
 
-        for name in ("n_subsets", "subsets_per_example", "rank", "basis_hidden", "steps", "batch_size",
+        for name in ("n_subsets", "subsets_per_example", "rank", "basis_hidden", "batch_size",
                      "lr", "max_length", "measure_batch_size", "sketch_dim", "linearity_operators",
-                     "checkpoint_every"):
+                     "checkpoint_every", "fit_passes"):
             positive(name)
+        if self.steps is not None:
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
+                raise ValueError(f"steps must be a positive int (or None to scale with the training set), "
+                                 f"got {self.steps!r}")
         for name in ("fidelity_weight", "stability_weight", "linearity_weight", "ridge", "weight_decay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
@@ -95,6 +105,14 @@ class StrideArguments:
             )
         if self.max_length < 2:
             raise ValueError("max_length must be >= 2 tokens")
+
+    def fit_steps(self, n_examples: int) -> int:
+        """Optimiser steps of a fit on ``n_examples`` texts: ``steps`` when set, else
+        ``ceil(fit_passes * n * d / (batch_size // 2))`` (at least 100)."""
+        if self.steps is not None:
+            return int(self.steps)
+        per_step = max(1, self.batch_size // 2)
+        return max(100, math.ceil(self.fit_passes * int(n_examples) * self.subsets_per_example / per_step))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

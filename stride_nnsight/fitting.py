@@ -92,6 +92,7 @@ class OperatorFitter:
         self.optimizer = torch.optim.AdamW(operators.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         self.history = FitHistory()
         self.step = 0
+        self.n_steps = args.fit_steps(design.n_examples)  # the target step count
 
     # ----------------------------------------------------------------- sampling
     def _randint(self, high: int, size: int) -> np.ndarray:
@@ -185,15 +186,15 @@ class OperatorFitter:
 
     # ---------------------------------------------------------------------- run
     def run(self, progress: bool = True, checkpoint_dir: Optional[str | os.PathLike] = None) -> FitHistory:
-        """Train until ``args.steps``; resume from ``checkpoint_dir`` if it holds a checkpoint."""
+        """Train until ``n_steps`` (``args.fit_steps(n)``); resume from ``checkpoint_dir`` if it holds a checkpoint."""
         directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if directory is not None and (directory / CHECKPOINT_NAME).exists():
             self.load_state_dict(torch.load(directory / CHECKPOINT_NAME, weights_only=False))
         initial = [p.detach().clone() for p in self.operators.parameters()]
         start = self.step
-        bar = tqdm(total=self.args.steps, initial=self.step, disable=not progress, desc="fitting STRIDE operators")
+        bar = tqdm(total=self.n_steps, initial=self.step, disable=not progress, desc="fitting STRIDE operators")
         try:
-            while self.step < self.args.steps:
+            while self.step < self.n_steps:
                 record = self.train_step()
                 bar.update(1)
                 bar.set_postfix(fid=f"{record['fidelity']:.3f}", stab=f"{record['stability']:.4f}")

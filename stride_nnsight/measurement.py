@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .backends.base import ModelBackend
 from .inputs import TokenBatch
-from .operators import SteeringOperators, token_nll
+from .operators import SteeringOperators, completion_measurements, token_nll
 
 __all__ = ["Metric", "negative_completion_loss", "measure"]
 
@@ -54,11 +54,14 @@ def measure(
     Returns ``(y, base)``: ``y [q, K]`` float32 with ``y[i, k] = f_k(x_i) - f_base(x_i)``
     and ``base [q]`` the unsteered metric (for the default metric, minus the loss in nats).
     Residual placement runs ``q * K`` steered rows in chunks of ``batch_size``; logits
-    placement needs one forward per query chunk and adds all ``K`` edits to its logits.
+    placement needs one forward per query chunk and adds all ``K`` edits to its logits
+    (with the default metric, only at the scored positions and for all queries of the
+    chunk at once: `completion_measurements`).
     ``intervention`` (the user's own patch, see ``ModelBackend.forward``) is applied in
     every run, unsteered and steered alike, so ``y`` measures the operators *on the
     patched model*.
     """
+    default_metric = metric is None
     metric = metric or negative_completion_loss
     operators.eval()
     device = backend.device
@@ -74,7 +77,11 @@ def measure(
         logits, z = backend.forward(batch.input_ids, batch.attention_mask, layer, intervention=intervention)
         base_values = _check_metric_output(metric(logits, batch), len(idx)).float().cpu()
         base[idx] = base_values
-        if operators.placement == "logits":
+        if operators.placement == "logits" and default_metric:
+            values, _ = completion_measurements(operators, z, logits, batch.input_ids, batch.loss_mask)
+            y[idx] = values.float().cpu()
+            bar.update(len(idx) * K)
+        elif operators.placement == "logits":
             k_chunk = max(1, batch_size)
             for row, i in enumerate(idx):
                 one = batch.rows([row])

@@ -42,7 +42,7 @@ def recover_one(
     y: Float[np.ndarray, "K"],
     membership: sp.spmatrix,
     rule: str = "fraction",
-    fraction: float = 0.05,
+    fraction: float = 0.3,
     fit_intercept: bool = True,
     seed: int = 0,
 ) -> tuple[Float[np.ndarray, "n"], float]:
@@ -72,7 +72,7 @@ def recover(
     y: Float[np.ndarray, "q K"],
     membership: sp.spmatrix,
     rule: str = "fraction",
-    fraction: float = 0.05,
+    fraction: float = 0.3,
     fit_intercept: bool = True,
     progress: bool = True,
     seed: int = 0,
@@ -85,4 +85,5 @@ def recover(
     lambdas = np.zeros(y.shape[0], dtype=np.float64)
     for i in tqdm(range(y.shape[0]), disable=not progress, desc="sparse recovery", unit="query"):
         scores[i], lambdas[i] = recover_one(y[i], membership, rule, fraction, fit_intercept, seed)
+    scores += 0.0  # the Lasso returns -0.0 for some zeroed coefficients; show them as 0
     return scores, lambdas

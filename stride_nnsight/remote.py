@@ -411,7 +411,7 @@ def _save_fit(directory: Optional[Path], fitter: OperatorFitter, log: list[Chunk
 
 def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
                checkpoint_dir: Optional[str | os.PathLike] = None) -> FitHistory:
-    """Train ``fitter.operators`` to ``args.steps`` in remote sessions; resume from
+    """Train ``fitter.operators`` to ``fitter.n_steps`` in remote sessions; resume from
     ``checkpoint_dir`` (or ``remote_checkpoint_dir``) when it holds a checkpoint.
 
     ``fitter`` supplies the sampling (its generator), the tokenized texts, the sketch and a
@@ -429,7 +429,7 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
         log = [ChunkRecord(**r) for r in state.get("remote_chunks", [])]
     stride.remote_log = log  # grows as chunks finish (also readable after a failure)
     args = stride.args
-    total = args.steps
+    total = fitter.n_steps
     initial = [p.detach().clone() for p in fitter.operators.parameters()]
     start_step = fitter.step
     operator_settings = _operator_settings(fitter.operators)

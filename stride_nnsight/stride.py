@@ -86,7 +86,8 @@ class Stride:
     # ------------------------------------------------------------------ build
     @property
     def is_fitted(self) -> bool:
-        return self.operators is not None and len(self.history) >= self.args.steps
+        return (self.operators is not None and self.train_texts is not None
+                and len(self.history) >= self.args.fit_steps(len(self.train_texts)))
 
     @property
     def hook_name(self) -> str:

@@ -39,6 +39,16 @@ def test_generated_fallback_corpus_is_valid():
         else:  # held out: the full text is not a training document
             assert (q.prompt + q.completion) not in corpus.documents
     assert corpus.fingerprint() == build_corpus(quick_config(text_source="generated")).fingerprint()
+    # the confirmation set: as many fresh queries of each kind, none repeating a main query
+    fresh = corpus.confirm_queries
+    assert [q.kind for q in fresh] == [q.kind for q in corpus.queries]
+    assert not {(q.prompt, q.completion) for q in fresh} & {(q.prompt, q.completion) for q in corpus.queries}
+    assert not {q.relevant for q in fresh if q.kind == "fact"} & {q.relevant for q in corpus.queries}
+    for q in fresh:
+        if q.kind == "fact":
+            assert all(q.prompt + q.completion in corpus.documents[i] for i in q.relevant)
+        else:
+            assert not any(q.completion.strip() in d for d in corpus.documents)
 
 
 def test_quick_benchmark_end_to_end(tmp_path, capsys):
@@ -50,7 +60,8 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     assert main(["--quick", "--cache-dir", str(cache), "--out", str(out), "--methods", ",".join(METHODS),
                  "--no-single"]) == 0
     text = out.read_text()
-    for heading in ("## Setting", "## Methods", "## Targets", "## STRIDE ablations", "## Run"):
+    for heading in ("## Setting", "## Methods", "## Targets", "## Confirmation on fresh queries",
+                    "## STRIDE ablations", "## Run"):
         assert heading in text
     assert "QUICK smoke configuration" in text
 
@@ -69,6 +80,10 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     assert summary["ablations"] and all(math.isfinite(v["lds"]) for v in summary["ablations"].values())
     assert {"placement", "steps"} <= {k.split("=")[0] for k in summary["ablations"]}
     assert summary["lambda"] and all(math.isfinite(v["lds"]) for v in summary["lambda"].values())
+    # confirmation: every method again on the fresh queries, ground truth from the same retrains
+    assert set(summary["confirmation"]) == set(METHODS)
+    assert all(math.isfinite(m["lds"]) and math.isfinite(m["per_query_s"]) for m in summary["confirmation"].values())
+    assert summary["confirmation_retrain_diff"] is not None and summary["confirmation_retrain_diff"] < 1e-3
 
     # a second run reuses every cached stage
     capsys.readouterr()

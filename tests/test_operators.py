@@ -7,6 +7,7 @@ import torch
 import stride_nnsight.operators as ops_module
 from stride_nnsight.operators import (
     SteeringOperators,
+    completion_measurements,
     jl_projection,
     kl_to_base,
     linearity_penalty,
@@ -60,6 +61,27 @@ def test_logits_placement_all_deltas_match_single():
     torch.testing.assert_close(all_d[4], ops.delta(z[None], 4)[0], rtol=1e-5, atol=1e-6)
     logits = torch.randn(1, 5, 11)
     torch.testing.assert_close(ops(z[None], 4, target=logits), logits + all_d[4][None], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_elements", [1 << 25, 1])  # all operators in one chunk / one per chunk
+def test_completion_measurements_match_one_operator_at_a_time(max_elements):
+    torch.manual_seed(1)
+    K, d, V, b, t = 5, 8, 11, 3, 6
+    ops = SteeringOperators(K, d, 3, V, placement="logits", layer=1, hidden=5)
+    with torch.no_grad():
+        ops.coefficients.normal_()
+    z, logits = torch.randn(b, t, d), torch.randn(b, t, V)
+    ids = torch.randint(0, V, (b, t))
+    loss_mask = torch.zeros(b, t, dtype=torch.long)
+    loss_mask[0, 3:] = 1
+    loss_mask[1, 1:3] = 1   # scored tokens in the middle, padding after
+    loss_mask[2, 5] = 1     # one scored token
+    y, base = completion_measurements(ops, z, logits, ids, loss_mask, max_elements=max_elements)
+    torch.testing.assert_close(base, -token_nll(logits, ids, loss_mask))
+    for k in range(K):
+        expected = -token_nll(ops(z, k, target=logits), ids, loss_mask) - base
+        torch.testing.assert_close(y[:, k], expected, rtol=1e-5, atol=1e-5)
+    assert y.abs().min() > 0  # the operators do move the loss
 
 
 def test_bad_operator_arguments():
