@@ -175,7 +175,9 @@ def completion_measurements(operators: SteeringOperators, z: torch.Tensor, logit
     Only the positions that predict a scored token matter, so the work is done on those
     ``P`` positions alone: their base logits ``[P, V]`` plus every operator's edit, in chunks
     of operators holding at most ``max_elements`` logits (``k * P * V``; small chunks stay in
-    the CPU cache, which is what makes this fast).
+    the CPU cache, which is what makes this fast). The log-sum-exp is shifted by the base
+    logits' maximum (computed once); an operator whose edit would overflow or underflow that
+    shift is redone with its own maximum.
 
     ``z [b, t, d]`` (residual at the operators' layer), ``logits [b, t, V]`` (unsteered),
     ``input_ids``/``loss_mask [b, t]`` as for `token_nll`. Returns ``(y [b, K], base [b])``
@@ -183,32 +185,43 @@ def completion_measurements(operators: SteeringOperators, z: torch.Tensor, logit
     ``y[:, k] = -token_nll(logits + edit_k) - base`` (nats; the same numbers as running each
     operator through `SteeringOperators.forward` and `token_nll`, up to float rounding).
     """
-    device = logits.device
-    scored = loss_mask[:, 1:].to(device) > 0                           # [b, t-1]
-    rows, cols = scored.nonzero(as_tuple=True)                         # P positions
-    n_rows = int(input_ids.shape[0])
-    targets = input_ids[:, 1:].to(device)[rows, cols]                  # [P]
-    counts = scored.sum(1).clamp(min=1).to(torch.float32)              # [b]
-    base_p = logits[:, :-1][rows, cols].float()                        # [P, V]
-    base_target = base_p.gather(-1, targets[:, None]).squeeze(-1)      # [P]
-    base_nll = torch.logsumexp(base_p, -1) - base_target
-    base = -torch.zeros(n_rows, device=device).index_add(0, rows, base_nll) / counts
-    coef = operators.coefficients
-    basis = operators.basis(z[:, :-1][rows, cols].to(device=coef.device, dtype=coef.dtype)).to(device).float()
-    n_pos, vocab, K = int(rows.shape[0]), int(base_p.shape[-1]), operators.n_operators
-    y = torch.empty(n_rows, K, device=device)
-    k_chunk = max(1, int(max_elements) // max(1, n_pos * vocab))
-    for k0 in range(0, K, k_chunk):
-        a = coef[k0: k0 + k_chunk].to(device=device, dtype=torch.float32)   # [k, r, V]
-        steered = torch.matmul(basis, a)                                     # [k, P, V] edits
-        target = base_target + torch.einsum("pr,krp->kp", basis, a[:, :, targets])
-        steered += base_p
-        peak = steered.amax(-1, keepdim=True)
-        steered -= peak
-        lse = steered.exp_().sum(-1).log_() + peak.squeeze(-1)              # [k, P]
-        per_row = torch.zeros(len(a), n_rows, device=device).index_add(1, rows, lse - target) / counts
-        y[:, k0: k0 + len(a)] = (-per_row - base.unsqueeze(0)).t()
-    return y, base
+    with torch.no_grad():  # measurements only: no graph
+        device = logits.device
+        scored = loss_mask[:, 1:].to(device) > 0                           # [b, t-1]
+        rows, cols = scored.nonzero(as_tuple=True)                         # P positions
+        n_rows = int(input_ids.shape[0])
+        targets = input_ids[:, 1:].to(device)[rows, cols]                  # [P]
+        counts = scored.sum(1).clamp(min=1).to(torch.float32)              # [b]
+        base_p = logits[:, :-1][rows, cols].float()                        # [P, V]
+        base_target = base_p.gather(-1, targets[:, None]).squeeze(-1)      # [P]
+        base_nll = torch.logsumexp(base_p, -1) - base_target
+        base = -torch.zeros(n_rows, device=device).index_add(0, rows, base_nll) / counts
+        coef = operators.coefficients
+        basis = operators.basis(z[:, :-1][rows, cols].to(device=coef.device, dtype=coef.dtype)).to(device).float()
+        n_pos, vocab, K = int(rows.shape[0]), int(base_p.shape[-1]), operators.n_operators
+        # log-sum-exp of (base + edit) per position, shifted by the base logits' max: exp stays in
+        # range unless an edit exceeds ~88 nats, and such operators are redone with their own max
+        base_max = base_p.amax(-1)                                          # [P]
+        shifted = (base_p - base_max[:, None]).unsqueeze(0)                 # [1, P, V]
+        k_chunk = max(1, int(max_elements) // max(1, n_pos * vocab))
+        buffer = torch.empty(min(k_chunk, K), n_pos, vocab, device=device)
+        sums = torch.empty(K, n_pos, device=device)
+        target = torch.empty(K, n_pos, device=device)
+        for k0 in range(0, K, k_chunk):
+            a = coef[k0: k0 + k_chunk].to(device=device, dtype=torch.float32)   # [k, r, V]
+            n_k = int(a.shape[0])
+            out = buffer[:n_k]
+            torch.baddbmm(shifted, basis.expand(n_k, -1, -1), a, out=out)       # base - max + edit, [k, P, V]
+            target[k0: k0 + n_k] = base_target + torch.einsum("pr,krp->kp", basis, a[:, :, targets])
+            torch.sum(out.exp_(), -1, out=sums[k0: k0 + n_k])
+        bad = ((~torch.isfinite(sums)) | (sums < 1e-30)).any(1).nonzero().flatten().tolist()
+        lse = sums.log_() + base_max                                        # [K, P]
+        for k in bad:                                                       # overflow/underflow: exact shift
+            edited = base_p + basis @ coef[k].to(device=device, dtype=torch.float32)
+            lse[k] = torch.logsumexp(edited, -1)
+        per_row = torch.zeros(K, n_rows, device=device).index_add(1, rows, lse - target) / counts   # [K, b]
+        y = (-per_row - base.unsqueeze(0)).t().contiguous()
+        return y, base
 
 
 def linearity_penalty(responses: torch.Tensor, sketch: torch.Tensor, ridge: float) -> torch.Tensor:

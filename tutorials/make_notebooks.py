@@ -14,6 +14,8 @@ def notebook(cells: list[tuple[str, str]]) -> nbf.NotebookNode:
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbf.v4.new_markdown_cell(src) if kind == "md" else nbf.v4.new_code_cell(src) for kind, src in cells]
+    for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes only what was edited
+        cell.id = f"cell-{i:02d}"
     return nb
 
 
@@ -153,9 +155,125 @@ float(logit_diff(steered, clean).detach()) != float(logit_diff(patched_logits, c
 ]
 
 
+REMOTE = [
+    ("md", """# STRIDE on NDIF: fitting and attributing with a remote model
+
+Large models live on [NDIF](https://ndif.us); you reach them through nnsight sessions and
+never download the weights. `Stride(model, ..., remote=...)` runs STRIDE's two model-heavy
+steps there: **fitting** the steering operators and **measuring** how each operator moves a
+query's loss. `remote` takes the values nnsight takes: `True` (NDIF), a host URL, or
+`"local"`, nnsight's in-process simulation of the remote path. This notebook uses `"local"`
+on a tiny untrained GPT-2, so it runs offline in well under a minute. It shows the workflow,
+not attribution quality. The last cell shows the change for a real model on NDIF.
+
+What runs where:
+- **On your machine:** the subset design, the sampling of each step's rows (same seed, same
+  rows as a local fit), tokenization and the Lasso recovery.
+- **In each remote session:** the block creates the operators and the AdamW optimiser, loads
+  the state it was sent, runs a chunk of training steps (or measurements) against the
+  server's model, which never moves, and saves detached CPU copies of the results.
+- **Sent in:** operator and AdamW state, the chunk's row indices and operator ids, and the
+  tokens of only the examples the chunk uses. **Sent back:** the updated state and the loss
+  curve (fit), or `y [q, K]` and `base [q]` (measurement). Nothing else."""),
+    ("code", """import random, tempfile, time
+import torch
+from nnsight import TransformersModel
+from transformers import GPT2LMHeadModel
+from stride_nnsight import Stride
+from stride_nnsight.toy import train_tokenizer, tiny_gpt2_config
+
+words = "the a cat dog sat ran on in park mat bird sang while and over under house tree river".split()
+rng = random.Random(0)
+texts = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 12))) + "." for _ in range(24)]
+tokenizer = train_tokenizer(texts, vocab_size=200)
+torch.manual_seed(0)
+hf_model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=64)).eval()
+model = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+
+settings = dict(layer=1, placement="residual", n_subsets=8, subsets_per_example=2, rank=4, seed=0,
+                steps=8, batch_size=6, linearity_operators=4, sketch_dim=3, basis_hidden=16, max_length=32)"""),
+    ("md", """## Fit in sessions
+The work is cut into chunks, one session each. `remote_steps_per_session` caps a chunk;
+`remote_session_budget_s` is the server's limit for one session (NDIF's is one hour). After
+each session the driver measures seconds per step and plans the next chunk to use at most
+`remote_budget_fraction` (default one half) of the budget, so chunks shrink when sessions
+run long. With a `checkpoint_dir`, every finished chunk is written to disk, and a rerun
+resumes after the last one."""),
+    ("code", """workdir = tempfile.mkdtemp()
+stride = Stride(model, remote="local", remote_steps_per_session=3, **settings)
+start = time.time()
+stride.fit(texts, checkpoint_dir=workdir, progress=False)
+print(f"remote fit: {time.time() - start:.1f} s")
+for record in stride.remote_log:
+    print(f"chunk {record.chunk}: steps {record.start}..{record.stop - 1}, {record.status}, "
+          f"{record.seconds:.2f} s, {record.bytes_back:,} bytes back")"""),
+    ("md", """Same seed, same sampled rows, same steps: the remote fit reproduces a local one. AdamW's
+state travels with the operators from session to session, so the chunking does not change
+the result."""),
+    ("code", """local = Stride(model, **settings).fit(texts, progress=False)
+print("largest weight difference:", max((a - b).abs().max().item() for a, b in
+      zip(stride.operators.state_dict().values(), local.operators.state_dict().values())))
+print("loss curves equal:", torch.allclose(torch.tensor(stride.history.total), torch.tensor(local.history.total)))"""),
+    ("md", """## Resume after a failure
+A failed session raises `RemoteChunkError`. The error names the chunk and its step range,
+and says where to resume. Here a layer index that the server's model does not have makes
+chunk 0 fail. Calling `fit` again with the same `checkpoint_dir` continues after the last
+finished chunk. Rerunning the finished fit above sends nothing, because every chunk is
+already on disk."""),
+    ("code", """from stride_nnsight.remote import RemoteChunkError
+
+broken = Stride(model, remote="local", remote_steps_per_session=3, **settings)
+broken.layer = 7  # the tiny model has 2 blocks
+try:
+    broken.fit(texts, progress=False)
+except RemoteChunkError as error:
+    print(error)
+
+again = Stride(model, remote="local", remote_steps_per_session=3, **settings)
+again.fit(texts, checkpoint_dir=workdir, progress=False)
+print("sessions run by the rerun:", len(again.remote_log) - len(stride.remote_log))"""),
+    ("md", """## Attribute remotely
+Measurement runs in sessions too, up to `remote_queries_per_session` queries per session.
+Set `remote_checkpoint_dir` to make it resumable. Only the `[q, K]` measurements come back;
+the Lasso recovery runs here."""),
+    ("code", """prompts, completions = ["the cat sat", "a bird sang"], [" on the mat.", " over the tree."]
+attr = stride.attribute(prompts, completions, progress=False)
+attr_local = local.attribute(prompts, completions, progress=False)
+print(attr.scores.shape, "scores equal to the local run:", torch.allclose(attr.scores, attr_local.scores, atol=1e-6))
+attr.provenance["remote"]"""),
+    ("md", """## On NDIF: the one-line change
+Replace `remote="local"` with `remote=True` and load a model that NDIF hosts. Loading it
+with `LanguageModel(...)` only fetches the config and tokenizer. Set your API key once (get
+one at https://login.ndif.us):
+
+```python
+import nnsight
+from nnsight import LanguageModel
+from stride_nnsight import Stride
+
+nnsight.CONFIG.set_default_api_key("YOUR_NDIF_API_KEY")   # once; saved in nnsight's config
+model = LanguageModel("meta-llama/Llama-3.1-8B")          # weights stay on NDIF
+
+stride = Stride(model, layer=16, placement="residual", remote=True,
+                remote_steps_per_session=100,              # cap per session
+                remote_session_budget_s=3600,              # NDIF's limit for one session
+                remote_checkpoint_dir="stride-llama-ckpt") # resumable fit and measurement
+stride.fit(train_texts)                                     # resumes from stride-llama-ckpt if rerun
+attr = stride.attribute(prompts, completions)
+stride.save("stride-llama")                                 # operators are local after the fit
+```
+
+Prefer the residual placement on NDIF. With the logits placement every operator owns an
+`r x vocabulary` matrix, and that matrix and its AdamW state travel in and out of every
+session (about 200 MB per copy for K=64, r=16 and a 50k vocabulary). See
+`docs/remote.md`."""),
+]
+
+
 def main() -> None:
     nbf.write(notebook(QUICKSTART), HERE / "01_quickstart.ipynb")
     nbf.write(notebook(PATCHING), HERE / "02_activation_patching.ipynb")
+    nbf.write(notebook(REMOTE), HERE / "03_remote_ndif.ipynb")
 
 
 if __name__ == "__main__":
