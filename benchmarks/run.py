@@ -383,18 +383,30 @@ def stage_ground_truth(plan: Plan, setting, confirm: bool = False, label: str = 
 
 
 def stage_methods(plan: Plan, setting, lm) -> dict[str, Any]:
-    from .methods import BASELINES, run_baseline, run_stride
+    from .methods import BASELINES
+
+    names = plan.methods or BASELINES + ("stride",)
+    _log(f"[3/6] methods, one at a time in this process: {', '.join(names)}")
+    return _run_methods(plan, setting, lm, names, stride_state_of=None)
+
+
+def _run_methods(plan: Plan, setting, lm, names, stride_state_of) -> dict[str, Any]:
+    """Run (or load from the cache) each method on ``setting``'s queries, one after another.
+
+    STRIDE is fitted here and its state saved next to its result, unless ``stride_state_of``
+    (a setting) is given: then the operators saved by that setting's run are loaded and only
+    the queries are timed (fitted here if they are missing)."""
+    from stride_nnsight import Stride
+    from stride_nnsight.stride import STATE_FILE
+
+    from .methods import run_baseline, run_stride
 
     folder = _results_dir(setting)
     results: dict[str, Any] = {}
-    names = plan.methods or (BASELINES + ("stride",))
-    _log(f"[3/6] methods, one at a time in this process: {', '.join(names)}")
+    Q = len(setting.corpus.queries)
     for name in names:
-        if name == "stride":
-            args = _stride_args(plan)
-            key = f"stride-{_args_key(args.to_dict())}"
-        else:
-            key = f"baseline-{name}"
+        args = _stride_args(plan) if name == "stride" else None
+        key = f"stride-{_args_key(args.to_dict())}" if name == "stride" else f"baseline-{name}"
         cached = None if plan.remeasure else _load_result(folder, key)
         if cached is not None:
             results[name] = cached
@@ -402,8 +414,12 @@ def stage_methods(plan: Plan, setting, lm) -> dict[str, Any]:
             continue
         _log(f"  {name}: running ...")
         try:
-            if name == "stride":  # the fitted state is kept for the confirmation stage
-                res, _ = run_stride(setting, lm, args, single=plan.single, save_dir=folder / f"{key}.state")
+            if name == "stride":
+                state = _results_dir(stride_state_of or setting) / f"{key}.state"
+                fitted = Stride.load(state, lm) if stride_state_of is not None and (state / STATE_FILE).is_file() \
+                    else None
+                res, _ = run_stride(setting, lm, args, single=plan.single, fitted=fitted,
+                                    save_dir=None if fitted is not None else state)
             else:
                 res = run_baseline(name, setting, lm, single=plan.single)
         except Exception:
@@ -412,8 +428,7 @@ def stage_methods(plan: Plan, setting, lm) -> dict[str, Any]:
             continue
         _save_result(folder, key, res)
         results[name] = res
-        _log(f"  {name}: index {res.index_s:.1f}s, {len(setting.corpus.queries)} queries {res.batch_s:.1f}s, "
-             f"single query {res.single_s:.2f}s")
+        _log(f"  {name}: index {res.index_s:.1f}s, {Q} queries {res.batch_s:.1f}s, single query {res.single_s:.2f}s")
     return results
 
 
@@ -421,10 +436,7 @@ def stage_confirmation(plan: Plan, setting, lm, gt_main) -> dict[str, Any]:
     """Every method on the fresh confirmation queries (``corpus.confirm_queries``), with their own
     ground truth from retrains on the same masks and seeds as the main one. STRIDE reuses the
     operators of the main run (saved there); nothing is tuned here."""
-    from stride_nnsight import Stride
-    from stride_nnsight.stride import STATE_FILE
-
-    from .methods import BASELINES, run_baseline, run_stride
+    from .methods import BASELINES
     from .setting import ground_truth_folder
 
     gt, info = stage_ground_truth(plan, setting, confirm=True,
@@ -438,33 +450,9 @@ def stage_confirmation(plan: Plan, setting, lm, gt_main) -> dict[str, Any]:
             if "losses_main" in z.files:
                 diffs.append(float(np.max(np.abs(z["losses_main"] - np.asarray(gt_main.losses)[i]))))
     info["max_abs_diff_main_losses"] = max(diffs) if diffs else None
-    folder = _results_dir(csetting)
-    names = plan.methods or (BASELINES + ("stride",))
+    names = plan.methods or BASELINES + ("stride",)
     _log(f"  confirmation: {len(csetting.corpus.queries)} fresh queries, methods {', '.join(names)}")
-    results: dict[str, Any] = {}
-    for name in names:
-        args = _stride_args(plan) if name == "stride" else None
-        key = f"stride-{_args_key(args.to_dict())}" if name == "stride" else f"baseline-{name}"
-        cached = None if plan.remeasure else _load_result(folder, key)
-        if cached is not None:
-            results[name] = cached
-            _log(f"  {name}: cached")
-            continue
-        try:
-            if name == "stride":
-                state = _results_dir(setting) / f"{key}.state"
-                fitted = Stride.load(state, lm) if (state / STATE_FILE).is_file() else None
-                res, _ = run_stride(csetting, lm, args, single=plan.single, fitted=fitted,
-                                    save_dir=None if fitted is not None else state)
-            else:
-                res = run_baseline(name, csetting, lm, single=plan.single)
-        except Exception:
-            _log(f"  {name} FAILED:\n{traceback.format_exc()}")
-            results[name] = {"error": traceback.format_exc(limit=3)}
-            continue
-        _save_result(folder, key, res)
-        results[name] = res
-        _log(f"  {name}: {len(csetting.corpus.queries)} queries {res.batch_s:.1f}s, single query {res.single_s:.2f}s")
+    results = _run_methods(plan, csetting, lm, names, stride_state_of=setting)
     return {"setting": csetting, "gt": gt, "info": info, "methods": results}
 
 
