@@ -58,3 +58,21 @@ def test_batch_recover_and_errors():
         recover_one(y, M, rule="magic")
     zero, lam = recover_one(np.zeros(128), M)
     assert lam == 0 and not zero.any()
+
+
+@pytest.mark.parametrize("n_queries", [1, 4])
+def test_all_queries_at_once_match_one_query_at_a_time(n_queries):
+    """recover() solves the fraction rule for all queries in one call (each query rescaled to
+    lambda_max = 1); it must give each query's own Lasso solution, constant queries included."""
+    M = planted()[0]
+    ys = [planted(seed=s)[3] * scale for s, scale in zip(range(n_queries), (1.0, 30.0, 0.01, 2.0))]
+    if n_queries > 1:
+        ys[-1] = np.full(128, 0.7)  # lambda_max = 0: all-zero scores, lambda 0
+    scores, lambdas = recover(np.stack(ys), M, fraction=0.1, progress=False)
+    for i, y in enumerate(ys):
+        w_one, lam_one = recover_one(y, M, fraction=0.1)
+        assert lambdas[i] == pytest.approx(lam_one)
+        np.testing.assert_allclose(scores[i], w_one, atol=1e-5 * max(1.0, np.abs(w_one).max()))
+    assert np.abs(scores[0]).max() > 0
+    with pytest.raises(ValueError, match="one per subset"):
+        recover(np.stack(ys)[:, :-1], M, progress=False)
