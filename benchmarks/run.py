@@ -29,6 +29,7 @@ import argparse
 import concurrent.futures as cf
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -428,7 +429,8 @@ def _run_methods(plan: Plan, setting, lm, names, stride_state_of) -> dict[str, A
             continue
         _save_result(folder, key, res)
         results[name] = res
-        _log(f"  {name}: index {res.index_s:.1f}s, {Q} queries {res.batch_s:.1f}s, single query {res.single_s:.2f}s")
+        index = "reused" if math.isnan(res.index_s) else f"{res.index_s:.1f}s"
+        _log(f"  {name}: index {index}, {Q} queries {res.batch_s:.1f}s, single query {res.single_s:.2f}s")
     return results
 
 
