@@ -193,9 +193,7 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
     order = [k for k in LABELS if k in rows]
     for name in order:
         r, m = rows[name]["res"], rows[name]["m"]
-        w(f"| {LABELS[name]} | {_ci(m['lds'])} | {_f(m['lds_fact']['mean'])} | {_f(m['lds_text']['mean'])} | "
-          f"{m['lds']['n_nan']} | {_f(m['recall@10'])} | {_f(m['mrr'])} | {_secs(r.index_s)} | "
-          f"{_secs(r.batch_s / Q)} | {_secs(r.single_s)} | {_bytes(r.peak_index_bytes)} / "
+        w(f"| {LABELS[name]} | {_quality(m)} | {_secs(r.index_s)} | {_secs(r.batch_s / Q)} | {_secs(r.single_s)} | {_bytes(r.peak_index_bytes)} / "
           f"{_bytes(r.peak_query_bytes)} | {_bytes(r.state_bytes)} | "
           f"{'/'.join(_f(x, 1) for x in r.load)} |")
     any_m = next(iter(rows.values()))["m"] if rows else None
@@ -314,8 +312,7 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
                 missing.append(f"ablation `{name}` ({res.get('error')})")
         for name, group, res, m in ab_rows:
             x = res.extra
-            w(f"| {name} | {group} | {_ci(m['lds'])} | {_f(m['lds_fact']['mean'])} | {_f(m['lds_text']['mean'])} | "
-              f"{m['lds']['n_nan']} | {_f(m['recall@10'])} | {_f(m['mrr'])} | {_secs(res.index_s)} | "
+            w(f"| {name} | {group} | {_quality(m)} | {_secs(res.index_s)} | "
               f"{_secs(res.batch_s / Q)} | {_bytes(res.state_bytes)} | {_f(x.get('fidelity_end'))} | "
               f"{_f(x.get('stability_end'), 4)} |")
         summary["ablations"] = {name: {"lds": m["lds"]["mean"], "lds_fact": m["lds_fact"]["mean"],
@@ -344,8 +341,7 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
                     continue
                 m = lam_m[label]
                 summary["lambda"][label] = {"lds": m["lds"]["mean"], "recall@10": m["recall@10"], "mrr": m["mrr"]}
-                w(f"| {label} | {_ci(m['lds'])} | {_f(m['lds_fact']['mean'])} | {_f(m['lds_text']['mean'])} | "
-                  f"{m['lds']['n_nan']} | {_f(m['recall@10'])} | {_f(m['mrr'])} | {_secs(d['seconds'] / Q)} | "
+                w(f"| {label} | {_quality(m)} | {_secs(d['seconds'] / Q)} | "
                   f"{100 * d['nonzero_frac']:.1f}% |")
         if combo_m:
             w("")
@@ -364,8 +360,7 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
                     g = grad[best_grad]["m"]["lds"]
                     cmp = f"{m['lds']['mean'] - g['mean']:+.3f}{_paired(m['lds'], g).replace('; paired 95% CI of the difference', '')}"
                 summary["combos"][k] = {"lds": m["lds"]["mean"], "recall@10": m["recall@10"], "mrr": m["mrr"]}
-                w(f"| {k} | {_ci(m['lds'])} | {_f(m['lds_fact']['mean'])} | {_f(m['lds_text']['mean'])} | "
-                  f"{m['lds']['n_nan']} | {_f(m['recall@10'])} | {_f(m['mrr'])} | {_secs(combos[k]['fit_s'])} | {cmp} |")
+                w(f"| {k} | {_quality(m)} | {_secs(combos[k]['fit_s'])} | {cmp} |")
         w("")
         w(_findings(rows, ab_rows, lambdas and summary.get("lambda", {}), default_args))
         w("")
@@ -406,6 +401,12 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
     LAST_SUMMARY.clear()
     LAST_SUMMARY.update(summary)
     return "\n".join(L) + "\n"
+
+
+def _quality(m: dict) -> str:
+    """The quality cells shared by every table: LDS all [CI] | fact | text | nan | recall@10 | MRR."""
+    return (f"{_ci(m['lds'])} | {_f(m['lds_fact']['mean'])} | {_f(m['lds_text']['mean'])} | {m['lds']['n_nan']} | "
+            f"{_f(m['recall@10'])} | {_f(m['mrr'])}")
 
 
 def _cpu_count() -> int:
@@ -632,9 +633,7 @@ def _confirmation_section(confirmation: dict, plan, default_args: dict, main_row
     order = [k for k in LABELS if k in rows]
     for name in order:
         r, m = rows[name]["res"], rows[name]["m"]
-        w(f"| {LABELS[name]} | {_ci(m['lds'])} | {_f(m['lds_fact']['mean'])} | {_f(m['lds_text']['mean'])} | "
-          f"{m['lds']['n_nan']} | {_f(m['recall@10'])} | {_f(m['mrr'])} | {_secs(r.batch_s / Q)} | "
-          f"{_secs(r.single_s)} | {'/'.join(_f(x, 1) for x in r.load)} |")
+        w(f"| {LABELS[name]} | {_quality(m)} | {_secs(r.batch_s / Q)} | {_secs(r.single_s)} | {'/'.join(_f(x, 1) for x in r.load)} |")
     w("")
     summary = {k: {"lds": v["m"]["lds"]["mean"], "lds_ci": [v["m"]["lds"]["lo"], v["m"]["lds"]["hi"]],
                    "recall@10": v["m"]["recall@10"], "mrr": v["m"]["mrr"], "per_query_s": v["res"].batch_s / Q,
