@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional
 
 from .operators import PLACEMENTS
