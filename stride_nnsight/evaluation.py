@@ -1,6 +1,6 @@
 """Measuring attribution quality: LDS, retraining ground truth, fact tracing, removal.
 
-The protocols are the field's (see ``STRIDE.md``, "How attribution quality is measured").
+The protocols are the field's (docs/benchmarks.md describes them).
 Everything here is method-agnostic: it takes a score matrix ``[n_queries, n_train]``
 (an `Attribution`, a torch tensor or a numpy array; positive = proponent = the example
 *lowers* the query's loss) and, where retraining is needed, two user-supplied callables:

@@ -3,7 +3,7 @@
 For query ``x`` and operator ``k``: ``y_k(x) = f_k(x) - f_base(x)``, where ``f`` is a
 scalar per query that is *higher* when the model "does the thing" more. The default
 metric is the negative mean completion NLL, so ``y_k = Loss_base(x) - Loss_k(x)``:
-positive when subset ``k``'s operator lowers the query's loss (STRIDE.md's sign).
+positive when subset ``k``'s operator lowers the query's loss (the paper's sign, docs/method.md).
 
 A user metric ``metric(logits, batch) -> [b]`` (logits ``[b, t, V]``, ``batch`` a
 ``TokenBatch``) can replace the loss, e.g. a logit difference between two tokens.
