@@ -11,12 +11,17 @@ from .arguments import StrideArguments  # noqa: E402
 from .design import SubsetDesign, recommended_n_subsets  # noqa: E402
 from .operators import SteeringOperators  # noqa: E402
 from .results import Attribution, AttributionCache  # noqa: E402
-from .stride import Stride, attribute_layers  # noqa: E402
+from .fitting import CheckpointMismatchError  # noqa: E402
+from .storage import StateFileError  # noqa: E402
+from .stride import PartialFitError, Stride, attribute_layers  # noqa: E402
 
 __all__ = [
     "Attribution",
     "AttributionCache",
     "attribute_layers",
+    "CheckpointMismatchError",
+    "PartialFitError",
+    "StateFileError",
     "Stride",
     "StrideArguments",
     "SteeringOperators",

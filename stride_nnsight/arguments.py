@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .operators import PLACEMENTS
 
@@ -36,8 +36,23 @@ class StrideArguments:
         fidelity_weight, stability_weight, linearity_weight: loss weights;
         linearity_operators: operators sampled per step for the linearity loss;
         sketch_dim: ``q``, width of the Johnson-Lindenstrauss sketch; ridge: ``gamma``;
-        max_length: tokens per training text (longer texts are truncated);
-        checkpoint_every: steps between on-disk checkpoints (when a checkpoint dir is given).
+        max_length: tokens per training text, BOS included. ``None`` (default): what the
+            corpus needs, up to the model's context: the longest training document, capped at
+            the model's context length (``ModelBackend.context_length``). An int is used as
+            given but clipped to the context (with a warning). Longer documents are truncated,
+            with a warning that counts them. Queries are cut to the same int when one is set,
+            else to the model's context; a prompt that does not fit loses its first tokens
+            (with a warning). Memory: the tokenized corpus is kept as three int64 ``[n, T]``
+            tensors (``T`` = the longest kept document), 24 bytes per cell, e.g. 10,000 documents
+            x 512 tokens = 123 MB; each training step trims its rows to its own longest row;
+        checkpoint_every: steps between on-disk checkpoints (when a checkpoint dir is given);
+        activation_cache: ``"auto"`` (default), ``True`` or ``False``: run the frozen model once
+            over the corpus and fit from its stored activations (the residual at ``layer`` and
+            the final hidden state, ``2 * d_model`` values per token on disk) instead of one
+            forward per step. Only the ``"logits"`` placement of a local model can use it;
+            ``"auto"`` uses it when it can and the fit reads more rows than twice the corpus;
+        activation_cache_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``:
+            how the cache stores activations (half precision halves its size).
     Measurement / recovery:
         measure_batch_size: forward rows per chunk when measuring all K operators;
         lambda_rule: ``"fraction"`` (lambda = lambda_fraction * lambda_max, per query) or
@@ -63,8 +78,10 @@ class StrideArguments:
     linearity_operators: int = 32
     sketch_dim: int = 8
     ridge: float = 1e-2
-    max_length: int = 64
+    max_length: Optional[int] = None
     checkpoint_every: int = 100
+    activation_cache: Union[bool, str] = "auto"
+    activation_cache_dtype: str = "float32"
     measure_batch_size: int = 256
     lambda_rule: str = "fraction"
     lambda_fraction: float = 0.3
@@ -81,7 +98,7 @@ class StrideArguments:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
 
         for name in ("n_subsets", "subsets_per_example", "rank", "basis_hidden", "batch_size",
-                     "lr", "max_length", "measure_batch_size", "sketch_dim", "linearity_operators",
+                     "lr", "measure_batch_size", "sketch_dim", "linearity_operators",
                      "checkpoint_every", "fit_passes"):
             positive(name)
         if self.steps is not None:
@@ -94,6 +111,12 @@ class StrideArguments:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.activation_cache not in (True, False, "auto") or isinstance(self.activation_cache, int) \
+                and not isinstance(self.activation_cache, bool):
+            raise ValueError(f"activation_cache must be True, False or 'auto', got {self.activation_cache!r}")
+        if self.activation_cache_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError("activation_cache_dtype must be 'float32', 'float16' or 'bfloat16', got "
+                             f"{self.activation_cache_dtype!r}")
         if self.lambda_rule not in LAMBDA_RULES:
             raise ValueError(f"lambda_rule must be one of {LAMBDA_RULES}, got {self.lambda_rule!r}")
         if not 0 < self.lambda_fraction < 1:
@@ -103,8 +126,10 @@ class StrideArguments:
                 f"subsets_per_example (d={self.subsets_per_example}) cannot exceed n_subsets "
                 f"(K={self.n_subsets}): lower d or raise K"
             )
-        if self.max_length < 2:
-            raise ValueError("max_length must be >= 2 tokens")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length < 2):
+            raise ValueError(f"max_length must be an int >= 2 tokens (or None: the longest training document, "
+                             f"up to the model's context), got {self.max_length!r}")
 
     def fit_steps(self, n_examples: int) -> int:
         """Optimiser steps of a fit on ``n_examples`` texts: ``steps`` when set, else

@@ -97,7 +97,7 @@ def demo_stride(model, corpus, cache_dir: Path, seed: int = 0, refit: bool = Fal
     """The demo's fitted ``Stride``: loaded from ``cache_dir`` when it was fitted before with
     the same settings, else fitted (resumably) and saved there. Returns
     ``(stride, fitted_now, state_dir)``."""
-    from .stride import STATE_FILE, Stride
+    from .stride import Stride, find_state_file
 
     from .arguments import StrideArguments
 
@@ -106,7 +106,7 @@ def demo_stride(model, corpus, cache_dir: Path, seed: int = 0, refit: bool = Fal
     args = StrideArguments(seed=seed).replace(**settings).to_dict()
     tag = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
     state_dir = Path(cache_dir) / f"stride-{tag}"
-    if (state_dir / STATE_FILE).exists() and not refit:
+    if find_state_file(state_dir) is not None and not refit:
         try:
             return Stride.load(state_dir, model), False, state_dir
         except ValueError as err:  # fitted on an older toy model: refit below

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["SubsetDesign", "recommended_n_subsets"]
+__all__ = ["SubsetDesign", "recommended_n_subsets", "check_design_size"]
 
 
 def recommended_n_subsets(n_examples: int, sparsity: int, constant: float = 2.0) -> int:
@@ -31,9 +31,31 @@ def recommended_n_subsets(n_examples: int, sparsity: int, constant: float = 2.0)
     return max(k + 1, math.ceil(constant * k * math.log(max(n_examples / k, 2.0))))
 
 
+def check_design_size(n_examples: int, n_subsets: int, subsets_per_example: int) -> None:
+    """Refuse (``ValueError``) a design in which some subset would have no member.
+
+    ``n`` examples in ``d`` subsets each give ``n * d`` memberships; the ``K`` subsets can
+    all be non-empty only when ``n * d >= K`` (an empty subset's operator has nothing to be
+    trained on). The message names the largest valid ``K``, the smallest valid ``d`` and
+    the smallest corpus for the given ``K`` and ``d``.
+    """
+    n, K, d = int(n_examples), int(n_subsets), int(subsets_per_example)
+    if n * d >= K:
+        return
+    raise ValueError(
+        f"K={K} subsets but {n} training examples x d={d} = {n * d} memberships: each subset needs "
+        f"a member. Use n_subsets <= {n * d} or subsets_per_example >= {-(-K // n)} "
+        f"(or train on at least {-(-K // d)} examples)"
+    )
+
+
 @dataclass(frozen=True)
 class SubsetDesign:
     """A column-regular random design: each example belongs to exactly ``d`` of ``K`` subsets.
+
+    Guarantees: every subset has at least one member (``n * d >= K`` is required, else
+    ``ValueError``), and, when ``n > 1`` and ``n * (K - d) >= K``, every subset leaves at
+    least one example out (so stability rows can be drawn for every operator).
 
     Args:
         n_examples: number of training examples ``n`` (columns).
@@ -66,6 +88,7 @@ class SubsetDesign:
                 f"subsets_per_example (d={d}) cannot exceed n_subsets (K={K}): every example "
                 f"must sit in d distinct subsets; lower d or raise K"
             )
+        check_design_size(n, K, d)
         if self.sparsity is not None:
             needed = recommended_n_subsets(n, self.sparsity)
             if K < needed:
@@ -127,9 +150,35 @@ def _membership(n: int, K: int, d: int, seed: int) -> sp.csr_matrix:
         bad = np.nonzero((np.diff(sorted_rows, axis=1) == 0).any(axis=1))[0]
         for j in bad:
             rows[j] = rng.choice(K, size=d, replace=False)
+        _cover(rows, K, rng)
         cols = np.repeat(np.arange(n), d)
         data = np.ones(n * d, dtype=np.float32)
         matrix = sp.csr_matrix((data, (rows.ravel(), cols)), shape=(K, n))
         matrix.sum_duplicates()
         _CACHE[key] = matrix
     return _CACHE[key].copy()
+
+
+def _cover(rows: np.ndarray, K: int, rng: np.random.Generator) -> None:
+    """Repair ``rows`` (``[n, d]`` subset ids, distinct per row) in place so that every
+    subset has a member (needs ``n * d >= K``) and, when ``n > 1`` and ``n * (K - d) >= K``,
+    a non-member. Each repair moves one membership of one example from the largest subset
+    to an empty one (or from a full subset to the smallest one), so rows keep ``d``
+    distinct subsets and designs that need no repair are unchanged (and draw nothing from ``rng``)."""
+    n, d = rows.shape
+    sizes = np.bincount(rows.ravel(), minlength=K)
+    for k in np.flatnonzero(sizes == 0):
+        # n*d >= K memberships over <= K-1 non-empty subsets: the largest has >= 2 members
+        donor = int(np.argmax(sizes))
+        j = int(rng.choice(np.flatnonzero((rows == donor).any(axis=1))))
+        rows[j][rows[j] == donor] = k
+        sizes[donor] -= 1
+        sizes[k] += 1
+    if n > 1 and n * (K - d) >= K:
+        for k in np.flatnonzero(sizes == n):
+            # n*(K-d) >= K non-memberships over <= K-1 non-full subsets: the smallest misses >= 2
+            taker = int(np.argmin(sizes))
+            j = int(rng.choice(np.flatnonzero(~(rows == taker).any(axis=1))))
+            rows[j][rows[j] == k] = taker
+            sizes[k] -= 1
+            sizes[taker] += 1

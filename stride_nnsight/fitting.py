@@ -8,29 +8,114 @@ example under that many random operators. See docs/method.md for the reasoning.
 
 Fitting is resumable: with a checkpoint directory, the operators, optimiser, sampler
 state and loss curve are written every ``checkpoint_every`` steps and when the run is
-interrupted (Ctrl-C); calling ``fit`` again picks up at the last written step.
+interrupted (Ctrl-C); calling ``fit`` again picks up at the last written step. A checkpoint
+always holds the state after a *completed* step (Ctrl-C is held back while a step's update is
+applied, and a step cut short before its update leaves no trace, its sampling included), so
+a resumed fit is bit-identical to an uninterrupted one. A checkpoint records the run's
+identity (``OperatorFitter.run_identity``: settings, operator shapes, design, tokenized
+corpus and, from ``Stride.fit``, the corpus and model fingerprint); it is resumed only by
+the same run. Files are written through ``stride_nnsight.storage``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import storage
+from .activations import ActivationCache
 from .arguments import StrideArguments
 from .backends.base import ModelBackend
 from .design import SubsetDesign
 from .inputs import TokenBatch
 from .operators import SteeringOperators, jl_projection, step_losses
 
-__all__ = ["FitHistory", "OperatorFitter", "CHECKPOINT_NAME"]
+__all__ = ["FitHistory", "OperatorFitter", "CHECKPOINT_NAME", "CheckpointMismatchError", "NOT_IN_RUN_IDENTITY",
+           "interrupts_deferred", "nonfinite_loss_error"]
 
-CHECKPOINT_NAME = "fit_checkpoint.pt"
+CHECKPOINT_NAME = "fit_checkpoint.json"  # manifest; the tensors sit beside it (stride_nnsight.storage)
+LEGACY_CHECKPOINT_NAME = "fit_checkpoint.pt"  # format 1 (stride-nnsight 0.1), read by storage without unpickling code
+CHECKPOINT_KIND = "fit_checkpoint"
+CHECKPOINT_KEYS = ("step", "operators", "optimizer", "generator", "history", "design")
+
+#: ``StrideArguments`` fields left out of a fit's run identity: they do not change the fitted
+#: operators. ``steps`` / ``fit_passes`` only say where to stop (a fit resumed with more steps
+#: continues the same trajectory); the rest are used after fitting or only schedule I/O.
+NOT_IN_RUN_IDENTITY: tuple[str, ...] = ("steps", "fit_passes", "checkpoint_every", "measure_batch_size",
+                                        "lambda_rule", "lambda_fraction", "fit_intercept",
+                                        "activation_cache", "activation_cache_dtype")
+# (whether the activation cache is used, and in which dtype, enters the identity as "forward":
+# the mode actually used, not the setting)
+
+#: identity entries that are hashes, with how to name them in an error
+_HASHED_IDENTITY = {"corpus": "corpus (texts and ids)", "tokens": "tokenized corpus",
+                    "model fingerprint": "model fingerprint"}
+_START_OVER = ("use another checkpoint_dir, or fit(..., overwrite=True) to discard the checkpoint and start over")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint in ``checkpoint_dir`` belongs to another run (corpus, model or settings
+    differ) or cannot be checked; the message names what differs and how to start over."""
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block is done, so a state update is never half
+    applied; the interrupt is raised when the block exits. A no-op outside the main thread
+    (Python runs signal handlers only there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, Any]] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            if callable(previous):
+                previous(*pending[0])  # signal.default_int_handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
+            elif previous is None:
+                raise KeyboardInterrupt
+
+
+def tokens_hash(texts: TokenBatch) -> str:
+    """sha256 of a tokenized corpus (ids and masks, with their shapes)."""
+    h = hashlib.sha256()
+    for t in (texts.input_ids, texts.attention_mask, texts.loss_mask):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def identity_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two run identities (empty when they match)."""
+    out = []
+    for key in list(current) + [k for k in stored if k not in current]:
+        if key not in stored:
+            out.append(f"{key}: not recorded in the checkpoint (written by another kind of run)")
+        elif key not in current:
+            out.append(f"{key}: recorded in the checkpoint but not part of this run")
+        elif storage.json_safe(stored[key], key) != storage.json_safe(current[key], key):
+            if key in _HASHED_IDENTITY:
+                out.append(f"{_HASHED_IDENTITY[key]} differs (hash {str(stored[key])[:12]} in the checkpoint vs "
+                           f"{str(current[key])[:12]} now)")
+            else:
+                out.append(f"{key}: {stored[key]!r} in the checkpoint vs {current[key]!r} now")
+    return out
 
 
 @dataclass
@@ -61,6 +146,46 @@ class FitHistory:
         return len(self.step)
 
 
+def nonfinite_loss_error(step: int, losses: Mapping[str, torch.Tensor],
+                         rows: Mapping[str, Any]) -> Optional[FloatingPointError]:
+    """The error for a fit step whose losses are not all finite, or ``None`` if they are.
+
+    ``losses``: name -> the step's loss (a scalar, or one value per row); ``rows``: name ->
+    the training-example indices of that loss's rows (for a scalar, all rows it covers). The
+    message names the step, the non-finite losses, the examples of the offending rows and
+    the likely fixes."""
+    bad = [name for name, value in losses.items() if not bool(torch.isfinite(value.detach()).all())]
+    if not bad:
+        return None
+    if len(bad) > 1 and "total" in bad:
+        bad.remove("total")  # the weighted sum of the others: they name the rows more precisely
+    parts, bad_examples = [], {}
+    for name in bad:
+        value = losses[name].detach().reshape(-1).cpu()
+        examples = [int(i) for i in np.asarray(rows.get(name, []), dtype=np.int64).reshape(-1)]
+        if value.numel() == len(examples) and value.numel() > 1:
+            examples = [i for i, ok in zip(examples, torch.isfinite(value).tolist()) if not ok]
+        shown = bad_examples[name] = sorted(set(examples))
+        more = f" (+{len(shown) - 20} more)" if len(shown) > 20 else ""
+        parts.append(f"{name} loss is {value[~torch.isfinite(value)][0].item()} for training examples "
+                     f"{shown[:20]}{more}")
+    error = FloatingPointError(
+        f"non-finite loss at fit step {step}: " + "; ".join(parts) + ". The fit stopped before this step's "
+        "update: the operators and any checkpoint hold only the finite steps before it. Likely causes: NaN/inf "
+        "weights or logits in the model (check the model, e.g. run it on these training examples) or a learning "
+        "rate too high for these operators (lower lr=...).")
+    error.step = step  # the step that failed (1-based, as in FitHistory.step)
+    error.examples = bad_examples  # loss name -> training-example indices of its non-finite rows
+    return error
+
+
+def _loss_rows(fid_ex: np.ndarray, stab_ex: np.ndarray, probe: int, n_probe: int) -> dict[str, Any]:
+    """Training-example indices behind each loss of one step (see `nonfinite_loss_error`)."""
+    probe_rows = [probe] if n_probe else []
+    return {"fidelity": fid_ex, "stability": stab_ex, "linearity": probe_rows,
+            "total": np.concatenate([fid_ex, stab_ex, np.asarray(probe_rows, dtype=np.int64)])}
+
+
 class OperatorFitter:
     """Trains ``operators`` on ``texts`` (already tokenized) under the STRIDE losses."""
 
@@ -71,6 +196,9 @@ class OperatorFitter:
         design: SubsetDesign,
         texts: TokenBatch,
         args: StrideArguments,
+        *,
+        identity: Optional[Mapping[str, Any]] = None,
+        activations: Optional[ActivationCache] = None,
     ) -> None:
         if len(texts) != design.n_examples:
             raise ValueError(f"design is for {design.n_examples} examples but {len(texts)} texts were given")
@@ -86,6 +214,10 @@ class OperatorFitter:
         )  # [n, d]
         self.subset_members = [membership.indices[membership.indptr[k]: membership.indptr[k + 1]]
                                for k in range(design.n_subsets)]
+        # subsets that leave some example out (stability rows need one); None when all do
+        open_subsets = np.array([k for k, m in enumerate(self.subset_members) if len(m) < design.n_examples],
+                                dtype=np.int64)
+        self.open_subsets = None if len(open_subsets) == design.n_subsets else open_subsets
         projection = jl_projection(design.n_examples, args.sketch_dim, args.seed + 2).numpy()
         self.sketch = torch.from_numpy(np.asarray(membership @ projection, dtype=np.float32))  # [K, q]
         self.generator = torch.Generator().manual_seed(args.seed + 1)
@@ -93,6 +225,29 @@ class OperatorFitter:
         self.history = FitHistory()
         self.step = 0
         self.n_steps = args.fit_steps(design.n_examples)  # the target step count
+        if activations is not None and (activations.layer != operators.layer or operators.placement != "logits"):
+            raise ValueError(f"the activation cache holds layer {activations.layer} for the logits placement; these "
+                             f"operators are {operators.placement!r} at layer {operators.layer}")
+        self.activations = activations
+        self._identity_extra = {"forward": "live" if activations is None else f"activation cache {activations.dtype}",
+                                **dict(identity or {})}
+        self._identity: Optional[dict[str, Any]] = None
+
+    def run_identity(self) -> dict[str, Any]:
+        """What makes two fits the same run (a checkpoint resumes only on an exact match):
+        every setting not in ``NOT_IN_RUN_IDENTITY``, the operators' shape settings, the
+        subset design, a hash of the tokenized corpus, plus the ``identity`` entries given to
+        the constructor (``Stride.fit``: corpus hash over texts and ids, model fingerprint)."""
+        if self._identity is None:
+            ident: dict[str, Any] = {f"setting {k}": v for k, v in self.args.to_dict().items()
+                                     if k not in NOT_IN_RUN_IDENTITY}
+            ident.update({f"operators {k}": v for k, v in self.operators.settings().items()})
+            ident.update({f"design {k}": v for k, v in self.design.to_dict().items()})
+            ident["tokens"] = tokens_hash(self.texts)
+            ident.update(self._identity_extra)
+            storage.json_safe(ident, "run identity")  # refuses values a checkpoint cannot hold
+            self._identity = ident
+        return self._identity
 
     # ----------------------------------------------------------------- sampling
     def _randint(self, high: int, size: int) -> np.ndarray:
@@ -103,17 +258,26 @@ class OperatorFitter:
         their operators, probe example, probe operators)."""
         K, n = self.design.n_subsets, self.design.n_examples
         n_fid = max(1, self.args.batch_size // 2)
-        n_stab = self.args.batch_size - n_fid if n > 1 else 0
+        open_subsets = self.open_subsets
+        n_stab = self.args.batch_size - n_fid if n > 1 and (open_subsets is None or len(open_subsets)) else 0
         fid_ops = self._randint(K, n_fid)
         fid_ex = np.array([m[self._randint(len(m), 1)[0]] for m in (self.subset_members[k] for k in fid_ops)],
                           dtype=np.int64)
-        stab_ops = self._randint(K, n_stab)
+        if open_subsets is None:
+            stab_ops = self._randint(K, n_stab)
+        elif n_stab == 0:  # d == K: every subset holds every example, no stability rows
+            stab_ops = np.empty(0, dtype=np.int64)
+        else:  # some subset holds every example: draw stability operators among the others
+            stab_ops = open_subsets[self._randint(len(open_subsets), n_stab)]
         stab_ex = np.empty(n_stab, dtype=np.int64)
         for i, k in enumerate(stab_ops):
             for _ in range(100):
                 j = int(self._randint(n, 1)[0])
                 if k not in self.example_subsets[j]:
                     break
+            else:  # a nearly full subset: draw among its non-members directly
+                outside = np.setdiff1d(np.arange(n), self.subset_members[k])
+                j = int(outside[self._randint(len(outside), 1)[0]])
             stab_ex[i] = j
         probe = int(self._randint(n, 1)[0])
         n_probe = min(self.args.linearity_operators, K) if self.args.linearity_weight > 0 else 0
@@ -133,23 +297,39 @@ class OperatorFitter:
 
         sketch = self.sketch[torch.from_numpy(probe_ops)] if n_probe else None
 
-        def forward(input_ids, attention_mask, edit):
-            return backend.forward(input_ids, attention_mask, ops.layer, edit=edit)
+        if self.activations is not None:  # the frozen model's activations, read from disk
+            forward = self.activations.forward_for(examples, device=backend.device)
+        else:
+            def forward(input_ids, attention_mask, edit):
+                return backend.forward(input_ids, attention_mask, ops.layer, edit=edit)
 
         loss, fidelity, stability, linearity = step_losses(
             forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
             n_fid, n_stab, (args.fidelity_weight, args.stability_weight, args.linearity_weight), args.ridge)
+        error = nonfinite_loss_error(self.step + 1, {"total": loss, "fidelity": fidelity, "stability": stability,
+                                                     "linearity": linearity},
+                                     _loss_rows(fid_ex, stab_ex, probe, n_probe))
+        if error is not None:
+            raise error
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        self.step += 1
+        bad = [name for name, p in ops.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite gradient at fit step {self.step + 1} (operator parameters {', '.join(bad)}) although the "
+                "losses are finite; the fit stopped before this step's update. Lower lr=..., or check the model's "
+                "logits for overflow (e.g. fp16)")
         record = {
             "total": float(loss.detach()),
             "fidelity": float(fidelity.detach().mean()),
             "stability": float(stability.detach().mean()) if n_stab else 0.0,
             "linearity": float(linearity.detach()),
         }
-        self.history.append(self.step, **record)
+        with interrupts_deferred():  # update, step count and loss curve change together or not at all
+            self.optimizer.step()
+            self.step += 1
+            self.history.append(self.step, **record)
         return record
 
     # --------------------------------------------------------------- checkpoint
@@ -162,40 +342,85 @@ class OperatorFitter:
             "history": self.history.to_dict(),
             "args": self.args.to_dict(),
             "design": self.design.to_dict(),
+            "identity": self.run_identity(),
+            "n_steps": self.n_steps,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["design"] != self.design.to_dict():
-            raise ValueError(
-                "checkpoint was written for a different subset design "
-                f"({state['design']} vs {self.design.to_dict()}); use another checkpoint_dir or delete it"
-            )
-        self.step = int(state["step"])
+    def check_state(self, state: Mapping[str, Any], source: Any = None) -> None:
+        """Raise ``CheckpointMismatchError`` unless ``state`` (a ``state_dict``) belongs to
+        this run (same ``run_identity``) and is not beyond this fit's ``n_steps``."""
+        where = f"the checkpoint {source}" if source is not None else "the checkpoint"
+        stored = state.get("identity")
+        if not isinstance(stored, Mapping):
+            raise CheckpointMismatchError(
+                f"{where} has no run identity (it was written by an older stride-nnsight), so it cannot be checked "
+                f"against this run's corpus, model and settings: {_START_OVER}")
+        differences = identity_differences(stored, self.run_identity())
+        if differences:
+            raise CheckpointMismatchError(
+                f"{where} belongs to a different run: {'; '.join(differences)}. Resuming would mix two runs: "
+                f"{_START_OVER}")
+        step = int(state["step"])
+        if step > self.n_steps:
+            raise CheckpointMismatchError(
+                f"{where} is at step {step}, beyond the {self.n_steps} steps this fit plans: set steps >= {step} "
+                f"to continue it, or {_START_OVER}")
+
+    def load_state_dict(self, state: Mapping[str, Any], source: Any = None) -> None:
+        """Restore a ``state_dict`` after ``check_state`` (same run identity)."""
+        self.check_state(state, source)
         self.operators.load_state_dict(state["operators"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.history = FitHistory.from_dict(state["history"])
+        self.step = int(state["step"])
 
-    def save_checkpoint(self, directory: Path) -> Path:
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CHECKPOINT_NAME
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+    def save_checkpoint(self, directory: Path, extra: Optional[Mapping[str, Any]] = None) -> Path:
+        """Write ``state_dict()`` (plus ``extra`` entries) to ``directory`` (atomic)."""
+        state = self.state_dict()
+        state.update(extra or {})
+        return storage.save(Path(directory) / CHECKPOINT_NAME, CHECKPOINT_KIND, state)
+
+    def resume(self, directory: Optional[Path], overwrite: bool = False) -> Optional[dict[str, Any]]:
+        """Load the checkpoint in ``directory`` if there is one (returns its content), after
+        checking it belongs to this run. ``overwrite=True`` deletes it instead (start over)."""
+        if directory is None:
+            return None
+        if overwrite:
+            self.discard_checkpoint(directory)
+            return None
+        path = storage.find(directory, CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME)
+        if path is None:
+            return None
+        state = storage.load(path, CHECKPOINT_KIND, required=CHECKPOINT_KEYS)
+        self.load_state_dict(state, source=path)
+        return state
+
+    @staticmethod
+    def discard_checkpoint(directory: Path) -> None:
+        storage.remove(Path(directory) / CHECKPOINT_NAME)
+        (Path(directory) / LEGACY_CHECKPOINT_NAME).unlink(missing_ok=True)
 
     # ---------------------------------------------------------------------- run
-    def run(self, progress: bool = True, checkpoint_dir: Optional[str | os.PathLike] = None) -> FitHistory:
-        """Train until ``n_steps`` (``args.fit_steps(n)``); resume from ``checkpoint_dir`` if it holds a checkpoint."""
+    def run(self, progress: bool = True, checkpoint_dir: Optional[str | os.PathLike] = None, *,
+            overwrite: bool = False) -> FitHistory:
+        """Train until ``n_steps`` (``args.fit_steps(n)``); resume from ``checkpoint_dir`` if it
+        holds a checkpoint of the same run (``CheckpointMismatchError`` if it holds another
+        run's; ``overwrite=True`` discards it and starts over)."""
         directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        if directory is not None and (directory / CHECKPOINT_NAME).exists():
-            self.load_state_dict(torch.load(directory / CHECKPOINT_NAME, weights_only=False))
+        self.resume(directory, overwrite)
         initial = [p.detach().clone() for p in self.operators.parameters()]
         start = self.step
         bar = tqdm(total=self.n_steps, initial=self.step, disable=not progress, desc="fitting STRIDE operators")
         try:
             while self.step < self.n_steps:
-                record = self.train_step()
+                before, sampler = self.step, self.generator.get_state()
+                try:
+                    record = self.train_step()
+                except BaseException:
+                    if self.step == before:  # the step did not happen: undo its sampling too
+                        self.generator.set_state(sampler)
+                    raise
                 bar.update(1)
                 bar.set_postfix(fid=f"{record['fidelity']:.3f}", stab=f"{record['stability']:.4f}")
                 if directory is not None and self.step % self.args.checkpoint_every == 0:

@@ -57,7 +57,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import operators as remote_module
-from .fitting import CHECKPOINT_NAME, FitHistory, OperatorFitter
+from . import storage
+from .fitting import FitHistory, OperatorFitter, interrupts_deferred, nonfinite_loss_error
 from .inputs import TokenBatch
 from .operators import SteeringOperators, block_device, cpu_state, measure_queries, run_training_steps
 
@@ -77,7 +78,9 @@ __all__ = [
 
 CHUNK_LOG = "remote_chunks.json"
 MEASURE_PREFIX = "remote_measure-"
-MEASURE_STATE = "measure_state.pt"
+MEASURE_STATE = "measure_state.json"  # manifest + .safetensors beside it (stride_nnsight.storage)
+LEGACY_MEASURE_STATE = "measure_state.pt"  # format 1 (stride-nnsight 0.1), read by storage without unpickling code
+MEASURE_KIND = "remote_measure_state"
 SETTING_PREFIX = "remote_"
 
 _clock = time.monotonic  # replaced in tests to simulate slow sessions
@@ -361,13 +364,6 @@ def _write_json_log(directory: Path, log: Sequence[ChunkRecord]) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # -------------------------------------------------------------------------------- fitting
 def _sample_chunk(fitter: OperatorFitter, steps: int) -> dict:
     """Draw ``steps`` steps' rows locally (advances the fitter's generator exactly as a local
@@ -393,6 +389,7 @@ def _sample_chunk(fitter: OperatorFitter, steps: int) -> dict:
         "attention_mask": tokens.attention_mask,
         "loss_mask": tokens.loss_mask,
         "rows": torch.from_numpy(inverse.reshape(examples.shape).astype(np.int64)),
+        "examples": examples,  # [S, R] training-example indices (stays here: error messages)
         "operator_ids": torch.from_numpy(np.stack(op_ids)),
         "sketches": torch.stack(sketches).float(),
         "n_fidelity": counts[0],
@@ -400,19 +397,33 @@ def _sample_chunk(fitter: OperatorFitter, steps: int) -> dict:
     }
 
 
+def _nonfinite_chunk(losses: torch.Tensor, payload: dict, start: int) -> Optional[FloatingPointError]:
+    """`nonfinite_loss_error` for the first step of a chunk whose losses ``[S, 4]`` (total,
+    fidelity, stability, linearity: means over the step's rows) are not all finite."""
+    finite = torch.isfinite(losses).all(1)
+    if bool(finite.all()):
+        return None
+    s = int((~finite).nonzero()[0, 0])
+    examples, n_fid, n_stab = payload["examples"][s], payload["n_fidelity"], payload["n_stability"]
+    rows = {"total": examples, "fidelity": examples[:n_fid], "stability": examples[n_fid:n_fid + n_stab],
+            "linearity": examples[n_fid + n_stab:][:1]}
+    names = ("total", "fidelity", "stability", "linearity")
+    return nonfinite_loss_error(start + s + 1, {name: losses[s, i] for i, name in enumerate(names)}, rows)
+
+
 def _save_fit(directory: Optional[Path], fitter: OperatorFitter, log: list[ChunkRecord]) -> None:
     if directory is None:
         return
-    state = fitter.state_dict()  # the local fitter's format: a remote fit can be resumed locally and back
-    state["remote_chunks"] = [asdict(r) for r in log]
-    _atomic_save(state, directory / CHECKPOINT_NAME)
+    # the local fitter's checkpoint (same run identity): a remote fit can be resumed locally and back
+    fitter.save_checkpoint(directory, extra={"remote_chunks": [asdict(r) for r in log]})
     _write_json_log(directory, log)
 
 
 def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
-               checkpoint_dir: Optional[str | os.PathLike] = None) -> FitHistory:
+               checkpoint_dir: Optional[str | os.PathLike] = None, overwrite: bool = False) -> FitHistory:
     """Train ``fitter.operators`` to ``fitter.n_steps`` in remote sessions; resume from
-    ``checkpoint_dir`` (or ``remote_checkpoint_dir``) when it holds a checkpoint.
+    ``checkpoint_dir`` (or ``remote_checkpoint_dir``) when it holds a checkpoint of the same
+    run (``fitter.resume``: the run identity must match; ``overwrite=True`` starts over).
 
     ``fitter`` supplies the sampling (its generator), the tokenized texts, the sketch and a
     local copy of the operators and optimiser, which receive each finished chunk's state.
@@ -423,9 +434,10 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
     directory = checkpoint_dir if checkpoint_dir is not None else settings.checkpoint_dir
     directory = Path(directory) if directory is not None else None
     log: list[ChunkRecord] = []
-    if directory is not None and (directory / CHECKPOINT_NAME).exists():
-        state = torch.load(directory / CHECKPOINT_NAME, weights_only=False)
-        fitter.load_state_dict(state)
+    if overwrite and directory is not None:
+        (directory / CHUNK_LOG).unlink(missing_ok=True)
+    state = fitter.resume(directory, overwrite)
+    if state is not None:
         log = [ChunkRecord(**r) for r in state.get("remote_chunks", [])]
     stride.remote_log = log  # grows as chunks finish (also readable after a failure)
     args = stride.args
@@ -458,8 +470,6 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
                 if tuple(losses.shape) != (size, 4):
                     raise RuntimeError(f"remote session returned losses of shape {tuple(losses.shape)}, "
                                        f"expected ({size}, 4)")
-                fitter.operators.load_state_dict(result["operators"])
-                fitter.optimizer.load_state_dict(result["optimizer"])
             except KeyboardInterrupt:
                 fitter.generator.set_state(generator_state)
                 raise
@@ -469,11 +479,19 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
                                        error=f"{type(error).__name__}: {error}"[:2000]))
                 _save_fit(directory, fitter, log)
                 raise _failure("fit", chunk, start, stop, total, stride.remote, error, directory) from error
-            for row in losses.tolist():
-                fitter.step += 1
-                fitter.history.append(fitter.step, *row)
-            log.append(ChunkRecord(chunk, start, stop, "done", _clock() - began, bytes_back=_tensor_bytes(result)))
-            _save_fit(directory, fitter, log)
+            nonfinite = _nonfinite_chunk(losses, payload, start)
+            if nonfinite is not None:  # keep the operators of the last finite chunk; nothing is saved
+                fitter.generator.set_state(generator_state)
+                raise nonfinite
+            with interrupts_deferred():  # the chunk's state, steps, log and checkpoint change together
+                fitter.operators.load_state_dict(result["operators"])
+                fitter.optimizer.load_state_dict(result["optimizer"])
+                for row in losses.tolist():
+                    fitter.step += 1
+                    fitter.history.append(fitter.step, *row)
+                log.append(ChunkRecord(chunk, start, stop, "done", _clock() - began,
+                                       bytes_back=_tensor_bytes(result)))
+                _save_fit(directory, fitter, log)
             bar.update(size)
             bar.set_postfix(chunk=chunk, fid=f"{losses[-1, 1]:.3f}")
     finally:
@@ -524,8 +542,13 @@ def measure_remote(stride: Any, queries: TokenBatch, *, metric: Any = None,
     if settings.checkpoint_dir is not None:
         directory = Path(settings.checkpoint_dir) / f"{MEASURE_PREFIX}{_measure_key(operators, queries, batch_size)}"
     y, base, done_units, log = torch.empty(n_q, K), torch.empty(n_q), 0, []
-    if directory is not None and (directory / MEASURE_STATE).exists():
-        state = torch.load(directory / MEASURE_STATE, weights_only=False)
+    found = storage.find(directory, MEASURE_STATE, LEGACY_MEASURE_STATE) if directory is not None else None
+    if found is not None:
+        state = storage.load(found, MEASURE_KIND, required=("y", "base", "done_units", "log"))
+        if tuple(state["y"].shape) != (n_q, K) or tuple(state["base"].shape) != (n_q,):
+            raise storage.StateFileError(
+                f"{found}: holds measurements y {tuple(state['y'].shape)} / base {tuple(state['base'].shape)}, "
+                f"expected ({n_q}, {K}) / ({n_q},). Delete {directory} to measure again")
         y, base, done_units = state["y"], state["base"], int(state["done_units"])
         log = [ChunkRecord(**r) for r in state["log"]]
     stride.remote_measure_log = log  # grows as chunks finish (also readable after a failure)
@@ -534,8 +557,8 @@ def measure_remote(stride: Any, queries: TokenBatch, *, metric: Any = None,
 
     def save() -> None:
         if directory is not None:
-            _atomic_save({"y": y, "base": base, "done_units": done_units, "log": [asdict(r) for r in log]},
-                         directory / MEASURE_STATE)
+            storage.save(directory / MEASURE_STATE, MEASURE_KIND,
+                         {"y": y, "base": base, "done_units": done_units, "log": [asdict(r) for r in log]})
             _write_json_log(directory, log)
 
     bar = tqdm(total=n_q * K, initial=min(n_q, done_units * q_chunk) * K, disable=not progress,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import operator
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -23,6 +26,91 @@ def _short(text: Optional[str], width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+# Health of a query row (``Attribution.row_status``).
+OK, ALL_ZERO, NON_FINITE = "ok", "all_zero", "non_finite"
+
+# Provenance keys that identify one fit (model, site, design, operators; a baseline's
+# settings): ``Attribution.cat`` joins only parts that agree on all of them.
+FIT_KEYS = ("method", "model_fingerprint", "layer", "hook", "placement", "n_subsets",
+            "subsets_per_example", "rank", "seed", "design_seed", "steps", "settings")
+# What was measured (the unit of the scores): parts must agree on these too.
+MEASURE_KEYS = ("metric", "patched")
+# Provenance entries holding one value per query row: concatenated by ``cat``.
+PER_QUERY_KEYS = ("lambdas", "base_metric")
+
+_MISSING = object()
+ATTRIBUTION_KIND = "attribution"  # kind of the files Attribution.save writes (stride_nnsight.storage)
+
+
+def _as_int(value: Any, name: str) -> int:
+    """``value`` as a Python ``int``: Python and numpy integers (and 0-d integer
+    tensors) are accepted; bools, floats, strings and everything else raise TypeError."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer (int or numpy integer), "
+                        f"got {type(value).__name__} {value!r}") from None
+
+
+def _plain_id(key: Any) -> Any:
+    """A numpy scalar or 0-d tensor id as the equal Python scalar (``np.int64(3)`` -> ``3``)."""
+    if isinstance(key, np.generic) or (isinstance(key, Tensor) and key.dim() == 0):
+        return key.item()
+    return key
+
+
+def _first_duplicate(ids: Sequence[Any]) -> Optional[tuple[Any, int, int]]:
+    """``(id, first position, second position)`` of the first repeated id, else ``None``."""
+    seen: dict[Any, int] = {}
+    for i, key in enumerate(ids):
+        try:
+            hash(key)
+            slot = key
+        except TypeError:
+            slot = ("<unhashable>", repr(key))
+        if slot in seen:
+            return key, seen[slot], i
+        seen[slot] = i
+    return None
+
+
+def _names(ids: Sequence[Any], limit: int = 10) -> str:
+    """``"q1, q3"``; at most ``limit`` names, then ``"... (N more)"``."""
+    shown = ", ".join(str(key) for key in ids[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that also works for tensors / arrays (``False`` when not comparable)."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+
+
+def _difference(key: str, a: Any, b: Any, part: int) -> str:
+    """``provenance['settings']['lr'] is 0.1 in part 0 but 0.2 in part 2`` (first differing sub-key of dicts)."""
+    where = f"provenance[{key!r}]"
+    while isinstance(a, dict) and isinstance(b, dict):
+        sub = next((s for s in list(a) + [s for s in b if s not in a]
+                    if not _same(a.get(s, _MISSING), b.get(s, _MISSING))), None)
+        if sub is None:
+            break
+        where += f"[{sub!r}]"
+        a, b = a.get(sub, _MISSING), b.get(sub, _MISSING)
+
+    def show(v: Any) -> str:
+        return "<missing>" if v is _MISSING else _short(repr(v), 60)
+
+    return f"{where} is {show(a)} in part 0 but {show(b)} in part {part}"
+
+
 @dataclass
 class Attribution:
     """Influence of every training example on every query.
@@ -33,7 +121,10 @@ class Attribution:
             (its subsets' operators raise the query's metric, i.e. lower its loss);
             ``< 0``: an opponent. Units: change of the metric (nats of loss for the
             default metric) attributed to the example.
-        query_ids, train_ids: identifiers of the rows / columns.
+        query_ids, train_ids: identifiers of the rows / columns, each unique (ValueError
+            otherwise); numpy scalar ids are stored as the equal Python scalars. Ids and
+            positions are never mixed: ``sel`` / ``query_index`` / ``top_k(query=)`` take
+            ids, ``attr[i]`` / ``top_k(row=)`` take positions.
         query_texts, train_texts: optional texts (prompt + completion for queries).
         provenance: how the scores were made (method, layer, hook, placement, K, d,
             rank, lambdas, seeds, model fingerprint, ...).
@@ -57,13 +148,22 @@ class Attribution:
         if self.scores.dim() != 2:
             raise ValueError(f"scores must be 2-D [n_queries, n_train], got shape {tuple(self.scores.shape)}")
         q, n = self.scores.shape
-        self.query_ids = list(self.query_ids) if self.query_ids is not None else list(range(q))
-        self.train_ids = list(self.train_ids) if self.train_ids is not None else list(range(n))
+        self.query_ids = [_plain_id(i) for i in self.query_ids] if self.query_ids is not None else list(range(q))
+        self.train_ids = [_plain_id(i) for i in self.train_ids] if self.train_ids is not None else list(range(n))
         if len(self.query_ids) != q or len(self.train_ids) != n:
             raise ValueError(
                 f"ids do not match scores {tuple(self.scores.shape)}: {len(self.query_ids)} query ids, "
                 f"{len(self.train_ids)} train ids"
             )
+        for name, ids, where, what in (("query_ids", self.query_ids, "rows", "query"),
+                                       ("train_ids", self.train_ids, "columns", "training example")):
+            duplicate = _first_duplicate(ids)
+            if duplicate is not None:
+                key, first, second = duplicate
+                raise ValueError(
+                    f"{name} must be unique, but {key!r} appears twice ({where} {first} and {second}); "
+                    f"give every {what} a distinct id (or pass {name}=None to number them 0..{len(ids) - 1})"
+                )
         for name, texts, size in (("query_texts", self.query_texts, q), ("train_texts", self.train_texts, n)):
             if texts is not None and len(texts) != size:
                 raise ValueError(f"{name} has {len(texts)} entries, expected {size}")
@@ -95,14 +195,18 @@ class Attribution:
 
         ``query`` / ``train`` may be one id (that axis is dropped) or a list of ids;
         ``None`` keeps the whole axis. ``attr.sel(query="q1", train=[3, 7])`` -> ``[2]``.
+        Numpy scalars / 1-D arrays (and tensors) of ids work like Python ints / lists.
         """
         out = self.scores
         for dim, ids, wanted in (("query", self.query_ids, query), ("train", self.train_ids, train)):
             if wanted is None:
                 continue
             lookup = {key: i for i, key in enumerate(ids)}
-            many = isinstance(wanted, (list, tuple))
-            keys = list(wanted) if many else [wanted]
+            many = isinstance(wanted, (list, tuple, range)) or \
+                (isinstance(wanted, (np.ndarray, Tensor)) and wanted.ndim > 0)
+            if isinstance(wanted, (np.ndarray, Tensor)) and many:
+                wanted = wanted.reshape(-1).tolist()
+            keys = [_plain_id(key) for key in wanted] if many else [_plain_id(wanted)]
             missing = [key for key in keys if key not in lookup]
             if missing:
                 raise KeyError(f"no {dim} with id(s) {missing}")
@@ -114,11 +218,24 @@ class Attribution:
         return out
 
     def __getitem__(self, index: int | slice | Sequence[int] | Tensor) -> "Attribution":
-        """Select queries (rows); the result is again an ``Attribution``."""
-        if isinstance(index, int):
-            index = [index]
-        rows = list(range(self.n_queries))[index] if isinstance(index, slice) else \
-            [int(i) for i in torch.as_tensor(index).reshape(-1).tolist()]
+        """Select queries (rows) by *position*; the result is again an ``Attribution``.
+
+        ``index``: an int or numpy integer (negative counts from the end), a slice, or a
+        list / 1-D array / tensor of integer positions, each row at most once. Bools,
+        floats and ids are refused (TypeError): select by id with
+        ``attr[attr.query_index(query_id)]`` or ``attr.sel(query=...)``.
+        """
+        if isinstance(index, slice):
+            rows = list(range(self.n_queries))[index]
+        elif isinstance(index, (np.ndarray, Tensor)) and index.ndim > 0:
+            rows = [self._position(i) for i in index.reshape(-1).tolist()]
+        elif isinstance(index, (list, tuple, range)):
+            rows = [self._position(i) for i in index]
+        else:
+            rows = [self._position(index)]
+        duplicate = _first_duplicate(rows)
+        if duplicate is not None:
+            raise ValueError(f"row {duplicate[0]} is selected twice: each query can appear once in an Attribution")
         return Attribution(
             scores=self.scores[rows],
             query_ids=[self.query_ids[i] for i in rows],
@@ -129,40 +246,111 @@ class Attribution:
             measurements=None if self.measurements is None else self.measurements[rows],
         )
 
-    def query_index(self, query: Any) -> int:
-        """Row of a query given its position (int) or its id."""
-        if isinstance(query, int) and query not in self.query_ids:
-            if not -self.n_queries <= query < self.n_queries:
-                raise IndexError(f"query {query} out of range for {self.n_queries} queries")
-            return query % self.n_queries
+    def _position(self, row: Any) -> int:
+        """Row ``row`` (int or numpy integer; negative counts from the end) as ``0..q-1``."""
         try:
-            return self.query_ids.index(query)
-        except ValueError:
-            raise KeyError(f"no query with id {query!r}") from None
+            i = _as_int(row, "row")
+        except TypeError as err:
+            raise TypeError(f"{err}: rows are selected by position; to select a query by its id "
+                            f"use attr.query_index(query_id) or top_k(query=query_id)") from None
+        if not -self.n_queries <= i < self.n_queries:
+            raise IndexError(f"row {i} out of range for {self.n_queries} queries")
+        return i % self.n_queries
+
+    def query_index(self, query_id: Any) -> int:
+        """Row (position) of the query whose *id* is ``query_id``; ids only, never positions.
+
+        Raises KeyError when no query has that id (for a position use ``attr[row]`` or
+        ``top_k(row=...)``).
+        """
+        query_id = _plain_id(query_id)
+        for i, key in enumerate(self.query_ids):
+            if _same(key, query_id):
+                return i
+        hint = ""
+        n = self.n_queries
+        if isinstance(query_id, int) and not isinstance(query_id, bool) and -n <= query_id < n:
+            hint = (f" ({query_id} is looked up as an id; for the query at row {query_id} "
+                    f"use top_k(row={query_id}) or attr[{query_id}])")
+        raise KeyError(f"no query with id {query_id!r}{hint}")
+
+    def row_status(self) -> list[str]:
+        """Health of each query row, in row order: ``"non_finite"`` (some score is NaN or
+        inf: the attribution of that query is invalid), ``"all_zero"`` (every score is
+        exactly 0: no signal, nothing to rank), else ``"ok"``. ``top_k`` and ``repr`` use it."""
+        finite = torch.isfinite(self.scores).all(dim=1).tolist()
+        nonzero = (self.scores != 0).any(dim=1).tolist()
+        return [NON_FINITE if not f else OK if nz else ALL_ZERO for f, nz in zip(finite, nonzero)]
 
     # ----------------------------------------------------------------- ranking
-    def top_k(self, k: int = 10, query: Any = None, opponents: bool = False):
+    def top_k(self, k: int = 10, *, query: Any = None, row: Any = None, opponents: bool = False):
         """The ``k`` strongest proponents (or opponents) as a ``pandas.DataFrame``.
 
-        Columns: ``query_id, rank, train_index, train_id, score`` (+ ``text`` when
-        train texts are known). ``query=None`` gives every query.
+        Args:
+            k: at most this many training examples per query (int or numpy integer, ``>= 1``).
+            query: the *id* of one query (as in ``query_ids``; looked up with ``query_index``).
+            row: the *position* of one query (int or numpy integer; negative counts from
+                the end). Give at most one of ``query`` / ``row``; neither ranks every query.
+            opponents: rank the most negative scores instead of the most positive.
+
+        Returns:
+            Columns ``query_id, rank, train_index, train_id, score`` (+ ``text`` when train
+            texts are known), best first within each query. Only strictly positive scores
+            are proponents (strictly negative ones opponents): a score of exactly 0 is never
+            listed, so a query with fewer than ``k`` such scores gets fewer rows, and an
+            all-zero query gets none (one ``UserWarning`` names every such query).
+
+        Raises:
+            TypeError: both ``query`` and ``row`` given, or ``k`` / ``row`` not an integer.
+            ValueError: ``k < 1``, or a selected query has a NaN/inf score. Raising (rather
+                than skipping that query) is deliberate: a non-finite score means the
+                measurement or recovery of the whole row failed, so its finite entries are
+                not trustworthy either, and a table with the query silently missing would
+                look complete. Drop such rows first (see ``row_status``).
+            KeyError / IndexError: unknown ``query`` id / ``row`` out of range.
         """
         import pandas as pd
 
-        if not isinstance(k, int) or k < 1:
+        if query is not None and row is not None:
+            raise TypeError("give either query= (a query id) or row= (a row position), not both")
+        k = _as_int(k, "k")
+        if k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        k = min(k, self.n_train)
-        rows = range(self.n_queries) if query is None else [self.query_index(query)]
+        if query is not None:
+            rows = [self.query_index(query)]
+        elif row is not None:
+            rows = [self._position(row)]
+        else:
+            rows = list(range(self.n_queries))
+        status = self.row_status()
+        invalid = [self.query_ids[q] for q in rows if status[q] == NON_FINITE]
+        if invalid:
+            raise ValueError(
+                f"{len(invalid)} of {len(rows)} queries have non-finite scores (NaN/inf): {_names(invalid)}; "
+                f"their attribution is invalid, so nothing is ranked. Re-attribute them, or drop them first: "
+                f"attr[[i for i, s in enumerate(attr.row_status()) if s != 'non_finite']]"
+            )
+        silent = [self.query_ids[q] for q in rows if status[q] == ALL_ZERO]
+        if silent:
+            warnings.warn(f"{len(silent)} of {len(rows)} queries have no non-zero score (no signal): {_names(silent)}",
+                          UserWarning, stacklevel=2)
+        columns = ["query_id", "rank", "train_index", "train_id", "score"] + \
+            (["text"] if self.train_texts is not None else [])
         records = []
         for q in rows:
-            values, index = torch.topk(-self.scores[q] if opponents else self.scores[q], k)
+            if status[q] != OK:
+                continue
+            signed = -self.scores[q] if opponents else self.scores[q]
+            values, index = torch.topk(signed, min(k, self.n_train))
             for rank, (v, j) in enumerate(zip(values.tolist(), index.tolist()), start=1):
+                if not v > 0:
+                    break
                 rec = {"query_id": self.query_ids[q], "rank": rank, "train_index": j,
                        "train_id": self.train_ids[j], "score": -v if opponents else v}
                 if self.train_texts is not None:
                     rec["text"] = self.train_texts[j]
                 records.append(rec)
-        return pd.DataFrame.from_records(records)
+        return pd.DataFrame.from_records(records, columns=columns)
 
     def to_pandas(self, long: bool = False):
         """Wide ``DataFrame`` (index query ids, columns train ids) or, with ``long=True``,
@@ -178,31 +366,72 @@ class Attribution:
     # -------------------------------------------------------------- combining
     @classmethod
     def cat(cls, parts: Sequence["Attribution"]) -> "Attribution":
-        """Concatenate attributions of different query batches over the same training set."""
+        """Concatenate attributions of different query batches of the *same fit*.
+
+        Refused (ValueError naming the key or id) unless every part has the same
+        ``train_ids`` and agrees on the provenance keys that identify a fit
+        (``FIT_KEYS``: method, model fingerprint, layer/hook, placement, K, d, rank,
+        seeds, steps, settings) and on what was measured (``metric``, ``patched``);
+        a key missing from some parts counts as different. Query ids must be unique
+        across parts. Parts of one fit attributed with different lambda settings may be
+        joined: per-query entries (``lambdas``, ``base_metric``) are concatenated, and any
+        other provenance entry that differs between parts (e.g. ``lambda_rule``,
+        ``lambda_fraction``, ``remote``) becomes a list with one value per query row.
+        """
         parts = list(parts)
         if not parts:
             raise ValueError("nothing to concatenate")
         first = parts[0]
-        for p in parts[1:]:
+        for i, p in enumerate(parts[1:], start=1):
             if p.train_ids != first.train_ids:
-                raise ValueError("cannot concatenate attributions over different training sets")
+                raise ValueError(f"cannot concatenate attributions over different training sets (part {i} has "
+                                 f"other train_ids than part 0): attribute every batch with the same fit")
+            for key in FIT_KEYS + MEASURE_KEYS:
+                a, b = first.provenance.get(key, _MISSING), p.provenance.get(key, _MISSING)
+                if not _same(a, b):
+                    what = "different fits" if key in FIT_KEYS else "different metrics"
+                    fix = "attribute every batch with the same fitted Stride (or the same saved state)" \
+                        if key in FIT_KEYS else "attribute every batch with the same metric and intervention"
+                    raise ValueError(f"cannot concatenate attributions from {what}: "
+                                     f"{_difference(key, a, b, i)}; {fix}")
+        part_of = [i for i, p in enumerate(parts) for _ in range(p.n_queries)]
+        duplicate = _first_duplicate([key for p in parts for key in p.query_ids])
+        if duplicate is not None:
+            key, a, b = duplicate
+            raise ValueError(f"query id {key!r} is in part {part_of[a]} and part {part_of[b]}: each query can "
+                             f"appear once; drop it from one part (e.g. with attr[rows]) before concatenating")
         has_texts = all(p.query_texts is not None for p in parts)
         has_meas = all(p.measurements is not None for p in parts)
-        prov = dict(first.provenance)
-        if "lambdas" in prov:
-            prov["lambdas"] = [x for p in parts for x in p.provenance.get("lambdas", [])]
         return cls(
             scores=torch.cat([p.scores for p in parts]),
             query_ids=[i for p in parts for i in p.query_ids],
             train_ids=first.train_ids,
             query_texts=[t for p in parts for t in p.query_texts] if has_texts else None,
             train_texts=first.train_texts,
-            provenance=prov,
+            provenance=cls._joined_provenance(parts),
             measurements=torch.cat([p.measurements for p in parts]) if has_meas else None,
         )
 
+    @staticmethod
+    def _joined_provenance(parts: Sequence["Attribution"]) -> dict[str, Any]:
+        """Provenance of ``cat(parts)``: equal entries kept, per-query entries concatenated
+        (``None`` for a part without one), any other differing entry listed per query row."""
+        keys = list(dict.fromkeys(key for p in parts for key in p.provenance))
+        prov: dict[str, Any] = {}
+        for key in keys:
+            values = [p.provenance.get(key, _MISSING) for p in parts]
+            if key in PER_QUERY_KEYS:
+                prov[key] = [x for p, v in zip(parts, values)
+                             for x in (list(v) if v is not _MISSING else [None] * p.n_queries)]
+            elif all(_same(v, values[0]) for v in values[1:]):
+                prov[key] = values[0]
+            else:
+                prov[key] = [None if v is _MISSING else v for p, v in zip(parts, values) for _ in range(p.n_queries)]
+        return prov
+
     # ------------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
+        """The constructor's fields (``Attribution(**a.to_dict())`` rebuilds ``a``)."""
         return {
             "scores": self.scores,
             "query_ids": self.query_ids,
@@ -214,31 +443,55 @@ class Attribution:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write to ``path`` (a ``torch.save`` file); read back with ``Attribution.load``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.to_dict(), path)
-        return path
+        """Write to ``path`` (a JSON manifest, e.g. ``attr.json``) plus the tensors in a
+        ``.safetensors`` file beside it (``stride_nnsight.storage``; atomic, checksummed).
+        Ids, texts and provenance must be JSON values or tuples (``TypeError`` naming the
+        entry otherwise, before anything is written). Read back with ``Attribution.load``."""
+        from . import storage
+
+        return storage.save(Path(path), ATTRIBUTION_KIND, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Attribution":
-        return cls(**torch.load(Path(path), weights_only=False))
+        """Read a file written by ``save`` (or a format-1 file of stride-nnsight 0.1,
+        read without unpickling code). Raises ``StateFileError`` for a corrupted, truncated,
+        unknown-format or incomplete file."""
+        from . import storage
+
+        content = storage.load(Path(path), ATTRIBUTION_KIND, required=("scores", "query_ids", "train_ids"))
+        fields_ = ("scores", "query_ids", "train_ids", "query_texts", "train_texts", "provenance", "measurements")
+        return cls(**{k: content[k] for k in fields_ if k in content})
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
         p = self.provenance
         keys = ("method", "backend", "hook", "placement", "n_subsets", "subsets_per_example", "rank", "lambda_rule")
-        info = ", ".join(f"{k}={p[k]}" for k in keys if k in p)
+        info = ", ".join(f"{k}={_short(str(p[k]), 40)}" for k in keys if k in p)
         lines = [f"Attribution(queries={self.n_queries}, train={self.n_train}" + (f", {info}" if info else "") + ")"]
+        status = self.row_status()
         for q in range(min(self.n_queries, 3)):
-            j = int(torch.argmax(self.scores[q]))
             text = _short(self.query_texts[q]) if self.query_texts else str(self.query_ids[q])
-            top = _short(self.train_texts[j], 40) if self.train_texts else str(self.train_ids[j])
-            lines.append(f"  [{q}] {text!r} <- top proponent {self.train_ids[j]!r} "
-                         f"({float(self.scores[q, j]):+.4f}) {top!r}")
+            lines.append(f"  [{q}] {text!r} <- " + self._repr_best(q, status[q]))
         if self.n_queries > 3:
             lines.append(f"  ... {self.n_queries - 3} more queries")
+        bad = {s: status.count(s) for s in (NON_FINITE, ALL_ZERO) if s in status}
+        if bad:
+            notes = {NON_FINITE: "have NON-FINITE scores (invalid)", ALL_ZERO: "have no non-zero score"}
+            lines.append("  warning: " + "; ".join(f"{n} of {self.n_queries} queries {notes[s]}"
+                                                   for s, n in bad.items()))
         return "\n".join(lines)
+
+    def _repr_best(self, q: int, status: str) -> str:
+        """What ``repr`` shows for row ``q``: its top proponent, or why there is none."""
+        if status == NON_FINITE:
+            return "NON-FINITE scores (NaN/inf): attribution invalid"
+        if status == ALL_ZERO:
+            return "no non-zero score (no signal)"
+        j = int(torch.argmax(self.scores[q]))
+        if not float(self.scores[q, j]) > 0:
+            return "no proponent (no positive score)"
+        top = _short(self.train_texts[j], 40) if self.train_texts else str(self.train_ids[j])
+        return f"top proponent {self.train_ids[j]!r} ({float(self.scores[q, j]):+.4f}) {top!r}"
 
 
 class AttributionCache(dict):

@@ -2,26 +2,76 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, storage
+from .activations import ActivationCache, HeadMismatchError, cache_size_bytes, use_activation_cache
 from .arguments import StrideArguments
 from .backends import ModelBackend, resolve_backend
-from .design import SubsetDesign
+from .backends.base import FINGERPRINT_VERSION, check_finite_weights
+from .design import SubsetDesign, check_design_size
 from .fitting import FitHistory, OperatorFitter
-from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts
+from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, resolve_max_length
 from .measurement import Metric, measure
 from .operators import SteeringOperators
 from .recovery import recover
 from .results import Attribution, AttributionCache
 
-__all__ = ["Stride", "STATE_FILE", "attribute_layers"]
+__all__ = ["Stride", "STATE_FILE", "PartialFitError", "attribute_layers", "find_state_file"]
 
-STATE_FILE = "stride_state.pt"
+STATE_FILE = "stride_state.json"  # manifest; the tensors sit beside it (stride_nnsight.storage)
+LEGACY_STATE_FILE = "stride_state.pt"  # format 1 (stride-nnsight 0.1): still read, without unpickling code
+STATE_KIND = "stride_state"
+STATE_KEYS = ("args", "design", "operators", "history", "train_ids", "train_texts", "fingerprint")
+
+
+class PartialFitError(RuntimeError):
+    """The operators were fitted for fewer steps than planned (interrupted or failed fit)."""
+
+
+def find_state_file(path: str | os.PathLike) -> Optional[Path]:
+    """The saved state in directory ``path`` (current format, else format 1), or ``None``."""
+    return storage.find(path, STATE_FILE, LEGACY_STATE_FILE)
+
+
+def _in_eval_mode(method: Callable) -> Callable:
+    """Run a `Stride` method with the model's torch module in eval mode.
+
+    A model the user put back into training mode (``model.train()``) would fit and measure
+    with dropout active, so scores would change from call to call. The method then warns
+    (once per ``Stride``), runs with every submodule in eval mode, and afterwards puts back
+    in training mode exactly the submodules that were in it."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Stride", *args: Any, **kwargs: Any) -> Any:
+        module = self.backend.torch_module
+        training = [m for m in module.modules() if m.training]
+        if training:
+            if not self._warned_train_mode:
+                self._warned_train_mode = True
+                warnings.warn(
+                    f"the model is in training mode ({len(training)} module(s) with .training=True): "
+                    "dropout would make fitting and the attribution scores change between calls. "
+                    f"Stride.{method.__name__}() runs it in eval mode and restores your mode afterwards; "
+                    "call model.eval() to silence this warning",
+                    UserWarning, stacklevel=2)
+            module.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            for m in training:
+                m.training = True
+
+    return wrapper
 
 
 class Stride:
@@ -41,6 +91,9 @@ class Stride:
             settings; ``None`` keeps the value of ``args`` (or the default).
         args: a full ``StrideArguments``; keyword ``settings`` override single fields.
         tokenizer: only needed when the model object carries none.
+        layers_path: nnsight models only: dotted path of the ``nn.ModuleList`` of decoder
+            blocks (e.g. ``"model.layers"``) when it cannot be found automatically (it is the
+            shortest ``ModuleList`` with ``config.num_hidden_layers`` entries otherwise).
         remote: run ``fit`` / ``measure`` in nnsight sessions on a server: ``True`` (NDIF),
             a host URL, or ``"local"`` (nnsight's in-process simulation); ``remote_*``
             keywords (``remote_session_budget_s``, ``remote_steps_per_session``, ...) tune
@@ -59,6 +112,7 @@ class Stride:
         *,
         args: Optional[StrideArguments] = None,
         tokenizer: Any = None,
+        layers_path: Optional[str] = None,
         remote: bool | str = False,
         **settings: Any,
     ) -> None:
@@ -72,16 +126,22 @@ class Stride:
         changes.update(settings)
         self.args = (args or StrideArguments()).replace(**changes)
         self.model = model
-        self.backend: ModelBackend = resolve_backend(model, tokenizer=tokenizer) if tokenizer is not None \
-            else resolve_backend(model)
+        backend_options = {k: v for k, v in {"tokenizer": tokenizer, "layers_path": layers_path}.items()
+                           if v is not None}
+        self.backend: ModelBackend = resolve_backend(model, **backend_options)
+        if not self.remote or self.remote == "local":  # "local" simulates the server on this machine
+            self.backend.materialize()  # a lazily loaded model: real weights, so freeze/fingerprint see them
         self.layer = self.backend.check_layer(self.args.layer)
         self.backend.freeze()
+        self._warned_train_mode = False
         self.design: Optional[SubsetDesign] = None
         self.operators: Optional[SteeringOperators] = None
         self.history = FitHistory()
+        self.cache_used: Optional[bool] = None  # whether the last fit read an activation cache
         self.train_texts: Optional[list[str]] = None
         self.train_ids: Optional[list[Any]] = None
-        self.fingerprint = self.backend.fingerprint()
+        self.train_max_length: Optional[int] = None  # effective tokens per training text, set by fit()
+        self._take_fingerprint()  # again at fit(); checked before every measurement
 
     # ------------------------------------------------------------------ build
     @property
@@ -94,16 +154,90 @@ class Stride:
         return self.backend.hook_name(self.layer)
 
     def _new_operators(self) -> SteeringOperators:
-        torch.manual_seed(self.args.seed)
+        """Operators initialised from ``args.seed`` alone; the global torch RNG is left as it was."""
         out_dim = self.backend.d_model if self.args.placement == "residual" else self.backend.vocab_size
-        ops = SteeringOperators(self.args.n_subsets, self.backend.d_model, self.args.rank, out_dim,
-                                placement=self.args.placement, layer=self.layer, hidden=self.args.basis_hidden)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.args.seed)
+            ops = SteeringOperators(self.args.n_subsets, self.backend.d_model, self.args.rank, out_dim,
+                                    placement=self.args.placement, layer=self.layer, hidden=self.args.basis_hidden)
         return ops.to(self.backend.device)
 
+    # ------------------------------------------------------------ model guard
+    def _take_fingerprint(self) -> None:
+        """Record the model's fingerprint now (`ModelBackend.fingerprint`: config and every
+        weight's name, shape, dtype and sampled values; names and shapes only for weights
+        on ``meta``, i.e. a remote model, ``fingerprint_kind == "shapes"``)."""
+        self.fingerprint = self.backend.fingerprint()
+        self.fingerprint_kind = self.backend.fingerprint_kind()
+        self.shape_fingerprint = self.backend.fingerprint(values=False)
+        self.fitted_fingerprint = self.fingerprint  # Stride.load sets the saved one
+
+    def _check_model_unchanged(self) -> None:
+        """``ValueError`` if the model's weights or config changed since `fit` / `load`."""
+        if self.fingerprint_kind == "weights":
+            current, recorded = self.backend.fingerprint(), self.fingerprint
+        else:  # meta weights when fitted (remote): a simulated remote run may have loaded them since
+            current, recorded = self.backend.fingerprint(values=False), self.shape_fingerprint
+        if current != recorded:
+            raise ValueError(
+                f"the model changed since the operators were fitted/loaded: its fingerprint was "
+                f"{recorded} then and is {current} now (weights or config were modified, or "
+                "another model was put in its place). The operators only describe the model they were "
+                "fitted on: restore that model's weights, or refit with stride.fit(...) on the current one "
+                "(Stride.load(path, model, strict=False) uses saved operators on another model knowingly)"
+            )
+
+    def _check_saved_fingerprint(self, state: dict) -> None:
+        """``Stride.load(strict=True)``: ``ValueError`` unless this model is the one the saved
+        operators were fitted on. Full-weight fingerprints are compared when both sides have
+        weights here; when either side had only ``meta`` weights (a remote model) only the
+        architecture can be compared (``shape_fingerprint``), with a warning."""
+        saved, version = state["fingerprint"], state.get("fingerprint_version", 1)
+        saved_kind = state.get("fingerprint_kind", "weights")
+        if saved == self.fingerprint:
+            return
+        if version != FINGERPRINT_VERSION:
+            raise ValueError(
+                f"cannot verify the model: this state was saved by an older stride-nnsight whose model "
+                f"fingerprint (version {version}, {saved}) covered only the config and the embeddings, this "
+                f"version's ({FINGERPRINT_VERSION}) covers every weight. Load with strict=False if you are sure "
+                "it is the same model (then save again to store the new fingerprint), or refit"
+            )
+        if saved_kind == "weights" and self.fingerprint_kind == "weights":
+            mine, theirs, what = self.fingerprint, saved, "fingerprint"
+        else:
+            mine, theirs, what = self.shape_fingerprint, state.get("shape_fingerprint"), "architecture fingerprint"
+        if mine != theirs:
+            full = "" if what == "fingerprint" else f" (fingerprints: saved {saved}, this model {self.fingerprint})"
+            raise ValueError(
+                f"model mismatch: the saved operators were fitted on a model with {what} {theirs}, this "
+                f"model has {mine}{full}. Load with the same model (weights and config), or pass strict=False "
+                "to force it."
+            )
+        if what != "fingerprint":
+            warnings.warn(
+                f"only the architecture could be verified (saved fingerprint kind {saved_kind!r}, this model "
+                f"{self.fingerprint_kind!r}: weights on the meta device, e.g. a remote model, have no values "
+                "here); make sure the weights are the ones the operators were fitted on",
+                UserWarning, stacklevel=3)
+
+    def _check_finite_model(self) -> None:
+        """``FloatingPointError`` naming the first NaN/inf weights of the model (local weights only)."""
+        check_finite_weights(self.backend.named_weights())
+
     def _encode_train(self) -> TokenBatch:
-        return encode_texts(self.backend.tokenizer, self.train_texts, self.args.max_length)
+        """The training texts as tokens, each cut to `resolve_max_length` (``args.max_length``
+        clipped to the model's context, or the context when ``None``; truncation warns).
+        Records the effective length in ``train_max_length``: that cap for an int
+        ``max_length``, else the longest training document (BOS included) up to the context."""
+        context = self.backend.context_length
+        cap = resolve_max_length(self.args.max_length, context)
+        batch = encode_texts(self.backend.tokenizer, self.train_texts, cap, context_length=context)
+        self.train_max_length = cap if self.args.max_length is not None else int(batch.input_ids.shape[1])
+        return batch
 
     # -------------------------------------------------------------------- fit
+    @_in_eval_mode
     def fit(
         self,
         train_texts: Any,
@@ -111,6 +245,8 @@ class Stride:
         *,
         progress: bool = True,
         checkpoint_dir: Optional[str | os.PathLike] = None,
+        cache_dir: Optional[str | os.PathLike] = None,
+        overwrite: bool = False,
     ) -> "Stride":
         """Build the subset design over ``train_texts`` and train all ``K`` operators.
 
@@ -119,24 +255,99 @@ class Stride:
             train_ids: optional ids (default ``0..n-1``).
             progress: show a progress bar.
             checkpoint_dir: if given, progress is written there and a later call with the
-                same directory resumes (also after Ctrl-C or a crash).
-        Returns ``self``; the loss curve is in ``self.history``.
+                same directory resumes (also after Ctrl-C or a crash). It resumes only the same
+                run (same corpus and ids, model fingerprint and settings); a checkpoint of
+                another run raises ``CheckpointMismatchError`` naming what differs.
+            cache_dir: where the activation cache is kept (see ``activation_cache`` in
+                ``StrideArguments``): default ``checkpoint_dir/activations`` when a checkpoint
+                dir is given (kept, resumable, reused by a resumed fit), else a temporary
+                directory removed after the fit. Its size is printed before it is written.
+            overwrite: discard a checkpoint in ``checkpoint_dir`` (and an activation cache of
+                another run in ``cache_dir``) and start over.
+        Returns ``self``; the loss curve is in ``self.history``. If the fit is interrupted
+        or fails, ``self`` holds the steps that ran (``is_fitted`` is False) and
+        ``attribute`` / ``save`` refuse it unless ``allow_partial=True``.
         """
         texts = as_text_list(train_texts, "train_texts")
         if train_ids is not None and len(train_ids) != len(texts):
             raise ValueError(f"train_ids has {len(train_ids)} entries but there are {len(texts)} texts")
+        check_design_size(len(texts), self.args.n_subsets, self.args.subsets_per_example)  # before any work
+        self.backend.freeze()  # no weight gradients, also if requires_grad was switched back on since Stride()
+        self._check_finite_model()
+        self._take_fingerprint()  # the model the operators are fitted on; checked before every measurement
+        self.history = FitHistory()  # from here on this Stride is not fitted until the new fit ends
         self.train_texts = texts
         self.train_ids = list(train_ids) if train_ids is not None else list(range(len(texts)))
         self.design = SubsetDesign(len(texts), self.args.n_subsets, self.args.subsets_per_example, self.args.seed)
         self.operators = self._new_operators()
-        fitter = OperatorFitter(self.backend, self.operators, self.design, self._encode_train(), self.args)
-        if self.remote:
-            from .remote import fit_remote
+        identity = {"corpus": storage.tree_hash([self.train_texts, self.train_ids]),
+                    "model fingerprint": self.fingerprint,
+                    "layers path": getattr(self.backend, "layers_path", None)}
+        tokens = self._encode_train()
+        with contextlib.ExitStack() as stack:
+            activations = None if self.remote else self._activation_cache(tokens, checkpoint_dir, cache_dir,
+                                                                          overwrite, progress, stack)
+            self.cache_used = activations is not None
+            fitter = OperatorFitter(self.backend, self.operators, self.design, tokens, self.args,
+                                    identity=identity, activations=activations)
+            try:
+                if self.remote:
+                    from .remote import fit_remote
 
-            self.history = fit_remote(self, fitter, progress=progress, checkpoint_dir=checkpoint_dir)
-        else:
-            self.history = fitter.run(progress=progress, checkpoint_dir=checkpoint_dir)
+                    fit_remote(self, fitter, progress=progress, checkpoint_dir=checkpoint_dir, overwrite=overwrite)
+                else:
+                    fitter.run(progress=progress, checkpoint_dir=checkpoint_dir, overwrite=overwrite)
+            finally:
+                self.history = fitter.history  # the steps that ran (all of them unless the fit raised)
         return self
+
+    def _activation_cache(self, tokens: TokenBatch, checkpoint_dir: Optional[str | os.PathLike],
+                          cache_dir: Optional[str | os.PathLike], overwrite: bool, progress: bool,
+                          stack: contextlib.ExitStack) -> Optional[ActivationCache]:
+        """The activation cache this fit reads (built now if needed), or ``None`` when the
+        settings, the placement or the model rule it out (``activation_cache``)."""
+        setting = self.args.activation_cache
+        rows = self.args.batch_size + (min(self.args.linearity_operators, self.args.n_subsets)
+                                       if self.args.linearity_weight > 0 else 0)
+        if cache_dir is not None:
+            directory = Path(cache_dir)
+        elif checkpoint_dir is not None:
+            directory = Path(checkpoint_dir) / "activations"
+        else:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stride-activations-")))
+        directory.mkdir(parents=True, exist_ok=True)
+        use, reason = use_activation_cache(
+            setting, self.args.placement, remote=bool(self.remote), fit_rows=self.args.fit_steps(len(tokens)) * rows,
+            n_documents=len(tokens), size_bytes=cache_size_bytes(tokens, self.backend.d_model,
+                                                                 self.args.activation_cache_dtype),
+            free_bytes=shutil.disk_usage(directory).free)
+        if not use:
+            return None
+        try:
+            return ActivationCache.build(self.backend, tokens, self.layer, directory, fingerprint=self.fingerprint,
+                                         dtype=self.args.activation_cache_dtype, batch_size=2 * self.args.batch_size,
+                                         progress=progress, overwrite=overwrite)
+        except HeadMismatchError as error:
+            if setting is True:
+                raise
+            warnings.warn(f"fitting without the activation cache: {error}", stacklevel=3)
+            return None
+
+    @property
+    def steps_planned(self) -> Optional[int]:
+        """Optimiser steps the fit runs in full (``None`` before ``fit``)."""
+        return None if self.train_texts is None else self.args.fit_steps(len(self.train_texts))
+
+    def _require_complete(self, allow_partial: bool, action: str) -> None:
+        """Refuse operators whose fit stopped early (Ctrl-C, a failed chunk) unless allowed."""
+        self._require_fit()
+        planned, ran = self.steps_planned, len(self.history)
+        if planned is not None and ran < planned and not allow_partial:
+            raise PartialFitError(
+                f"cannot {action}: this Stride is only partly fitted ({ran} of {planned} steps ran; the fit was "
+                "interrupted or failed). Call fit() again with the same checkpoint_dir to finish it, or pass "
+                "allow_partial=True to use the partly fitted operators anyway"
+            )
 
     def _require_fit(self) -> None:
         if self.operators is None or self.design is None:
@@ -146,8 +357,11 @@ class Stride:
     def encode_queries(self, prompts: Sequence[str], completions: Sequence[str]) -> TokenBatch:
         prompts = as_text_list(prompts, "prompts")
         completions = as_text_list(completions, "completions")
-        return encode_queries(self.backend.tokenizer, prompts, completions, self.args.max_length)
+        context = self.backend.context_length
+        return encode_queries(self.backend.tokenizer, prompts, completions,
+                              resolve_max_length(self.args.max_length, context), context_length=context)
 
+    @_in_eval_mode
     def measure(
         self,
         prompts: Sequence[str],
@@ -159,15 +373,20 @@ class Stride:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw measurements ``y [q, K]`` (metric change under each operator) and base metric ``[q]``."""
         self._require_fit()
+        self._check_model_unchanged()
         queries = self.encode_queries(prompts, completions)
         if intervention is not None and self.remote:
             raise NotImplementedError("intervention= is not supported with remote=...: run the patch locally")
-        if self.remote:
-            from .remote import measure_remote
+        try:
+            if self.remote:
+                from .remote import measure_remote
 
-            return measure_remote(self, queries, metric=metric, progress=progress)
-        return measure(self.backend, self.operators, queries, self.args.measure_batch_size, metric, progress,
-                       intervention=intervention)
+                return measure_remote(self, queries, metric=metric, progress=progress)
+            return measure(self.backend, self.operators, queries, self.args.measure_batch_size, metric, progress,
+                           intervention=intervention)
+        except FloatingPointError:
+            self._check_finite_model()  # NaN/inf weights are the likelier cause: name them
+            raise
 
     def attribute(
         self,
@@ -180,6 +399,7 @@ class Stride:
         lambda_rule: Optional[str] = None,
         lambda_fraction: Optional[float] = None,
         progress: bool = True,
+        allow_partial: bool = False,
     ) -> Attribution:
         """Attribute each ``prompt + completion`` to the training examples.
 
@@ -191,8 +411,10 @@ class Stride:
         callable ``fn(model)`` executed inside the trace (before the steered layer), for
         TransformerLens a list of ``(hook_name, hook_fn)``; the scores then attribute the
         metric *of the patched model*.
+        ``allow_partial``: accept operators whose fit stopped early (``PartialFitError``
+        otherwise); the provenance's ``steps_run`` / ``steps_planned`` show it.
         """
-        self._require_fit()
+        self._require_complete(allow_partial, "attribute")
         prompts = as_text_list(prompts, "prompts")
         completions = as_text_list(completions, "completions")
         if query_ids is not None and len(query_ids) != len(prompts):
@@ -241,6 +463,8 @@ class Stride:
             "backend": self.backend.name,
             "model": name,
             "model_fingerprint": self.fingerprint,
+            "fingerprint_kind": self.fingerprint_kind,  # "weights", or "shapes" for a remote model's meta weights
+            "fitted_fingerprint": self.fitted_fingerprint,
             "layer": self.layer,
             "hook": self.hook_name,
             "placement": self.args.placement,
@@ -250,22 +474,32 @@ class Stride:
             "seed": self.args.seed,
             "design_seed": self.args.seed,
             "steps": len(self.history),
+            "steps_run": len(self.history),
+            "steps_planned": self.steps_planned,
+            "activation_cache": self.cache_used,
             "settings": self.args.to_dict(),
+            "max_length": self.train_max_length,  # effective tokens per training text (BOS included)
+            "query_max_length": resolve_max_length(self.args.max_length, self.backend.context_length, warn=False),
             "remote": self.remote if isinstance(self.remote, (bool, str)) else type(self.remote).__name__,
         }
         prov.update(extra)
         return prov
 
     # ---------------------------------------------------------------- save
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, allow_partial: bool = False) -> Path:
         """Write everything needed to attribute new queries (settings, design, operators,
-        training ids/texts, loss curve, model fingerprint) to directory ``path``."""
-        self._require_fit()
+        training ids/texts, loss curve, model fingerprint) to directory ``path``: the
+        manifest ``stride_state.json`` and a ``.safetensors`` file beside it
+        (``stride_nnsight.storage``; atomic). Training ids must be str, int, float, bool,
+        None or tuples of them (``TypeError`` otherwise, before anything is written).
+        A partly fitted Stride is refused (``PartialFitError``) unless ``allow_partial=True``."""
+        self._require_complete(allow_partial, "save")
+        bad = [k for k, v in self.operators.state_dict().items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise FloatingPointError(f"refusing to save non-finite (NaN/inf) operators ({', '.join(bad)}): "
+                                     "refit them (check the model's weights, or lower lr)")
         directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {
-            "format": 1,
-            "package_version": __version__,
             "args": self.args.to_dict(),
             "layer": self.layer,
             "design": self.design.to_dict(),
@@ -275,32 +509,45 @@ class Stride:
             "train_ids": self.train_ids,
             "train_texts": self.train_texts,
             "fingerprint": self.fingerprint,
+            "fingerprint_kind": self.fingerprint_kind,
+            "fingerprint_version": FINGERPRINT_VERSION,
+            "shape_fingerprint": self.shape_fingerprint,
             "backend": self.backend.name,
+            "steps_planned": self.steps_planned,
+            "max_length": self.train_max_length,
+            "activation_cache": self.cache_used,
         }
-        target = directory / STATE_FILE
-        tmp = target.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, target)
+        storage.save(directory / STATE_FILE, STATE_KIND, state)
         return directory
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: Any, *, strict: bool = True, tokenizer: Any = None) -> "Stride":
+    def load(cls, path: str | os.PathLike, model: Any, *, strict: bool = True, tokenizer: Any = None,
+             layers_path: Optional[str] = None, remote: bool | str = False, **remote_settings: Any) -> "Stride":
         """Restore a fitted ``Stride`` saved with ``save`` for ``model``.
 
+        ``remote`` / ``remote_*`` settings: as for ``Stride(...)``; with ``remote`` set a lazily
+        loaded model keeps its weights on the server (only its architecture is verified).
+
         Refuses (``ValueError``) a model whose fingerprint differs from the one it was
-        fitted on, unless ``strict=False``.
+        fitted on, unless ``strict=False``. ``tokenizer`` / ``layers_path``: as for ``Stride(...)``.
+        ``path``: the directory given to ``save`` (or its ``stride_state.json``, or a
+        ``stride_state.pt`` of stride-nnsight 0.1, read without unpickling code). Raises
+        ``StateFileError`` for a corrupted, truncated, unknown-format or incomplete file.
         """
-        file = Path(path) / STATE_FILE if Path(path).is_dir() else Path(path)
-        if not file.exists():
-            raise FileNotFoundError(f"no saved STRIDE state at {file}: pass the directory given to stride.save()")
-        state = torch.load(file, weights_only=False)
-        stride = cls(model, args=StrideArguments.from_dict(state["args"]), tokenizer=tokenizer)
-        if strict and stride.fingerprint != state["fingerprint"]:
-            raise ValueError(
-                f"model mismatch: the saved operators were fitted on a model with fingerprint "
-                f"{state['fingerprint']}, this model has {stride.fingerprint}. Load with the same model "
-                "(weights and config), or pass strict=False to force it."
-            )
+        file = find_state_file(path) if Path(path).is_dir() else Path(path)
+        if file is None or not file.exists():
+            raise FileNotFoundError(f"no saved STRIDE state at {Path(path) / STATE_FILE if file is None else file}: "
+                                    "pass the directory given to stride.save()")
+        state = storage.load(file, STATE_KIND, required=STATE_KEYS)
+        unknown = sorted(k for k in remote_settings if not k.startswith("remote_"))
+        if unknown:
+            raise TypeError(f"Stride.load() got unexpected keyword(s) {unknown}: the settings are the saved ones; "
+                            "only remote_* settings can be given")
+        stride = cls(model, args=StrideArguments.from_dict(state["args"]), tokenizer=tokenizer, layers_path=layers_path,
+                     remote=remote, **remote_settings)
+        if strict:
+            stride._check_saved_fingerprint(state)
+        stride.fitted_fingerprint = state["fingerprint"]
         stride.design = SubsetDesign(**state["design"])
         stride.operators = stride._new_operators()
         stride.operators.load_state_dict(state["operators"])
@@ -308,10 +555,15 @@ class Stride:
         stride.history = FitHistory.from_dict(state["history"])
         stride.train_ids = state["train_ids"]
         stride.train_texts = state["train_texts"]
+        stride.train_max_length = state.get("max_length", state["args"].get("max_length"))
+        stride.cache_used = state.get("activation_cache")
         return stride
 
     def __repr__(self) -> str:
         status = f"fitted on {self.design.n_examples} examples" if self.operators is not None else "not fitted"
+        if self.operators is not None and self.steps_planned is not None and len(self.history) < self.steps_planned:
+            status = f"partly fitted on {self.design.n_examples} examples ({len(self.history)} of " \
+                     f"{self.steps_planned} steps)"
         a = self.args
         return (f"Stride(backend={self.backend.name}, hook={self.hook_name!r}, placement={a.placement!r}, "
                 f"K={a.n_subsets}, d={a.subsets_per_example}, rank={a.rank}, {status})")

@@ -15,7 +15,8 @@ def test_encode_texts_masks(tiny_tokenizer):
 
 
 def test_encode_texts_truncates(tiny_tokenizer):
-    batch = encode_texts(tiny_tokenizer, ["the cat " * 50], max_length=10)
+    with pytest.warns(UserWarning, match="1 of 1 training documents are longer than max_length=10"):
+        batch = encode_texts(tiny_tokenizer, ["the cat " * 50], max_length=10)
     assert batch.input_ids.shape[1] == 10
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import stride_nnsight.remote as remote_mod
+from stride_nnsight import storage
 from stride_nnsight import Stride
 from stride_nnsight.fitting import CHECKPOINT_NAME
 from stride_nnsight.remote import (
@@ -230,7 +231,7 @@ def test_failure_names_chunk_and_rerun_resumes_without_redoing_finished_chunks(
     assert "chunk 2 (steps 4..5 of 6" in message and "IndexError" in message
     assert "resume at step 4" in message and str(tmp_path) in message
     assert isinstance(err.__cause__, IndexError)
-    checkpoint = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    checkpoint = storage.load(tmp_path / CHECKPOINT_NAME, "fit_checkpoint")
     assert checkpoint["step"] == 4
     log = json.loads((tmp_path / CHUNK_LOG).read_text())
     assert [(r["chunk"], r["start"], r["stop"], r["status"]) for r in log] == \

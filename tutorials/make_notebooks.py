@@ -133,7 +133,7 @@ print("logit diff patched:", float(logit_diff(patched_logits, clean)))"""),
 after = stride.attribute([fact_a.prompt], [fact_a.completion], metric=logit_diff, intervention=patch, progress=False)
 
 def show(attr, title):
-    table = attr.top_k(5, query=0)
+    table = attr.top_k(5, row=0)
     table["source_of"] = ["A" if j in fact_a.source_ids else "B" if j in fact_b.source_ids else "" for j in table.train_index]
     print(title); print(table[["rank", "train_index", "score", "source_of"]].to_string(index=False))
 

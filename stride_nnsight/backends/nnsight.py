@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import reduce
 from typing import Any, Optional
 
@@ -12,7 +13,7 @@ from torch import Tensor
 from ..operators import steered_forward
 from .base import Edit, ModelBackend
 
-__all__ = ["NNsightBackend", "find_layers_path"]
+__all__ = ["NNsightBackend", "find_layers_path", "tokenizer_from_config"]
 
 
 def find_layers_path(module: torch.nn.Module, n_layers: Optional[int] = None) -> str:
@@ -44,6 +45,29 @@ def _config_int(config: Any, *names: str) -> Optional[int]:
     return None
 
 
+def tokenizer_from_config(config: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(config._name_or_path)`` when that is a local
+    directory holding a tokenizer (a model loaded from a path); ``ValueError`` otherwise."""
+    source = getattr(config, "_name_or_path", "") or ""
+    if isinstance(source, str) and source and os.path.isdir(source):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"the model has no tokenizer and none could be loaded from its directory {source!r} "
+                f"({type(error).__name__}: {error}): pass tokenizer=AutoTokenizer.from_pretrained(...) "
+                "to the nnsight model or to Stride"
+            ) from error
+    raise ValueError(
+        "the model has no tokenizer"
+        + (f" and its source {source!r} is not a local directory" if source else "")
+        + ": pass tokenizer=... to Stride, or build the nnsight model with one, e.g. "
+        "TransformersModel(path, tokenizer=AutoTokenizer.from_pretrained(path), task='text-generation')"
+    )
+
+
 class NNsightBackend(ModelBackend):
     """Wraps an nnsight ``TransformersModel`` / ``LanguageModel`` (or any ``NNsight`` model
     around a Hugging Face causal LM)."""
@@ -52,7 +76,6 @@ class NNsightBackend(ModelBackend):
 
     def __init__(self, model: Any, layers_path: Optional[str] = None, tokenizer: Any = None) -> None:
         self.model = model
-        self.torch_module = model._module
         config = getattr(self.torch_module, "config", None)
         n_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
         self.layers_path = layers_path or find_layers_path(self.torch_module, n_layers)
@@ -66,19 +89,32 @@ class NNsightBackend(ModelBackend):
             )
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
-            raise ValueError("the model has no tokenizer: pass tokenizer=... to Stride")
+            self.tokenizer = tokenizer_from_config(config)
+
+    @property
+    def torch_module(self) -> torch.nn.Module:
+        """The ``nn.Module`` the nnsight model runs now. Read on every use: a lazily loaded
+        model swaps its ``meta`` skeleton for the real module when it is dispatched."""
+        return self.model._module
+
+    def materialize(self) -> None:
+        """Dispatch a lazily loaded model (``TransformersModel(path)`` builds on ``meta`` and
+        loads the weights at its first trace), so that fingerprinting and `freeze` see the
+        real weights. Raises ``ValueError`` with advice if real weights cannot be had here."""
+        if getattr(self.model, "dispatched", True) is False and callable(getattr(self.model, "dispatch", None)):
+            self.model.dispatch()
+        params = list(self.torch_module.parameters())
+        if params and all(p.device.type == "meta" for p in params):
+            raise ValueError(
+                f"the weights of this {type(self.model).__name__} are on the meta device (not loaded) and "
+                "could not be loaded here: load the model with its weights (e.g. "
+                "TransformersModel(path, tokenizer=..., dispatch=True)), or pass remote=... to Stride to "
+                "run on a server that has them"
+            )
 
     def block(self, layer: int):
         """The envoy of decoder block ``layer`` (usable inside a trace)."""
         return reduce(getattr, self.layers_path.split("."), self.model)[layer]
-
-    def output_head(self):
-        """The envoy of the output embedding (``lm_head``), usable inside a trace."""
-        head = self.torch_module.get_output_embeddings()
-        for name, module in self.torch_module.named_modules():
-            if module is head:
-                return reduce(getattr, name.split("."), self.model)
-        raise ValueError(f"{type(self.torch_module).__name__} has no output embedding module to steer")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, layer: int, edit: Optional[Edit] = None,
                 intervention: Any = None):
@@ -87,12 +123,17 @@ class NNsightBackend(ModelBackend):
         return steered_forward(self.model, self.layers_path, layer, input_ids, attention_mask, edit, intervention)
 
     def steer(self, operators: Any, operator: Any, scale: float = 1.0) -> None:
-        """Apply ``operator`` inside the *current* ``model.trace(...)``.
+        """Apply ``operator`` inside the *current* ``model.trace(...)``: exactly the edit that
+        fitting and measurement apply (`steered_forward` / `step_losses`).
 
-        Residual placement edits the output of block ``operators.layer``; logits placement
-        reads that block's output and adds the operator's edit to the output head's logits.
-        Call it before touching modules that run after the steered block (nnsight visits
-        modules in execution order)."""
+        Residual placement replaces the output ``z [b, t, d]`` of block ``operators.layer``
+        by ``z + scale * B(z) a_k``. Logits placement reads that block's output and adds
+        ``scale * B(z) a_k`` to the model's *final* logits ``model.output.logits [b, t, V]``,
+        i.e. after any transform the model applies past its output head (Cohere's
+        ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's final soft-capping), which
+        is what fit and measurement edit. Call it before touching modules that run after
+        the steered block (nnsight visits modules in execution order); with the logits
+        placement read the steered logits afterwards as ``model.output.logits``."""
         block = self.block(operators.layer)
         out = block.output
         hidden = out[0] if isinstance(out, tuple) else out
@@ -101,5 +142,6 @@ class NNsightBackend(ModelBackend):
             steered = hidden + delta.to(hidden.dtype)
             block.output = (steered,) + tuple(out[1:]) if isinstance(out, tuple) else steered
         else:
-            head = self.output_head()
-            head.output = head.output + delta.to(head.output.dtype)
+            output = self.model.output
+            logits = output.logits
+            output.logits = logits + delta.to(device=logits.device, dtype=logits.dtype)

@@ -47,10 +47,10 @@ Numerics: choices made so the bridge computes exactly what the Hugging Face mode
   from ``dir`` first. STRIDE itself encodes with ``add_special_tokens=False`` and prepends
   BOS explicitly, so the bridge's ``add_bos_token=True`` does not change its batches.
 
-``fingerprint()`` hashes the bridge (type ``TransformerBridge``, its renamed parameters), so
-it differs from the nnsight backend's fingerprint of the same weights even though the
-numerics agree: ``Stride.load(path, bridge, strict=False)`` loads operators fitted under
-nnsight.
+``fingerprint()`` hashes the wrapped Hugging Face model's config and weights under their
+Hugging Face parameter names (`hf_named_weights` undoes the bridge's renaming), so it equals
+the nnsight backend's fingerprint of the same weights: ``Stride.load(path, bridge)`` loads
+operators fitted under nnsight strictly, and vice versa.
 
 The bridge restructures the HF model in place (its submodules are wrapped by bridge
 components, GPT-2's fused ``c_attn`` is exposed as ``q``/``k``/``v``): wrap a *copy* of an
@@ -60,6 +60,7 @@ HF model if the same object is also used elsewhere (e.g. under nnsight).
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import tempfile
 import warnings
@@ -68,9 +69,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .base import model_fingerprint, Edit, ModelBackend
+from .base import Edit, ModelBackend, unique_weights
 
-__all__ = ["TransformerLensBackend", "make_hook", "resid_post_hook_name", "bridge_from_hf"]
+__all__ = ["TransformerLensBackend", "make_hook", "resid_post_hook_name", "bridge_from_hf",
+           "FINAL_LOGITS_HOOK", "install_final_logits_hook"]
 
 #: A TransformerLens forward hook: ``fn(activation, hook) -> new activation``.
 HookFn = Callable[..., Tensor]
@@ -156,6 +158,67 @@ def bridge_from_hf(
     return bridge
 
 
+def _hf_module_names(module: torch.nn.Module, path: str = "", out: Optional[dict] = None) -> dict:
+    """``{id(submodule): Hugging Face dotted path}`` for a model a bridge has rewired.
+
+    The bridge replaces each Hugging Face submodule by a component that holds the original
+    as ``_original_component`` and records the original's attribute name as ``name``
+    (``"c_attn"`` for the component registered as ``qkv``; top-level components record
+    their full path, e.g. ``"transformer.wte"``). ``_original_component`` steps are
+    dropped and component attributes are renamed to ``name``."""
+    out = {} if out is None else out
+    out.setdefault(id(module), path)
+    for attr, child in module._modules.items():
+        if child is None:
+            continue
+        if attr == "_original_component":
+            child_path = path
+        else:
+            name = getattr(child, "name", None)
+            is_component = isinstance(name, str) and name and "_original_component" in child._modules
+            if is_component and not (path + "." + attr if path else attr).endswith(name):
+                attr = name
+            child_path = f"{path}.{attr}" if path else attr
+        _hf_module_names(child, child_path, out)
+    return out
+
+
+def hf_parameter_names(module: torch.nn.Module) -> Optional[set[str]]:
+    """Parameter names of an *unwrapped* model of ``module``'s class and config, read off a
+    skeleton built on the ``meta`` device (no memory, no weights); ``None`` if it cannot be
+    built."""
+    config = getattr(module, "config", None)
+    build = getattr(type(module), "_from_config", None)
+    if config is None or build is None:
+        return None
+    try:
+        with torch.device("meta"):
+            skeleton = build(copy.deepcopy(config))
+    except Exception:  # noqa: BLE001 - custom classes: fall back to every renamed parameter
+        return None
+    return {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
+
+
+def hf_named_weights(module: torch.nn.Module, keep: Optional[set[str]] = None) -> list[tuple[str, Tensor]]:
+    """`unique_weights` of the Hugging Face model inside a TransformerLens bridge, under the
+    parameter names the unwrapped Hugging Face model has (``transformer.h.0.attn.c_attn.weight``
+    rather than ``transformer.h.0._original_component.attn.qkv._original_component.weight``).
+
+    Weights the bridge adds (the split q/k/v it derives from a fused QKV weight: views of
+    GPT-2's ``c_attn``, copies of GPT-NeoX's ``query_key_value``) are left out: names not in
+    ``keep`` (the class's own parameter names, `hf_parameter_names`) are dropped, and
+    `unique_weights` drops views inside a larger weight."""
+    paths = _hf_module_names(module)
+    renamed = {}
+    for owner_name, owner in module.named_modules(remove_duplicate=False):
+        prefix = paths.get(id(owner), owner_name)
+        for pname, p in owner._parameters.items():
+            name = f"{prefix}.{pname}" if prefix else pname
+            if p is not None and (keep is None or name in keep):
+                renamed[name] = p
+    return unique_weights(renamed.items())
+
+
 def _is_bridge(model: Any) -> bool:
     mro = {f"{c.__module__}.{c.__name__}" for c in type(model).__mro__}
     return any(name.startswith("transformer_lens.") for name in mro)
@@ -167,11 +230,19 @@ class TransformerLensBackend(ModelBackend):
     Args:
         model: the bridge (from ``TransformerBridge.boot_transformers(...)``).
         tokenizer: a Hugging Face tokenizer; defaults to ``model.tokenizer``.
+        layers_path: not applicable (the bridge names its decoder blocks ``blocks.{l}``
+            itself); anything but ``None`` raises ``ValueError``.
     """
 
     name = "transformer_lens"
 
-    def __init__(self, model: Any, tokenizer: Any = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any = None, layers_path: Optional[str] = None) -> None:
+        if layers_path is not None:
+            raise ValueError(
+                f"layers_path={layers_path!r} is for nnsight models only: a TransformerLens bridge "
+                "exposes its decoder blocks itself (blocks.{l}.hook_resid_post, for every architecture "
+                "it supports), so drop layers_path= when passing a TransformerBridge"
+            )
         if not _is_bridge(model) or not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"expected a TransformerLens TransformerBridge, got {type(model).__name__}"
@@ -210,11 +281,29 @@ class TransformerLensBackend(ModelBackend):
     def hook_name(self, layer: int) -> str:
         return resid_post_hook_name(layer)
 
-    def fingerprint(self) -> str:
-        """Fingerprint of the wrapped Hugging Face model: equal to the nnsight backend's for
-        the same weights, so operators fitted under one toolkit load under the other."""
+    @property
+    def context_length(self) -> Optional[int]:
+        """The wrapped Hugging Face model's context length (see `ModelBackend.context_length`),
+        else the bridge's ``cfg.n_ctx``; ``None`` when neither is known."""
+        found = super().context_length
+        n_ctx = getattr(getattr(self.model, "cfg", None), "n_ctx", None)
+        if found is None and isinstance(n_ctx, int) and n_ctx > 0:
+            return n_ctx
+        return found
+
+    def hf_config(self) -> Any:
         original = getattr(self.model, "original_model", None)
-        return model_fingerprint(original if isinstance(original, torch.nn.Module) else self.model)
+        return getattr(original if isinstance(original, torch.nn.Module) else self.model, "config", None)
+
+    def named_weights(self) -> list[tuple[str, Tensor]]:
+        """The wrapped Hugging Face model's weights under their Hugging Face names (see
+        `hf_named_weights`), so `fingerprint` equals the nnsight backend's for the same
+        weights and operators fitted under one toolkit load strictly under the other."""
+        original = getattr(self.model, "original_model", None)
+        module = original if isinstance(original, torch.nn.Module) else self.model
+        if getattr(self, "_hf_names", None) is None:
+            self._hf_names = hf_parameter_names(module)
+        return hf_named_weights(module, self._hf_names)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, layer: int, edit: Optional[Edit] = None,
                 intervention: Any = None):
@@ -239,24 +328,86 @@ class TransformerLensBackend(ModelBackend):
 
     def steer(self, operators: Any, operator: Any, scale: float = 1.0) -> list:
         """Hooks that apply ``operator``: pass them to ``run_with_hooks(fwd_hooks=...)`` or
-        ``with bridge.hooks(fwd_hooks=...)``. Residual placement: one hook at
-        ``blocks.{l}.hook_resid_post``; logits placement: that hook reads ``z`` and a hook on
-        the unembedding output adds the edit to the logits."""
+        ``with bridge.hooks(fwd_hooks=...)``. They apply exactly the edit that fitting and
+        measurement apply. Residual placement: one hook at ``blocks.{l}.hook_resid_post``
+        (``z -> z + scale * B(z) a_k``); logits placement: that hook reads ``z`` and a hook
+        at `FINAL_LOGITS_HOOK` adds ``scale * B(z) a_k`` to the model's *final* logits, i.e.
+        after the transforms some models apply past the unembedding (Cohere's
+        ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's final soft-capping), which
+        ``unembed.hook_out`` precedes. The first logits-placement call installs that hook
+        point on the bridge (`install_final_logits_hook`)."""
         name = self.hook_name(operators.layer)
         if operators.placement == "residual":
-            return [(name, make_hook(lambda z: z + scale * operators.delta(z, operator).to(z.dtype)))]
+            return [(name, make_hook(lambda z: z + (scale * operators.delta(z, operator)).to(z.dtype)))]
+        logits_hook = install_final_logits_hook(self.model)
         seen: dict = {}
 
         def read(activation: Tensor, hook: Any) -> None:
             seen["z"] = activation
 
         def add(logits: Tensor, hook: Any) -> Tensor:
-            return logits + scale * operators.delta(seen["z"], operator).to(logits.dtype)
+            if "z" not in seen:
+                raise RuntimeError(f"{name} did not fire before the final logits: steer() needs both hooks")
+            delta = scale * operators.delta(seen.pop("z"), operator)
+            return logits + delta.to(device=logits.device, dtype=logits.dtype)
 
-        return [(name, read), (UNEMBED_HOOK, add)]
+        return [(name, read), (logits_hook, add)]
 
 
-UNEMBED_HOOK = "unembed.hook_out"
+#: Name of the hook point on a bridge's final logits ``[b, t, V]`` (what the bridge returns:
+#: after the output head and any logit scaling / soft-capping of the architecture).
+FINAL_LOGITS_HOOK = "hook_final_logits"
+
+
+def install_final_logits_hook(bridge: Any) -> str:
+    """Give ``bridge`` a hook point on its final logits and return its name (`FINAL_LOGITS_HOOK`).
+
+    A TransformerLens 4 bridge has no hook after the Hugging Face model's forward: its last
+    one, ``unembed.hook_out``, is the output head's result, *before* the transforms that
+    ``CohereForCausalLM`` (``* logit_scale``), ``GraniteForCausalLM`` (``/ logits_scaling``)
+    and Gemma 2 (final soft-capping ``c * tanh(x / c)``) apply to it, whereas what the
+    bridge returns (and STRIDE fits and measures on) are the final logits. This adds a
+    ``HookPoint`` attribute ``bridge.hook_final_logits`` (so it is in ``bridge.hook_dict``
+    and usable with ``run_with_hooks`` / ``hooks`` / ``run_with_cache``) and a forward hook
+    on ``bridge.original_model`` that passes its output's ``logits`` through it. Without
+    hooks attached it is the identity. Idempotent; raises if the bridge already has an
+    attribute of that name that this function did not create.
+    """
+    from transformer_lens.hook_points import HookPoint
+
+    existing = getattr(bridge, FINAL_LOGITS_HOOK, None)
+    if existing is not None:
+        if isinstance(existing, HookPoint) and getattr(existing, "_stride_final_logits", False):
+            return FINAL_LOGITS_HOOK
+        raise RuntimeError(
+            f"this bridge already has an attribute {FINAL_LOGITS_HOOK!r} not created by stride_nnsight, "
+            "so the final-logits hook point cannot be installed: rename that attribute"
+        )
+    original = getattr(bridge, "original_model", None)
+    if not isinstance(original, torch.nn.Module):
+        raise TypeError(
+            f"{type(bridge).__name__} has no original_model (the wrapped Hugging Face model) to hook "
+            "its final logits on: boot the bridge with TransformerBridge.boot_transformers(...)"
+        )
+    point = HookPoint()
+    point._stride_final_logits = True
+    point.train(bridge.training)  # a new module starts in training mode; follow the bridge's
+    setattr(bridge, FINAL_LOGITS_HOOK, point)  # the bridge registers it in hook_dict by name
+    original.register_forward_hook(functools.partial(_route_final_logits, point))
+    return FINAL_LOGITS_HOOK
+
+
+def _route_final_logits(point: Any, module: Any, args: Any, output: Any) -> Any:
+    """Forward hook on the Hugging Face model: its output's ``logits`` go through ``point``."""
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        output.logits = point(logits)
+        return output
+    if isinstance(output, tuple):  # return_dict=False: (loss?, logits, ...)
+        for i, item in enumerate(output):
+            if isinstance(item, Tensor) and item.dim() == 3:
+                return output[:i] + (point(item),) + output[i + 1:]
+    return output
 
 
 def _user_hooks(intervention: Any) -> list:

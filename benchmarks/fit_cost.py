@@ -1,0 +1,288 @@
+"""``python -m benchmarks.fit_cost``: what a STRIDE fit costs, with and without the activation cache.
+
+Builds a random-init GPT-2 (default: 6 layers, d_model 256, vocabulary 4096, BPE tokenizer
+trained here on generated text) and a corpus of generated documents (default: 2,000 of about
+90 tokens), then measures with ``time.process_time`` in this one process:
+
+(a) one plain forward pass over the corpus (length-sorted batches of ``--batch-docs``
+    documents, the frozen model's forward as fitting calls it, no gradients);
+(b) building the activation cache (`stride_nnsight.activations.ActivationCache.build`);
+(c) ``--steps`` fit steps without and with the cache: exactly ``OperatorFitter.train_step``
+    (rows drawn by the fitter's sampler, ``operators.step_losses``, backward, AdamW), the
+    only difference being the ``forward`` handed to ``step_losses``.
+
+It prints the fit's cost in *plain forward passes over the corpus*, ``steps_total *
+time_per_step / time_plain_pass`` (``steps_total`` = the library default's step count for this
+corpus, ``StrideArguments.fit_steps``), without the cache and with it (its build included),
+and their ratio. CPU time covers every thread of the process: run with ``OMP_NUM_THREADS=1``
+on an otherwise idle machine for comparable numbers.
+
+``--quick`` is a tiny smoke configuration (a few seconds): its timings are not meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `stride_nnsight` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stride_nnsight.activations import ActivationCache  # noqa: E402
+from stride_nnsight.arguments import StrideArguments  # noqa: E402
+from stride_nnsight.backends import resolve_backend  # noqa: E402
+from stride_nnsight.design import SubsetDesign  # noqa: E402
+from stride_nnsight.fitting import OperatorFitter  # noqa: E402
+from stride_nnsight.inputs import TokenBatch, encode_texts  # noqa: E402
+from stride_nnsight.operators import SteeringOperators, step_losses  # noqa: E402
+from stride_nnsight.toy import tiny_gpt2_config, train_tokenizer  # noqa: E402
+
+
+@dataclass
+class CostConfig:
+    n_documents: int = 2000
+    mean_tokens: int = 90
+    n_layer: int = 6
+    d_model: int = 256
+    n_head: int = 8
+    vocab: int = 4096
+    steps: int = 20            # fit steps timed per variant (after one untimed warm-up step each)
+    batch_docs: int = 32       # documents per forward in the plain pass and the cache build
+    dtype: str = "float32"     # cache storage dtype
+    toolkit: str = "nnsight"
+    seed: int = 0
+    quick: bool = False
+    # fit settings: the library defaults unless --quick
+    n_subsets: int = 256
+    subsets_per_example: int = 4
+    batch_size: int = 32
+    linearity_operators: int = 32
+
+
+def quick_config(**changes: Any) -> CostConfig:
+    """The tiny smoke configuration (timings not meaningful)."""
+    settings = dict(n_documents=60, mean_tokens=20, n_layer=2, d_model=32, n_head=2, vocab=400, steps=3,
+                    batch_docs=16, quick=True, n_subsets=16, subsets_per_example=2, batch_size=8,
+                    linearity_operators=8)
+    settings.update(changes)
+    return CostConfig(**settings)
+
+
+# ------------------------------------------------------------------------------ setting
+def _lexicon(rng: np.random.Generator, n_words: int) -> list[str]:
+    onsets = ["b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "st",
+              "tr", "pl", "gr", "sh", "ch", "th"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ea", "io"]
+    codas = ["", "", "n", "r", "s", "l", "th", "nd", "st", "m"]
+    words: set[str] = set()
+    while len(words) < n_words:
+        syllables = int(rng.integers(1, 4))
+        words.add("".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(syllables)))
+    return sorted(words)
+
+
+def _documents(rng: np.random.Generator, lexicon: list[str], word_counts: Sequence[int]) -> list[str]:
+    ranks = np.arange(1, len(lexicon) + 1)
+    p = 1.0 / ranks
+    p /= p.sum()  # Zipf-like word frequencies
+    docs = []
+    for count in word_counts:
+        words = rng.choice(len(lexicon), size=int(count), p=p)
+        docs.append(" ".join(lexicon[w] for w in words) + ".")
+    return docs
+
+
+def build_setting(cfg: CostConfig) -> tuple[Any, Any, TokenBatch]:
+    """(backend, tokenizer, tokenized corpus): documents of about ``cfg.mean_tokens`` tokens
+    (uniform in [2/3, 4/3] of it), a tokenizer trained on them, a random-init GPT-2."""
+    rng = np.random.default_rng(cfg.seed)
+    lexicon = _lexicon(rng, max(200, 2 * cfg.vocab))
+    draft = _documents(rng, lexicon, [cfg.mean_tokens] * cfg.n_documents)
+    tokenizer = train_tokenizer(draft, vocab_size=cfg.vocab)
+    sample = draft[: min(200, len(draft))]
+    tokens_per_word = np.mean([len(tokenizer(d)["input_ids"]) for d in sample]) / cfg.mean_tokens
+    targets = rng.uniform(2 / 3, 4 / 3, cfg.n_documents) * cfg.mean_tokens
+    texts = _documents(rng, lexicon, np.maximum(1, np.round((targets - 1) / tokens_per_word)).astype(int))
+    torch.manual_seed(cfg.seed)
+    from transformers import GPT2LMHeadModel
+
+    config = tiny_gpt2_config(tokenizer, n_layer=cfg.n_layer, n_embd=cfg.d_model, n_head=cfg.n_head,
+                              n_positions=max(64, 4 * cfg.mean_tokens))
+    hf_model = GPT2LMHeadModel(config).eval()
+    if cfg.toolkit == "nnsight":
+        from nnsight import TransformersModel
+
+        model = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+    else:
+        from stride_nnsight.backends.transformer_lens import bridge_from_hf
+
+        model = bridge_from_hf(hf_model, tokenizer, device="cpu")
+    backend = resolve_backend(model)
+    backend.freeze()
+    batch = encode_texts(tokenizer, texts, config.n_positions, context_length=config.n_positions)
+    return backend, tokenizer, batch
+
+
+# ------------------------------------------------------------------------------ timings
+def plain_pass(backend: Any, texts: TokenBatch, layer: int, batch_docs: int) -> None:
+    """One forward pass of the frozen model over the whole corpus (no gradients)."""
+    order = ActivationCache.processing_order(texts.attention_mask.sum(1).numpy())
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_docs):
+            batch = texts.rows(order[start: start + batch_docs]).to(backend.device)
+            backend.forward(batch.input_ids, batch.attention_mask, layer)
+
+
+def make_fitter(backend: Any, texts: TokenBatch, cfg: CostConfig) -> OperatorFitter:
+    args = StrideArguments(n_subsets=cfg.n_subsets, subsets_per_example=cfg.subsets_per_example,
+                           batch_size=cfg.batch_size, linearity_operators=cfg.linearity_operators,
+                           seed=cfg.seed, layer=-2, placement="logits")
+    layer = backend.check_layer(args.layer)
+    design = SubsetDesign(len(texts), args.n_subsets, args.subsets_per_example, args.seed)
+    torch.manual_seed(args.seed)
+    operators = SteeringOperators(args.n_subsets, backend.d_model, args.rank, backend.vocab_size,
+                                  placement=args.placement, layer=layer, hidden=args.basis_hidden)
+    return OperatorFitter(backend, operators.to(backend.device), design, texts, args)
+
+
+def fit_step(fitter: OperatorFitter, cache: Optional[ActivationCache], clock: dict) -> float:
+    """One ``OperatorFitter.train_step`` (its sampling, losses and update), with the frozen
+    forward served by ``cache`` when given; adds the seconds spent in the forward to
+    ``clock["forward"]``. Returns the total loss."""
+    args, backend, ops = fitter.args, fitter.backend, fitter.operators
+    fid_ex, fid_ops, stab_ex, stab_ops, probe, probe_ops = fitter.sample_rows()
+    n_fid, n_stab, n_probe = len(fid_ex), len(stab_ex), len(probe_ops)
+    examples = np.concatenate([fid_ex, stab_ex, np.full(n_probe, probe, dtype=np.int64)])
+    op_ids = torch.from_numpy(np.concatenate([fid_ops, stab_ops, probe_ops]).astype(np.int64)).to(backend.device)
+    batch = fitter.texts.rows(examples).to(backend.device)
+    ops.train()
+    sketch = fitter.sketch[torch.from_numpy(probe_ops)] if n_probe else None
+    if cache is None:
+        def inner(input_ids, attention_mask, edit):
+            return backend.forward(input_ids, attention_mask, ops.layer, edit=edit)
+    else:
+        inner = cache.forward_for(examples, device=backend.device)
+
+    def forward(input_ids, attention_mask, edit):
+        start = time.process_time()
+        try:
+            return inner(input_ids, attention_mask, edit)
+        finally:
+            clock["forward"] += time.process_time() - start
+
+    loss, _, _, _ = step_losses(forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
+                                n_fid, n_stab, (args.fidelity_weight, args.stability_weight, args.linearity_weight),
+                                args.ridge)
+    fitter.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    fitter.optimizer.step()
+    fitter.step += 1
+    return float(loss.detach())
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.process_time()
+    out = fn()
+    return time.process_time() - start, out
+
+
+def time_steps(fitter: OperatorFitter, cache: Optional[ActivationCache], steps: int) -> tuple[float, float]:
+    """Mean CPU seconds per fit step and the fraction of it spent in the frozen forward
+    (one untimed warm-up step first)."""
+    fit_step(fitter, cache, {"forward": 0.0})
+    clock = {"forward": 0.0}
+    seconds, _ = timed(lambda: [fit_step(fitter, cache, clock) for _ in range(steps)])
+    return seconds / steps, clock["forward"] / max(seconds, 1e-12)
+
+
+# ------------------------------------------------------------------------------ report
+def run(cfg: CostConfig, cache_dir: str) -> dict[str, Any]:
+    """Measure everything; returns the numbers (CPU seconds) and the settings behind them."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    backend, _, texts = build_setting(cfg)
+    fitter = make_fitter(backend, texts, cfg)
+    layer = fitter.operators.layer
+    fingerprint = backend.fingerprint()
+    t_plain, _ = timed(lambda: plain_pass(backend, texts, layer, cfg.batch_docs))
+    t_build, cache = timed(lambda: ActivationCache.build(backend, texts, layer, cache_dir, fingerprint=fingerprint,
+                                                         dtype=cfg.dtype, batch_size=cfg.batch_docs,
+                                                         progress=False, overwrite=True))
+    t_uncached, fwd_uncached = time_steps(make_fitter(backend, texts, cfg), None, cfg.steps)
+    t_cached, fwd_cached = time_steps(make_fitter(backend, texts, cfg), cache, cfg.steps)
+    steps_total = fitter.n_steps
+    rows = cfg.batch_size + min(cfg.linearity_operators, cfg.n_subsets)
+    return {"cfg": cfg, "layer": layer, "n_tokens": int(texts.attention_mask.sum()), "steps_total": steps_total,
+            "rows_per_step": rows, "cache_bytes": cache.size_bytes, "plain": t_plain, "build": t_build,
+            "step_uncached": t_uncached, "step_cached": t_cached, "forward_share_uncached": fwd_uncached,
+            "forward_share_cached": fwd_cached}
+
+
+def report(r: dict[str, Any]) -> str:
+    cfg: CostConfig = r["cfg"]
+    plain, n = r["plain"], r["steps_total"]
+    uncached = n * r["step_uncached"]
+    cached = r["build"] + n * r["step_cached"]
+    passes = (lambda seconds: seconds / plain) if plain > 0 else (lambda seconds: float("nan"))
+    lines = [
+        f"fit cost: random-init GPT-2 ({cfg.n_layer} layers, d_model {cfg.d_model}, vocabulary {cfg.vocab}, "
+        f"{cfg.toolkit}); {cfg.n_documents} documents, {r['n_tokens'] / cfg.n_documents:.1f} tokens on average; "
+        f"layer {r['layer']}, placement 'logits'; {n} fit steps of {r['rows_per_step']} rows "
+        f"(StrideArguments.fit_steps); {cfg.steps} steps timed per variant",
+        "CPU time (time.process_time, this process, every thread); cost unit: one plain forward pass over the corpus",
+    ]
+    if cfg.quick:
+        lines.append("--quick: tiny smoke configuration, these timings are not meaningful")
+    rows = [
+        ("plain forward pass over the corpus", plain, passes(plain)),
+        (f"building the activation cache ({cfg.dtype}, {r['cache_bytes'] / 1e6:.1f} MB)", r["build"],
+         passes(r["build"])),
+        (f"fit step, uncached (frozen forward {100 * r['forward_share_uncached']:.0f}% of it)", r["step_uncached"],
+         passes(r["step_uncached"])),
+        (f"fit step, cached (cache read + head {100 * r['forward_share_cached']:.0f}% of it)", r["step_cached"],
+         passes(r["step_cached"])),
+        (f"fit cost uncached ({n} steps)", uncached, passes(uncached)),
+        (f"fit cost cached ({n} steps + building the cache)", cached, passes(cached)),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    lines.append(f"{'measurement':<{width}}  {'CPU s':>10}  {'plain passes':>12}")
+    for name, seconds, in_passes in rows:
+        lines.append(f"{name:<{width}}  {seconds:>10.3f}  {in_passes:>12.2f}")
+    ratio = uncached / cached if cached > 0 else float("nan")
+    lines.append(f"{'speed-up (uncached / cached fit)':<{width}}  {'':>10}  {ratio:>11.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run (timings not meaningful)")
+    parser.add_argument("--documents", type=int, help="training documents (default 2000)")
+    parser.add_argument("--tokens", type=int, help="mean tokens per document (default 90)")
+    parser.add_argument("--steps", type=int, help="fit steps timed per variant (default 20)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cache storage dtype")
+    parser.add_argument("--toolkit", choices=["nnsight", "transformer_lens"], help="default nnsight")
+    parser.add_argument("--cache-dir", help="where the cache is written (default: a temporary directory)")
+    parser.add_argument("--seed", type=int)
+    ns = parser.parse_args(argv)
+    changes = {k: v for k, v in {"n_documents": ns.documents, "mean_tokens": ns.tokens, "steps": ns.steps,
+                                 "dtype": ns.dtype, "toolkit": ns.toolkit, "seed": ns.seed}.items() if v is not None}
+    cfg = quick_config(**changes) if ns.quick else CostConfig(**changes)
+    if ns.cache_dir:
+        result = run(cfg, ns.cache_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="stride_fit_cost_") as tmp:
+            result = run(cfg, tmp)
+    print(report(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
