@@ -76,6 +76,17 @@ def _first_duplicate(ids: Sequence[Any]) -> Optional[tuple[Any, int, int]]:
     return None
 
 
+def check_unique_ids(ids: Sequence[Any], name: str, where: str = "positions", what: str = "item") -> None:
+    """``ValueError`` naming the first repeated id of ``ids`` (``name``: the argument's name)."""
+    duplicate = _first_duplicate(ids)
+    if duplicate is not None:
+        key, first, second = duplicate
+        raise ValueError(
+            f"{name} must be unique, but {key!r} appears twice ({where} {first} and {second}); "
+            f"give every {what} a distinct id (or pass {name}=None to number them 0..{len(ids) - 1})"
+        )
+
+
 def _names(ids: Sequence[Any], limit: int = 10) -> str:
     """``"q1, q3"``; at most ``limit`` names, then ``"... (N more)"``."""
     shown = ", ".join(str(key) for key in ids[:limit])
@@ -155,15 +166,8 @@ class Attribution:
                 f"ids do not match scores {tuple(self.scores.shape)}: {len(self.query_ids)} query ids, "
                 f"{len(self.train_ids)} train ids"
             )
-        for name, ids, where, what in (("query_ids", self.query_ids, "rows", "query"),
-                                       ("train_ids", self.train_ids, "columns", "training example")):
-            duplicate = _first_duplicate(ids)
-            if duplicate is not None:
-                key, first, second = duplicate
-                raise ValueError(
-                    f"{name} must be unique, but {key!r} appears twice ({where} {first} and {second}); "
-                    f"give every {what} a distinct id (or pass {name}=None to number them 0..{len(ids) - 1})"
-                )
+        check_unique_ids(self.query_ids, "query_ids", "rows", "query")
+        check_unique_ids(self.train_ids, "train_ids", "columns", "training example")
         for name, texts, size in (("query_texts", self.query_texts, q), ("train_texts", self.train_texts, n)):
             if texts is not None and len(texts) != size:
                 raise ValueError(f"{name} has {len(texts)} entries, expected {size}")

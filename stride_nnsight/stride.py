@@ -24,7 +24,7 @@ from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, reso
 from .measurement import Metric, measure
 from .operators import SteeringOperators
 from .recovery import recover
-from .results import Attribution, AttributionCache
+from .results import Attribution, AttributionCache, check_unique_ids
 
 __all__ = ["Stride", "STATE_FILE", "PartialFitError", "attribute_layers", "find_state_file"]
 
@@ -271,6 +271,8 @@ class Stride:
         texts = as_text_list(train_texts, "train_texts")
         if train_ids is not None and len(train_ids) != len(texts):
             raise ValueError(f"train_ids has {len(train_ids)} entries but there are {len(texts)} texts")
+        if train_ids is not None:
+            check_unique_ids(list(train_ids), "train_ids", "positions", "training example")
         check_design_size(len(texts), self.args.n_subsets, self.args.subsets_per_example)  # before any work
         self.backend.freeze()  # no weight gradients, also if requires_grad was switched back on since Stride()
         self._check_finite_model()
@@ -419,6 +421,8 @@ class Stride:
         completions = as_text_list(completions, "completions")
         if query_ids is not None and len(query_ids) != len(prompts):
             raise ValueError(f"query_ids has {len(query_ids)} entries but there are {len(prompts)} prompts")
+        if query_ids is not None:
+            check_unique_ids(list(query_ids), "query_ids", "positions", "query")  # before any measuring
         args = self.args.replace(**{k: v for k, v in {"lambda_rule": lambda_rule,
                                                        "lambda_fraction": lambda_fraction}.items() if v is not None})
         y, base = self.measure(prompts, completions, metric=metric, intervention=intervention, progress=progress)

@@ -231,3 +231,17 @@ def test_cat_of_two_stride_fits_is_refused_and_one_fit_is_joined(tiny_model, sma
     assert joined.query_ids == ["a", "b"] and joined.provenance["lambda_rule"] == ["fraction", "cv"]
     with pytest.raises(ValueError, match=r"different fits: provenance\['seed'\] is 0 in part 0 but 1 in part 1"):
         Attribution.cat([a, c])
+
+
+def test_duplicate_ids_refused_before_any_work(tiny_model, small_texts, monkeypatch):
+    from stride_nnsight import Stride
+    from stride_nnsight import stride as stride_module
+
+    s = Stride(tiny_model, layer=1, n_subsets=8, subsets_per_example=2, rank=2, steps=2, batch_size=4, seed=0)
+    with pytest.raises(ValueError, match=r"train_ids must be unique, but 'a' appears twice \(positions 0 and 2\)"):
+        s.fit(small_texts[:4], train_ids=["a", "b", "a", "c"], progress=False)
+    assert s.train_texts is None  # nothing was set
+    s.fit(small_texts[:8], progress=False)
+    monkeypatch.setattr(stride_module, "measure", lambda *a, **k: pytest.fail("measured despite duplicate ids"))
+    with pytest.raises(ValueError, match="query_ids must be unique"):
+        s.attribute(["the cat", "a dog"], [" sat.", " ran."], query_ids=[7, 7], progress=False)
