@@ -17,7 +17,8 @@ For each ``n`` (default 1e3, 1e4, 1e5, 1e6) and each ``K`` (a fixed ``--K``, def
   and the reference's precision@k.
 
 Each row runs in a fresh process (``--in-process`` to skip), so its peak RSS is its own:
-``RSS ws`` is the peak after design + working-set run, ``RSS all`` after the reference too.
+``RSS base`` is the peak after the imports (torch included), ``RSS ws`` after the design,
+the queries and the working-set run, ``RSS all`` after the reference too.
 The machine load (``os.getloadavg``) and the thread settings are printed beside the table:
 timings mean something only on an otherwise idle machine.
 
@@ -44,10 +45,11 @@ DEFAULT_NS = (1_000, 10_000, 100_000, 1_000_000)
 QUICK_NS = (300, 3_000)
 
 COLUMNS = [
-    ("n", "n"), ("K", "K"), ("q", "q"), ("design_s", "design s"),
+    ("n", "n"), ("K", "K"), ("q", "q"), ("base_rss_gb", "RSS base GB"), ("design_s", "design s"),
     ("ws_wall_s", "ws wall s"), ("ws_ms_per_query", "ws ms/query"), ("ws_rss_gb", "RSS ws GB"),
     ("ws_precision", "ws prec@k"), ("ws_nnz_per_query", "ws nnz/query"), ("ws_not_converged", "ws not conv."),
-    ("ref_q", "ref q"), ("ref_ms_per_query", "ref ms/query"), ("ws_same_ms_per_query", "ws ms/query (same q, 1 thread)"),
+    ("ref_q", "ref q"), ("ref_ms_per_query", "ref ms/query"),
+    ("ws_same_ms_per_query", "ws ms/query (same q, 1 thread)"),
     ("speedup", "ref / ws"), ("obj_rel_min", "obj (ws-ref)/ref min"), ("obj_rel_max", "obj (ws-ref)/ref max"),
     ("ref_precision", "ref prec@k"), ("rss_all_gb", "RSS all GB"),
 ]
@@ -58,6 +60,7 @@ class Row:
     n: int
     K: int
     q: int
+    base_rss_gb: float = math.nan
     design_s: float = math.nan
     ws_wall_s: float = math.nan
     ws_ms_per_query: float = math.nan
@@ -136,7 +139,7 @@ def run_row(n: int, K: int, cfg: Config) -> Row:
     from stride_nnsight.design import SubsetDesign
     from stride_nnsight.recovery import lasso_objective, recover
 
-    row = Row(n=n, K=K, q=cfg.q)
+    row = Row(n=n, K=K, q=cfg.q, base_rss_gb=_peak_rss_gb())
     t0 = time.perf_counter()
     membership = SubsetDesign(n, K, cfg.d, seed=cfg.seed).membership
     row.design_s = time.perf_counter() - t0

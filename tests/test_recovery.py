@@ -1,8 +1,17 @@
+import math
+import sys
+import tracemalloc
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
+import scipy.sparse as sp
+from sklearn.exceptions import ConvergenceWarning
 
-from stride_nnsight.design import SubsetDesign
-from stride_nnsight.recovery import lambda_max, recover, recover_one
+import stride_nnsight.recovery as recovery
+from stride_nnsight.design import SubsetDesign, recommended_n_subsets
+from stride_nnsight.recovery import lambda_max, lasso_objective, recover, recover_one, recover_sparse
 
 
 def planted(n=400, K=128, d=8, k=5, noise=0.01, seed=0):
@@ -76,3 +85,154 @@ def test_all_queries_at_once_match_one_query_at_a_time(n_queries):
     assert np.abs(scores[0]).max() > 0
     with pytest.raises(ValueError, match="one per subset"):
         recover(np.stack(ys)[:, :-1], M, progress=False)
+
+
+# ------------------------------------------------------------------ scaling: the working-set solver
+
+
+def planted_queries(n, K=256, d=4, q=4, k=10, noise=0.1, seed=0):
+    """Design M [K, n] and q queries y [q, K] = M w_i + noise + shift, each w_i k-sparse."""
+    rng = np.random.default_rng(seed)
+    M = SubsetDesign(n, K, d, seed=seed).membership
+    supports = np.stack([rng.choice(n, k, replace=False) for _ in range(q)])
+    values = rng.choice([-1, 1], (q, k)) * rng.uniform(0.5, 1.5, (q, k))
+    Mc = M.tocsc()
+    y = np.stack([Mc[:, supports[i]] @ values[i] for i in range(q)])
+    return M, y + noise * rng.standard_normal((q, K)) + rng.normal(size=(q, 1)), supports
+
+
+@pytest.mark.parametrize("n", [2_000, 20_000])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_working_set_reaches_the_reference_objective(n, seed):
+    """Same Lasso objective (optimal intercept) as the scikit-learn reference within 1e-6
+    relative, same lambdas, same supports (unique optimum at the default fraction)."""
+    M, y, _ = planted_queries(n, q=3, noise=(0.05, 0.3, 1.0)[seed], seed=seed)
+    ref, lam_ref = recover(y, M, progress=False, solver="reference")
+    ws, lam_ws = recover(y, M, progress=False, solver="working_set", sparse=True)
+    np.testing.assert_allclose(lam_ws, lam_ref, rtol=1e-12)
+    for i in range(len(y)):
+        p_ref = lasso_objective(y[i], M, ref[i], lam_ref[i])
+        p_ws = lasso_objective(y[i], M, ws.getrow(i), lam_ws[i])
+        assert abs(p_ws - p_ref) <= 1e-6 * p_ref
+        assert set(ws.getrow(i).indices) == set(np.flatnonzero(ref[i]))
+
+
+def test_working_set_without_intercept_matches_reference():
+    M, y, _ = planted_queries(3_000, K=128, q=2, seed=3)
+    ref, lam_ref = recover(y, M, fit_intercept=False, progress=False, solver="reference")
+    ws, lam_ws = recover(y, M, fit_intercept=False, progress=False, solver="working_set")
+    np.testing.assert_allclose(lam_ws, lam_ref, rtol=1e-12)
+    for i in range(2):
+        p_ref = lasso_objective(y[i], M, ref[i], lam_ref[i], fit_intercept=False)
+        assert abs(lasso_objective(y[i], M, ws[i], lam_ws[i], fit_intercept=False) - p_ref) <= 1e-6 * p_ref
+
+
+def test_lasso_objective_uses_the_optimal_intercept():
+    M, y, _ = planted_queries(500, K=64, q=1, seed=4)
+    w = np.zeros(500)
+    w[[3, 7]] = [1.0, -2.0]
+    r = y[0] - M @ w
+    expected = np.mean((r - r.mean()) ** 2) / 2 + 0.1 * 3.0
+    assert lasso_objective(y[0], M, w, 0.1) == pytest.approx(expected, rel=1e-12)
+    assert lasso_objective(y[0], M, sp.csr_matrix(w), 0.1) == pytest.approx(expected, rel=1e-12)
+    assert lasso_objective(y[0], M, w, 0.1, fit_intercept=False) == pytest.approx(np.mean(r ** 2) / 2 + 0.3)
+
+
+def test_solver_is_chosen_by_size(monkeypatch):
+    calls = []
+    for name in ("_recover_working_set", "_recover_fraction"):
+        real = getattr(recovery, name)
+        monkeypatch.setattr(recovery, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    M, y, _ = planted_queries(400, K=64, q=2, k=3)
+    recover(y, M, progress=False)
+    assert calls == ["_recover_fraction"]  # n = 400 < WORKING_SET_MIN_N
+    monkeypatch.setattr(recovery, "WORKING_SET_MIN_N", 400)
+    recover(y, M, progress=False)
+    assert calls[-1] == "_recover_working_set"  # n >= WORKING_SET_MIN_N
+    recover(y, M, progress=False, solver="reference")
+    assert calls[-1] == "_recover_fraction"  # explicit choice wins
+    monkeypatch.setattr(recovery, "WORKING_SET_MIN_N", 10**9)
+    recover(y, M, progress=False, solver="working_set")
+    assert calls[-1] == "_recover_working_set"
+    recover(y, M, rule="cv", progress=False, solver="working_set")  # cv: LassoCV per query, neither
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="unknown solver 'fast'"):
+        recover(y, M, progress=False, solver="fast")
+    with pytest.raises(ValueError, match="n_jobs must be >= 1"):
+        recover(y, M, progress=False, n_jobs=0)
+    with pytest.raises(ValueError, match="lambda fraction must be > 0"):
+        recover(y, M, fraction=0.0, progress=False)
+
+
+@pytest.mark.parametrize("solver,rule", [("working_set", "fraction"), ("reference", "fraction"), ("auto", "cv")])
+def test_sparse_output_equals_dense_output(solver, rule):
+    M, y, _ = planted_queries(600, K=64, q=3, k=3, seed=5)
+    y = np.vstack([y, np.full(64, 2.0)])  # a constant query: lambda 0, no score
+    dense, lam_dense = recover(y, M, rule, progress=False, solver=solver)
+    sparse, lam_sparse = recover_sparse(y, M, rule, progress=False, solver=solver)
+    assert isinstance(dense, np.ndarray) and dense.dtype == np.float32 and dense.shape == (4, 600)
+    assert isinstance(sparse, sp.csr_matrix) and sparse.dtype == np.float32 and sparse.shape == (4, 600)
+    np.testing.assert_array_equal(sparse.toarray(), dense)
+    np.testing.assert_array_equal(lam_sparse, lam_dense)
+    assert np.all(sparse.data != 0)  # only non-zero scores stored
+    assert not np.signbit(dense[dense == 0]).any()  # zeros are +0.0
+    assert sparse.getrow(3).nnz == 0 and (rule == "cv" or lam_dense[3] == 0)
+    assert sparse.nnz > 0
+
+
+def test_threads_give_the_same_scores(monkeypatch):
+    monkeypatch.setattr(recovery, "CHUNK_ELEMENTS", 2 * 3_000)  # chunks of 2 queries
+    M, y, _ = planted_queries(3_000, K=128, q=5, seed=6)
+    one, lam_one = recover(y, M, progress=False, solver="working_set", sparse=True)
+    two, lam_two = recover(y, M, progress=False, solver="working_set", sparse=True, n_jobs=2)
+    assert (one != two).nnz == 0
+    np.testing.assert_array_equal(lam_one, lam_two)
+
+
+def test_unconverged_queries_are_reported(monkeypatch):
+    monkeypatch.setattr(recovery, "_MAX_OUTER", 1)  # one round: no certificate yet
+    M, y, _ = planted_queries(2_000, K=128, q=2, noise=1.0, seed=7)
+    with pytest.warns(ConvergenceWarning, match="2 of 2 queries stopped with a duality gap above"):
+        recover(y, M, progress=False, solver="working_set")
+
+
+def test_working_set_never_allocates_dense_query_by_example_float64():
+    """q x n float64 would be 80 MB here; the chunked solver holds a [n, chunk] block instead."""
+    n, q = 200_000, 50
+    M, y, supports = planted_queries(n, q=q, seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        tracemalloc.start()
+        try:
+            scores, _ = recover(y, M, progress=False, sparse=True)  # n >= WORKING_SET_MIN_N: working set
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert isinstance(scores, sp.csr_matrix) and scores.shape == (q, n)
+    assert peak < q * n * 8 / 2, f"peak {peak / 1e6:.1f} MB"
+    assert scores.nnz < 50 * q  # sparse, as the planted influence
+    top = [set(scores.getrow(i).indices[np.argsort(-np.abs(scores.getrow(i).data))[:10]]) for i in range(q)]
+    assert np.mean([len(t & set(s)) / 10 for t, s in zip(top, supports)]) > 0.3  # something was recovered
+
+
+def test_scaling_benchmark_quick_table(capsys):
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:  # `benchmarks` lives next to the package
+        sys.path.insert(0, str(root))
+    from benchmarks.scaling_recovery import QUICK_NS, main
+
+    rows = main(["--quick", "--in-process"])
+    out = capsys.readouterr().out
+    expected = [(n, K) for n in QUICK_NS for K in sorted({64, recommended_n_subsets(n, 5)})]
+    assert [(r.n, r.K) for r in rows] == expected
+    lines = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| n ")]
+    assert [tuple(int(c) for c in line.split("|")[1:3]) for line in lines] == expected
+    assert "load_avg_1_5_15" in out and "torch_threads" in out and "OMP_NUM_THREADS" in out
+    for r in rows:
+        assert r.q == 6 and r.ref_q == 3
+        assert r.ws_wall_s > 0 and r.ws_ms_per_query == pytest.approx(1e3 * r.ws_wall_s / r.q)
+        assert r.ref_ms_per_query > 0 and r.speedup == pytest.approx(r.ref_ms_per_query / r.ws_same_ms_per_query)
+        assert max(abs(r.obj_rel_min), abs(r.obj_rel_max)) <= 1e-6
+        assert 0 <= r.ws_precision <= 1 and 0 <= r.ref_precision <= 1
+        assert r.ws_rss_gb > 0 and r.rss_all_gb >= r.ws_rss_gb and r.ws_not_converged == 0
+        assert math.isfinite(r.design_s)
