@@ -16,7 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["SubsetDesign", "recommended_n_subsets", "check_design_size"]
+__all__ = ["SubsetDesign", "recommended_n_subsets", "supported_sparsity", "check_design_size",
+           "DEFAULTS_SPARSITY"]
+
+#: influential documents per query the default K was sized for (docs/method.md, defaults table)
+DEFAULTS_SPARSITY = 20
 
 
 def recommended_n_subsets(n_examples: int, sparsity: int, constant: float = 2.0) -> int:
@@ -29,6 +33,20 @@ def recommended_n_subsets(n_examples: int, sparsity: int, constant: float = 2.0)
         raise ValueError("n_examples and sparsity must be >= 1")
     k = min(sparsity, n_examples)
     return max(k + 1, math.ceil(constant * k * math.log(max(n_examples / k, 2.0))))
+
+
+def supported_sparsity(n_examples: int, n_subsets: int, constant: float = 2.0) -> int:
+    """The largest ``k`` that ``K = n_subsets`` measurements support under the rule of
+    `recommended_n_subsets` (``K >= constant * k * log(n / k)``); 0 if none. E.g. K=256 supports
+    k=30 at n=2,000 but only k=11 at n=1e6."""
+    lo, hi = 0, min(int(n_examples), int(n_subsets))
+    while lo < hi:  # recommended_n_subsets grows with k (for k < n / e), so bisect
+        mid = (lo + hi + 1) // 2
+        if recommended_n_subsets(n_examples, mid, constant) <= n_subsets:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def check_design_size(n_examples: int, n_subsets: int, subsets_per_example: int) -> None:

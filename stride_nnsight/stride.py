@@ -18,7 +18,7 @@ from .activations import ActivationCache, HeadMismatchError, cache_size_bytes, u
 from .arguments import StrideArguments
 from .backends import ModelBackend, resolve_backend
 from .backends.base import FINGERPRINT_VERSION, check_finite_weights
-from .design import SubsetDesign, check_design_size
+from .design import DEFAULTS_SPARSITY, SubsetDesign, check_design_size, recommended_n_subsets, supported_sparsity
 from .fitting import FitHistory, OperatorFitter
 from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, resolve_max_length
 from .measurement import Metric, measure
@@ -72,6 +72,21 @@ def _in_eval_mode(method: Callable) -> Callable:
                 m.training = True
 
     return wrapper
+
+
+def warn_if_underdetermined(n_examples: int, n_subsets: int) -> None:
+    """Warn when ``K`` measurements are too few for a corpus this large: with ``n >= 10 K``
+    and fewer than ``DEFAULTS_SPARSITY`` recoverable documents per query (`supported_sparsity`),
+    sparse recovery loses precision (synthetic recovery with K=256: precision@10 falls from about
+    0.9 at n=1e3 to about 0.4 at n=1e6, benchmarks/RESULTS-recovery-scaling.md)."""
+    k = supported_sparsity(n_examples, n_subsets)
+    if n_examples >= 10 * n_subsets and k < DEFAULTS_SPARSITY:
+        warnings.warn(
+            f"n_subsets K={n_subsets} is small for {n_examples:,} training documents: it supports recovering "
+            f"about {k} influential documents per query (K >= 2 k log(n/k)), the defaults were sized for "
+            f"{DEFAULTS_SPARSITY}; expect lower precision. Raise n_subsets to at least "
+            f"{recommended_n_subsets(n_examples, DEFAULTS_SPARSITY)} (state and measurement cost grow with K)",
+            UserWarning, stacklevel=3)
 
 
 class Stride:
@@ -274,6 +289,7 @@ class Stride:
         if train_ids is not None:
             check_unique_ids(list(train_ids), "train_ids", "positions", "training example")
         check_design_size(len(texts), self.args.n_subsets, self.args.subsets_per_example)  # before any work
+        warn_if_underdetermined(len(texts), self.args.n_subsets)
         self.backend.freeze()  # no weight gradients, also if requires_grad was switched back on since Stride()
         self._check_finite_model()
         self._take_fingerprint()  # the model the operators are fitted on; checked before every measurement
@@ -481,6 +497,8 @@ class Stride:
             "steps_run": len(self.history),
             "steps_planned": self.steps_planned,
             "activation_cache": self.cache_used,
+            "supported_sparsity": None if self.train_texts is None else supported_sparsity(len(self.train_texts),
+                                                                                           self.args.n_subsets),
             "settings": self.args.to_dict(),
             "max_length": self.train_max_length,  # effective tokens per training text (BOS included)
             "query_max_length": resolve_max_length(self.args.max_length, self.backend.context_length, warn=False),

@@ -72,3 +72,25 @@ def test_index_errors():
         design.members(4)
     with pytest.raises(IndexError):
         design.subsets_of(10)
+
+
+def test_supported_sparsity_inverts_the_recommended_k():
+    from stride_nnsight.design import recommended_n_subsets, supported_sparsity
+
+    for n, K in ((2000, 256), (100_000, 256), (1_000_000, 256), (1_000_000, 1000), (40, 16)):
+        k = supported_sparsity(n, K)
+        assert recommended_n_subsets(n, k) <= K < recommended_n_subsets(n, k + 1)
+    assert supported_sparsity(2000, 256) == 30 and supported_sparsity(1_000_000, 256) == 11
+
+
+def test_large_corpus_with_few_subsets_warns(recwarn):
+    import warnings
+
+    from stride_nnsight.stride import warn_if_underdetermined
+
+    with pytest.warns(UserWarning, match=r"K=256 is small for 100,000 training documents: .* about 14 "):
+        warn_if_underdetermined(100_000, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_underdetermined(2000, 256)   # 30 >= 20: the regime the defaults were sized for
+        warn_if_underdetermined(60, 16)      # small corpus: n < 10 K
