@@ -30,7 +30,7 @@ def test_forward_matches_plain_model(backend, tiny_hf_model, tiny_tokenizer, sma
     assert z.shape == (3, batch.input_ids.shape[1], 32)
 
 
-def test_edit_changes_output_only_through_the_layer(backend, tiny_tokenizer, small_texts):
+def test_edit_changes_output_only_through_the_layer(backend, tiny_hf_model, tiny_tokenizer, small_texts):
     batch = encode_texts(tiny_tokenizer, small_texts[:2], 64)
     ops = SteeringOperators(4, 32, 3, 32, layer=1)
     with torch.no_grad():
@@ -39,7 +39,20 @@ def test_edit_changes_output_only_through_the_layer(backend, tiny_tokenizer, sma
     steered, z_read = backend.forward(batch.input_ids, batch.attention_mask, 1, edit=lambda h: ops(h, 2))
     _, z1 = backend.forward(batch.input_ids, batch.attention_mask, 1)
     torch.testing.assert_close(z_read, z1)  # the read activation is the unsteered one
-    assert not torch.allclose(steered, base)
+    # the steered logits by hand: the plain HF model with block 1's output + B(z) a_2 (a forward hook)
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        h = h + ops.delta(h, 2)
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+    handle = tiny_hf_model.transformer.h[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expected = tiny_hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(steered.detach(), expected)
+    assert (steered - base).abs().max() > 1e-2  # the edit does move the logits
     # an edit at layer 1 cannot touch layer 0's output
     with torch.no_grad():
         _, z0_after = backend.forward(batch.input_ids, batch.attention_mask, 0)

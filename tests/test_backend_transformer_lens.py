@@ -268,7 +268,20 @@ def test_resolve_backend_and_attributes(setting):
     # torch_module's parameters are the model weights (the same values the HF model holds)
     n_weights = sum(p.numel() for p in tl.torch_module.parameters())
     assert n_weights >= sum(p.numel() for p in setting["hf"].parameters())
-    assert tl.fingerprint() == tl.fingerprint()
+    # same weights in an independently built model (nnsight's own copy): same fingerprint;
+    # one block weight changed (restored after): a different one
+    before = tl.fingerprint()
+    assert before == setting["nn"].fingerprint()
+    name, weight = next((n, p) for n, p in tl.named_weights() if n.endswith("h.1.mlp.c_fc.weight"))
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.01)
+        assert tl.fingerprint() != before, name
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert tl.fingerprint() == before
     other_tok = copy.deepcopy(setting["tok"])
     assert resolve_backend(bridge, tokenizer=other_tok).tokenizer is other_tok
     assert [tl.hook_name(layer) for layer in range(N_LAYER)] == [

@@ -44,14 +44,46 @@ def test_backends_agree_on_measurements_and_scores(pair):
     assert b.provenance["hook"] == "blocks.1.hook_resid_post"
 
 
-def test_custom_metric_on_both_backends(pair):
+def test_custom_metric_on_both_backends(pair, tiny_model, tiny_hf_model):
     nn_stride, tl_stride = pair
     a = nn_stride.attribute(PROMPTS, COMPLETIONS, metric=logit_diff, progress=False)
     b = tl_stride.attribute(PROMPTS, COMPLETIONS, metric=logit_diff, progress=False)
     torch.testing.assert_close(a.measurements, b.measurements, atol=1e-4, rtol=1e-4)
     assert a.provenance["metric"] == "logit_diff"
-    default = nn_stride.attribute(PROMPTS, COMPLETIONS, progress=False)
-    assert not torch.allclose(a.measurements, default.measurements)
+    # the custom metric's values by hand: logit_diff of the steered run minus that of the plain run,
+    # each query alone (unpadded) through the plain HF model
+    queries = encode_queries(tiny_model.tokenizer, PROMPTS, COMPLETIONS, 32)
+    for q in range(len(PROMPTS)):
+        ids = queries.input_ids[q: q + 1, : int(queries.attention_mask[q].sum())]
+        plain = _hand_logit_diff(tiny_hf_model, nn_stride.operators, ids, None)
+        for k in range(nn_stride.operators.n_operators):
+            expected = _hand_logit_diff(tiny_hf_model, nn_stride.operators, ids, k) - plain
+            assert float(a.measurements[q, k]) == pytest.approx(expected, rel=1e-3, abs=2e-6), (q, k)
+    assert float(a.measurements.abs().max()) > 1e-4  # the operators do move the metric (above the tolerance)
+
+
+def _hand_logit_diff(hf_model, ops, ids, k):
+    """Logit 5 minus logit 6 at the last token of one unpadded row ``ids [1, t]``, operator ``k``
+    (``None``: none) applied by a forward hook on block ``ops.layer`` of the plain HF model."""
+    seen = {}
+
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        seen["z"] = h
+        if k is None or ops.placement == "logits":
+            return None
+        h = h + ops.delta(h, k)
+        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+    handle = hf_model.transformer.h[ops.layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = hf_model(input_ids=ids).logits
+            if k is not None and ops.placement == "logits":
+                logits = logits + ops.delta(seen["z"], k)
+    finally:
+        handle.remove()
+    return float(logits[0, -1, 5] - logits[0, -1, 6])
 
 
 def test_steer_inside_user_trace_matches_measurement(pair, tiny_model, bridge):
