@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -96,6 +96,34 @@ def _bytes(x: Any) -> str:
 
 def _ok(flag: bool) -> str:
     return "**met**" if flag else "**NOT met**"
+
+
+def _paired_ci(a: dict, b: dict) -> Optional[tuple[float, float]]:
+    """Paired 95% bootstrap CI of the per-query LDS difference ``a - b`` (``None`` when the
+    per-query values are missing or cover different queries)."""
+    pa, pb = a.get("per_query"), b.get("per_query")
+    if pa is None or pb is None or len(pa) != len(pb):
+        return None
+    lo, hi = bootstrap_ci(np.asarray(pa) - np.asarray(pb), 0.95, 1000, 0)
+    return float(lo), float(hi)
+
+
+def lds_verdict(a: dict, b: dict, picked_after: bool = False) -> str:
+    """Verdict of "LDS of ``a`` is at least / above ``b``" that respects the paired CI:
+    **met** only when the whole CI of ``a - b`` lies above 0, **NOT met** when it lies below 0,
+    **level** when it contains 0 (the queries do not resolve the difference). A configuration
+    picked after seeing these queries gets no verdict on them."""
+    if picked_after:
+        return "– (picked on these queries: no verdict)"
+    ci = _paired_ci(a, b)
+    if ci is None:
+        return "– (no paired CI)"
+    lo, hi = ci
+    if lo > 0:
+        return "**met**"
+    if hi < 0:
+        return "**NOT met**"
+    return "**level** (CI contains 0)"
 
 
 # ------------------------------------------------------------------------------ report
@@ -238,16 +266,16 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
         if best_grad:
             b = grad[best_grad]["m"]["lds"]
             w(f"| STRIDE LDS >= best gradient method ({LABELS[best_grad]}) | {s_l['mean']:.3f} vs {b['mean']:.3f} "
-              f"(difference {s_l['mean'] - b['mean']:+.3f}{_paired(s_l, b)}) | {_ok(s_l['mean'] >= b['mean'])} |")
+              f"(difference {s_l['mean'] - b['mean']:+.3f}{_paired(s_l, b)}) | {lds_verdict(s_l, b)} |")
         if "ekfac" in rows and best_grad != "ekfac":
             b = rows["ekfac"]["m"]["lds"]
             w(f"| STRIDE LDS >= EK-FAC | {s_l['mean']:.3f} vs {b['mean']:.3f}{_paired(s_l, b)} | "
-              f"{_ok(s_l['mean'] >= b['mean'])} |")
+              f"{lds_verdict(s_l, b)} |")
         for other in ("bm25", "representation"):
             if other in rows:
                 b = rows[other]["m"]["lds"]
                 w(f"| STRIDE LDS > {LABELS[other]} | {s_l['mean']:.3f} vs {b['mean']:.3f}{_paired(s_l, b)} | "
-                  f"{_ok(s_l['mean'] > b['mean'])} |")
+                  f"{lds_verdict(s_l, b)} |")
         sr = s["res"]
         L.extend(_time_target_rows(sr, rows, Q))
         store = 4.0 * n * P
@@ -260,7 +288,7 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
             bk = max(combo_m, key=lambda k: combo_m[k]["lds"]["mean"])
             bm, gb = combo_m[bk]["lds"], grad[best_grad]["m"]["lds"]
             w(f"| (not the defaults) best STRIDE configuration measured, `{bk}`, LDS >= {LABELS[best_grad]} | "
-              f"{bm['mean']:.3f} vs {gb['mean']:.3f}{_paired(bm, gb)} | {_ok(bm['mean'] >= gb['mean'])} |")
+              f"{bm['mean']:.3f} vs {gb['mean']:.3f}{_paired(bm, gb)} | {lds_verdict(bm, gb, picked_after=True)} |")
         if "trak" in rows:
             t = rows["trak"]["res"]
             w(f"| (for reference) STRIDE state vs TRAK's projected store | {_bytes(sr.state_bytes)} vs "
@@ -420,11 +448,10 @@ def _cpu_count() -> int:
 
 def _paired(a: dict, b: dict) -> str:
     """Paired bootstrap CI of the LDS difference over queries (same queries for both methods)."""
-    pa, pb = a.get("per_query"), b.get("per_query")
-    if pa is None or pb is None or len(pa) != len(pb):
+    ci = _paired_ci(a, b)
+    if ci is None:
         return ""
-    lo, hi = bootstrap_ci(np.asarray(pa) - np.asarray(pb), 0.95, 1000, 0)
-    return f"; paired 95% CI of the difference [{lo:+.3f}, {hi:+.3f}]"
+    return f"; paired 95% CI of the difference [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 def _fact_signal(gt, corpus) -> str:
@@ -651,10 +678,9 @@ def _confirmation_section(confirmation: dict, plan, default_args: dict, main_row
         for k in others:
             b = rows[k]["m"]["lds"]
             strict = k in ("bm25", "representation")
-            ok = s_l["mean"] > b["mean"] if strict else s_l["mean"] >= b["mean"]
             label = LABELS[k] + (" (best gradient method here)" if k == best_grad else "")
             w(f"| STRIDE LDS {'>' if strict else '>='} {label} | {s_l['mean']:.3f} vs {b['mean']:.3f} "
-              f"(difference {s_l['mean'] - b['mean']:+.3f}{_paired(s_l, b)}) | {_ok(ok)} |")
+              f"(difference {s_l['mean'] - b['mean']:+.3f}{_paired(s_l, b)}) | {lds_verdict(s_l, b)} |")
         L.extend(_time_target_rows(sr, rows, Q))
         w("")
         for k in ("ekfac", "gradient_dot"):  # a time verdict that flips between the two query sets
