@@ -70,12 +70,3 @@ def toy(toy_cache_dir):
     from stride_nnsight.toy import toy_language_model
 
     return toy_language_model(seed=0, cache_dir=toy_cache_dir)
-
-
-@pytest.fixture(scope="session")
-def fitted_toy_stride(toy):
-    """STRIDE fitted on the bundled corpus with the library defaults."""
-    from stride_nnsight import Stride
-
-    model, corpus = toy
-    return Stride(model, seed=0).fit(corpus.documents, progress=False)
