@@ -379,8 +379,8 @@ def _load_legacy(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         raise _error(path, "is a format-1 (torch.save) file that holds Python objects other than tensors "
                      "and plain containers, so it is not loaded (unpickling can run arbitrary code)",
-                     "If you trust the file and where it came from, convert it once: obj = torch.load(path, "
-                     "weights_only=False); stride_nnsight.storage.convert_legacy(obj, new_path, kind) -- or "
+                     "If you trust the file and where it came from, convert it once: load it with torch.load with "
+                     "weights_only switched off, then stride_nnsight.storage.convert_legacy(obj, new_path, kind) -- or "
                      "re-create it with this version") from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise _error(path, f"is a format-1 (torch.save) file that is truncated or unreadable ({err})",
@@ -395,8 +395,8 @@ def _load_legacy(path: Path) -> dict[str, Any]:
 
 
 def convert_legacy(content: Mapping[str, Any], path: str | os.PathLike, kind: str) -> Path:
-    """Write an already-loaded format-1 dict (e.g. from ``torch.load(old, weights_only=False)``
-    on a file you trust) in the current format: manifest ``path`` + tensor file."""
+    """Write an already-loaded format-1 dict (e.g. from ``torch.load`` with ``weights_only``
+    switched off, on a file you trust) in the current format: manifest ``path`` + tensor file."""
     content = {k: v for k, v in content.items() if k not in ("format", "package_version")}
     return save(path, kind, content)
 
