@@ -22,6 +22,24 @@ def _default_cache() -> Path:
     return Path(root)
 
 
+def sensible_threads(out=sys.stdout) -> int:
+    """Use one torch thread when the machine is already busy: torch's default (one thread per
+    core) thrashes when other processes compete for the cores, which made the demo 50x slower
+    on a loaded 2-core machine. ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` set by the user
+    win. Returns the thread count in use."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ or torch.get_num_threads() <= 1 or not hasattr(os, "getloadavg"):
+        return torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load >= cores - 0.5:
+        torch.set_num_threads(1)
+        print(f"      the machine is busy (load {load:.1f} on {cores} cores): using 1 torch thread "
+              "(set OMP_NUM_THREADS to choose)", file=out)
+    return torch.get_num_threads()
+
+
 def run_demo(
     n_queries: int = 6,
     top: int = 5,
@@ -42,6 +60,7 @@ def run_demo(
     from .toy import toy_language_model
 
     cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache()
+    sensible_threads(out)
     t0 = time.perf_counter()
     print(f"[1/4] tiny GPT-2 on the bundled corpus (cache: {cache_dir})", file=out)
     model, corpus = toy_language_model(seed=seed, cache_dir=cache_dir)

@@ -36,3 +36,28 @@ def test_cli_parses_and_rejects_bad_arguments(capsys):
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_busy_machine_gets_one_torch_thread(monkeypatch):
+    import io
+    import os
+
+    import torch
+
+    from stride_nnsight.cli import sensible_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+        assert sensible_threads(io.StringIO()) == 2          # idle: torch's default kept
+        out = io.StringIO()
+        monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+        assert sensible_threads(out) == 1 and "busy" in out.getvalue()
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert sensible_threads(io.StringIO()) == 2          # the user's choice wins
+    finally:
+        torch.set_num_threads(before)
