@@ -7,9 +7,9 @@ trained here on generated text) and a corpus of generated documents (default: 2,
 (a) one plain forward pass over the corpus (length-sorted batches of ``--batch-docs``
     documents, the frozen model's forward as fitting calls it, no gradients);
 (b) building the activation cache (`stride_nnsight.activations.ActivationCache.build`);
-(c) ``--steps`` fit steps without and with the cache: exactly ``OperatorFitter.train_step``
-    (rows drawn by the fitter's sampler, ``operators.step_losses``, backward, AdamW), the
-    only difference being the ``forward`` handed to ``step_losses``.
+(c) ``--steps`` fit steps without and with the cache: the library's ``OperatorFitter.train_step``
+    itself (its sampler, ``operators.step_losses``, finite checks, backward, AdamW), the fitter
+    built without and with ``activations=`` the cache.
 
 It prints the fit's cost in *plain forward passes over the corpus*, ``steps_total *
 time_per_step / time_plain_pass`` (``steps_total`` = the library default's step count for this
@@ -43,7 +43,7 @@ from stride_nnsight.backends import resolve_backend  # noqa: E402
 from stride_nnsight.design import SubsetDesign  # noqa: E402
 from stride_nnsight.fitting import OperatorFitter  # noqa: E402
 from stride_nnsight.inputs import TokenBatch, encode_texts  # noqa: E402
-from stride_nnsight.operators import SteeringOperators, step_losses  # noqa: E402
+from stride_nnsight.operators import SteeringOperators  # noqa: E402
 from stride_nnsight.toy import tiny_gpt2_config, train_tokenizer  # noqa: E402
 
 
@@ -142,7 +142,9 @@ def plain_pass(backend: Any, texts: TokenBatch, layer: int, batch_docs: int) -> 
             backend.forward(batch.input_ids, batch.attention_mask, layer)
 
 
-def make_fitter(backend: Any, texts: TokenBatch, cfg: CostConfig) -> OperatorFitter:
+def make_fitter(backend: Any, texts: TokenBatch, cfg: CostConfig,
+                cache: Optional[ActivationCache] = None) -> OperatorFitter:
+    """The library's own fitter for this setting; with ``cache`` its steps read the activations."""
     args = StrideArguments(n_subsets=cfg.n_subsets, subsets_per_example=cfg.subsets_per_example,
                            batch_size=cfg.batch_size, linearity_operators=cfg.linearity_operators,
                            seed=cfg.seed, layer=-2, placement="logits")
@@ -151,42 +153,18 @@ def make_fitter(backend: Any, texts: TokenBatch, cfg: CostConfig) -> OperatorFit
     torch.manual_seed(args.seed)
     operators = SteeringOperators(args.n_subsets, backend.d_model, args.rank, backend.vocab_size,
                                   placement=args.placement, layer=layer, hidden=args.basis_hidden)
-    return OperatorFitter(backend, operators.to(backend.device), design, texts, args)
+    return OperatorFitter(backend, operators.to(backend.device), design, texts, args, activations=cache)
 
 
-def fit_step(fitter: OperatorFitter, cache: Optional[ActivationCache], clock: dict) -> float:
-    """One ``OperatorFitter.train_step`` (its sampling, losses and update), with the frozen
-    forward served by ``cache`` when given; adds the seconds spent in the forward to
-    ``clock["forward"]``. Returns the total loss."""
-    args, backend, ops = fitter.args, fitter.backend, fitter.operators
-    fid_ex, fid_ops, stab_ex, stab_ops, probe, probe_ops = fitter.sample_rows()
-    n_fid, n_stab, n_probe = len(fid_ex), len(stab_ex), len(probe_ops)
-    examples = np.concatenate([fid_ex, stab_ex, np.full(n_probe, probe, dtype=np.int64)])
-    op_ids = torch.from_numpy(np.concatenate([fid_ops, stab_ops, probe_ops]).astype(np.int64)).to(backend.device)
-    batch = fitter.texts.rows(examples).to(backend.device)
-    ops.train()
-    sketch = fitter.sketch[torch.from_numpy(probe_ops)] if n_probe else None
-    if cache is None:
-        def inner(input_ids, attention_mask, edit):
-            return backend.forward(input_ids, attention_mask, ops.layer, edit=edit)
-    else:
-        inner = cache.forward_for(examples, device=backend.device)
-
-    def forward(input_ids, attention_mask, edit):
+def _clocked(fn: Callable[..., Any], clock: dict) -> Callable[..., Any]:
+    """``fn`` that adds the CPU seconds it spends to ``clock["forward"]``."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.process_time()
         try:
-            return inner(input_ids, attention_mask, edit)
+            return fn(*args, **kwargs)
         finally:
             clock["forward"] += time.process_time() - start
-
-    loss, _, _, _ = step_losses(forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
-                                n_fid, n_stab, (args.fidelity_weight, args.stability_weight, args.linearity_weight),
-                                args.ridge)
-    fitter.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    fitter.optimizer.step()
-    fitter.step += 1
-    return float(loss.detach())
+    return wrapper
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -195,12 +173,25 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.process_time() - start, out
 
 
-def time_steps(fitter: OperatorFitter, cache: Optional[ActivationCache], steps: int) -> tuple[float, float]:
-    """Mean CPU seconds per fit step and the fraction of it spent in the frozen forward
-    (one untimed warm-up step first)."""
-    fit_step(fitter, cache, {"forward": 0.0})
+def time_steps(fitter: OperatorFitter, steps: int) -> tuple[float, float]:
+    """Mean CPU seconds per ``OperatorFitter.train_step`` and the fraction of it spent in the
+    frozen forward (the model's, or the cache's when the fitter has one), after one untimed
+    warm-up step. The forward is clocked by wrapping it on the instance for the duration."""
     clock = {"forward": 0.0}
-    seconds, _ = timed(lambda: [fit_step(fitter, cache, clock) for _ in range(steps)])
+    if fitter.activations is not None:
+        cache, serve = fitter.activations, fitter.activations.forward_for
+        cache.forward_for = lambda index, device=None: _clocked(serve(index, device=device), clock)
+        restore = lambda: delattr(cache, "forward_for")  # noqa: E731
+    else:
+        backend = fitter.backend
+        backend.forward = _clocked(type(backend).forward.__get__(backend), clock)
+        restore = lambda: delattr(backend, "forward")  # noqa: E731
+    try:
+        fitter.train_step()
+        clock["forward"] = 0.0
+        seconds, _ = timed(lambda: [fitter.train_step() for _ in range(steps)])
+    finally:
+        restore()
     return seconds / steps, clock["forward"] / max(seconds, 1e-12)
 
 
@@ -216,8 +207,8 @@ def run(cfg: CostConfig, cache_dir: str) -> dict[str, Any]:
     t_build, cache = timed(lambda: ActivationCache.build(backend, texts, layer, cache_dir, fingerprint=fingerprint,
                                                          dtype=cfg.dtype, batch_size=cfg.batch_docs,
                                                          progress=False, overwrite=True))
-    t_uncached, fwd_uncached = time_steps(make_fitter(backend, texts, cfg), None, cfg.steps)
-    t_cached, fwd_cached = time_steps(make_fitter(backend, texts, cfg), cache, cfg.steps)
+    t_uncached, fwd_uncached = time_steps(make_fitter(backend, texts, cfg), cfg.steps)
+    t_cached, fwd_cached = time_steps(make_fitter(backend, texts, cfg, cache), cfg.steps)
     steps_total = fitter.n_steps
     rows = cfg.batch_size + min(cfg.linearity_operators, cfg.n_subsets)
     return {"cfg": cfg, "layer": layer, "n_tokens": int(texts.attention_mask.sum()), "steps_total": steps_total,

@@ -358,10 +358,8 @@ def _failure(kind: str, chunk: int, start: int, stop: int, total: int, remote: A
 
 
 def _write_json_log(directory: Path, log: Sequence[ChunkRecord]) -> None:
-    path = directory / CHUNK_LOG
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([asdict(r) for r in log], indent=1))
-    os.replace(tmp, path)
+    """The human-readable chunk log (atomic, through the library's storage module)."""
+    storage.write_manifest(directory / CHUNK_LOG, [asdict(r) for r in log])
 
 
 # -------------------------------------------------------------------------------- fitting

@@ -420,8 +420,9 @@ class CacheFileError(StateFileError):
     format. The message names the file and says how to rebuild it."""
 
 
-def write_manifest(path: Path, content: dict) -> None:
-    """Write ``content`` as JSON to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+def write_manifest(path: Path, content: Any) -> None:
+    """Write ``content`` (JSON-serialisable) as JSON to ``path`` atomically (temporary file,
+    fsync, ``os.replace``)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
