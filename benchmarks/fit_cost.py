@@ -142,18 +142,24 @@ def plain_pass(backend: Any, texts: TokenBatch, layer: int, batch_docs: int) -> 
             backend.forward(batch.input_ids, batch.attention_mask, layer)
 
 
-def make_fitter(backend: Any, texts: TokenBatch, cfg: CostConfig,
-                cache: Optional[ActivationCache] = None) -> OperatorFitter:
-    """The library's own fitter for this setting; with ``cache`` its steps read the activations."""
+def make_fitter(backend: Any, texts: TokenBatch, cfg: CostConfig, cache: Optional[ActivationCache] = None,
+                **changes: Any) -> OperatorFitter:
+    """The library's own fitter for this setting (library defaults plus ``changes``, e.g.
+    ``placement="head"`` or ``linearity_weight=0.1``); with ``cache`` its steps read the activations."""
     args = StrideArguments(n_subsets=cfg.n_subsets, subsets_per_example=cfg.subsets_per_example,
                            batch_size=cfg.batch_size, linearity_operators=cfg.linearity_operators,
-                           seed=cfg.seed, layer=-2, placement="logits")
+                           seed=cfg.seed, layer=-2, **changes)
     layer = backend.check_layer(args.layer)
     design = SubsetDesign(len(texts), args.n_subsets, args.subsets_per_example, args.seed)
     torch.manual_seed(args.seed)
-    operators = SteeringOperators(args.n_subsets, backend.d_model, args.rank, backend.vocab_size,
+    out_dim = backend.vocab_size if args.placement == "logits" else backend.d_model
+    operators = SteeringOperators(args.n_subsets, backend.d_model, args.rank, out_dim,
                                   placement=args.placement, layer=layer, hidden=args.basis_hidden)
     return OperatorFitter(backend, operators.to(backend.device), design, texts, args, activations=cache)
+
+
+def rows_per_step(args: StrideArguments) -> int:
+    return args.batch_size + (min(args.linearity_operators, args.n_subsets) if args.linearity_weight > 0 else 0)
 
 
 def _clocked(fn: Callable[..., Any], clock: dict) -> Callable[..., Any]:
@@ -209,12 +215,18 @@ def run(cfg: CostConfig, cache_dir: str) -> dict[str, Any]:
                                                          progress=False, overwrite=True))
     t_uncached, fwd_uncached = time_steps(make_fitter(backend, texts, cfg), cfg.steps)
     t_cached, fwd_cached = time_steps(make_fitter(backend, texts, cfg, cache), cfg.steps)
+    # the same fit with the earlier default (linearity loss on: 32 probe rows per step), and the
+    # head placement (state K x r x d_model), both from the cache
+    with_probe = make_fitter(backend, texts, cfg, cache, linearity_weight=0.1)
+    t_probe, _ = time_steps(with_probe, cfg.steps)
+    t_head, _ = time_steps(make_fitter(backend, texts, cfg, cache, placement="head"), cfg.steps)
     steps_total = fitter.n_steps
-    rows = cfg.batch_size + min(cfg.linearity_operators, cfg.n_subsets)
     return {"cfg": cfg, "layer": layer, "n_tokens": int(texts.attention_mask.sum()), "steps_total": steps_total,
-            "rows_per_step": rows, "cache_bytes": cache.size_bytes, "plain": t_plain, "build": t_build,
+            "rows_per_step": rows_per_step(fitter.args), "rows_per_step_probe": rows_per_step(with_probe.args),
+            "cache_bytes": cache.size_bytes, "plain": t_plain, "build": t_build,
             "step_uncached": t_uncached, "step_cached": t_cached, "forward_share_uncached": fwd_uncached,
-            "forward_share_cached": fwd_cached}
+            "forward_share_cached": fwd_cached, "step_cached_probe": t_probe, "step_cached_head": t_head,
+            "linearity_weight": fitter.args.linearity_weight}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -226,8 +238,9 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         f"fit cost: random-init GPT-2 ({cfg.n_layer} layers, d_model {cfg.d_model}, vocabulary {cfg.vocab}, "
         f"{cfg.toolkit}); {cfg.n_documents} documents, {r['n_tokens'] / cfg.n_documents:.1f} tokens on average; "
-        f"layer {r['layer']}, placement 'logits'; {n} fit steps of {r['rows_per_step']} rows "
-        f"(StrideArguments.fit_steps); {cfg.steps} steps timed per variant",
+        f"layer {r['layer']}, library defaults (placement 'logits', linearity_weight {r['linearity_weight']:g}); "
+        f"{n} fit steps of {r['rows_per_step']} rows (StrideArguments.fit_steps); {cfg.steps} steps timed per "
+        "variant",
         "CPU time (time.process_time, this process, every thread); cost unit: one plain forward pass over the corpus",
     ]
     if cfg.quick:
@@ -242,6 +255,10 @@ def report(r: dict[str, Any]) -> str:
          passes(r["step_cached"])),
         (f"fit cost uncached ({n} steps)", uncached, passes(uncached)),
         (f"fit cost cached ({n} steps + building the cache)", cached, passes(cached)),
+        (f"  same, linearity loss on ({r['rows_per_step_probe']} rows/step, the earlier default)",
+         r["build"] + n * r["step_cached_probe"], passes(r["build"] + n * r["step_cached_probe"])),
+        ("  same, placement 'head' (state K x r x d_model)", r["build"] + n * r["step_cached_head"],
+         passes(r["build"] + n * r["step_cached_head"])),
     ]
     width = max(len(name) for name, _, _ in rows)
     lines.append(f"{'measurement':<{width}}  {'CPU s':>10}  {'plain passes':>12}")

@@ -355,7 +355,7 @@ class BenchSetting:
         c = self.config
         torch.manual_seed(seed)
         return GPT2LMHeadModel(tiny_gpt2_config(self.tokenizer, n_layer=c.n_layer, n_embd=c.n_embd,
-                                                n_head=c.n_head, n_positions=128))
+                                                n_head=c.n_head, n_positions=getattr(c, "n_positions", 128)))
 
     def train_fn(self, indices: np.ndarray, seed: int) -> torch.nn.Module:
         c = self.config
@@ -365,7 +365,8 @@ class BenchSetting:
                                batch_size=c.batch_size, max_length=c.max_length, seed=seed)
 
     def eval_fn(self, model: torch.nn.Module) -> np.ndarray:
-        return query_losses(model, self.tokenizer, self.corpus.prompts, self.corpus.completions)
+        return query_losses(model, self.tokenizer, self.corpus.prompts, self.corpus.completions,
+                            max_length=getattr(self.config, "query_max_length", 64))
 
     def language_model(self):
         """The trained model as an nnsight ``TransformersModel`` (what STRIDE and the baselines take)."""
@@ -391,10 +392,15 @@ def build_setting(config: BenchConfig = FULL, cache_dir: Path = CACHE_DIR, log=p
     """Corpus, tokenizer and the model trained on the whole corpus (loaded from cache when present)."""
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    corpus = build_corpus(config)
+    if hasattr(config, "n_positions"):  # the held-out benchmark (benchmarks.heldout): its own corpus
+        from .heldout import build_heldout_corpus
+
+        corpus = build_heldout_corpus(config)
+    else:
+        corpus = build_corpus(config)
     cache_dir = Path(cache_dir)
     tokenizer = train_tokenizer(corpus.documents, vocab_size=config.vocab_size)
-    tokenizer.model_max_length = 128
+    tokenizer.model_max_length = getattr(config, "n_positions", 128)
     setting = BenchSetting(config, corpus, tokenizer, None, 0.0, cache_dir)  # type: ignore[arg-type]
     path = cache_dir / f"model-{setting.key}"
     meta_file = path / "bench_meta.json"

@@ -252,12 +252,17 @@ def head_path(backend: Any) -> str:
     return _module_path(model, model.get_output_embeddings())
 
 
-def _read_nnsight(backend: Any, input_ids: Tensor, attention_mask: Tensor, layer: int) -> tuple:
+def _read_nnsight(backend: Any, input_ids: Tensor, attention_mask: Tensor, layer: int,
+                  intervention: Any = None) -> tuple:
     model = backend.model
     head_envoy = reduce(getattr, head_path(backend).split("."), model)
     blocks = reduce(getattr, backend.layers_path.split("."), model)
+    if intervention is not None and not callable(intervention):
+        raise TypeError("for nnsight models, intervention must be a callable fn(model) run inside the trace")
     box: list = []
     with model.trace(input_ids=input_ids, attention_mask=attention_mask):  # modules in execution order
+        if intervention is not None:
+            intervention(model)
         out = blocks[layer].output
         box.append(out[0] if isinstance(out, tuple) else out)
         box.append(head_envoy.input)
@@ -265,7 +270,10 @@ def _read_nnsight(backend: Any, input_ids: Tensor, attention_mask: Tensor, layer
     return box[0], box[1], box[2]
 
 
-def _read_transformer_lens(backend: Any, input_ids: Tensor, attention_mask: Tensor, layer: int) -> tuple:
+def _read_transformer_lens(backend: Any, input_ids: Tensor, attention_mask: Tensor, layer: int,
+                           intervention: Any = None) -> tuple:
+    from .backends.transformer_lens import _user_hooks
+
     bridge = backend.model
     names = {"z": backend.hook_name(layer), "h": "unembed.hook_in"}
     missing = [name for name in names.values() if name not in bridge.hook_dict]
@@ -281,7 +289,8 @@ def _read_transformer_lens(backend: Any, input_ids: Tensor, attention_mask: Tens
 
         return hook
 
-    logits = bridge.run_with_hooks(input_ids, fwd_hooks=[(names[k], grab(k)) for k in names],
+    logits = bridge.run_with_hooks(input_ids, fwd_hooks=list(_user_hooks(intervention)) +
+                                   [(names[k], grab(k)) for k in names],
                                    attention_mask=attention_mask, return_type="logits")
     for key, name in names.items():
         if key not in captured:
@@ -289,19 +298,21 @@ def _read_transformer_lens(backend: Any, input_ids: Tensor, attention_mask: Tens
     return captured["z"], captured["h"], logits
 
 
-def read_activations(backend: Any, input_ids: Tensor, attention_mask: Tensor, layer: int
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+def read_activations(backend: Any, input_ids: Tensor, attention_mask: Tensor, layer: int,
+                     intervention: Any = None) -> tuple[Tensor, Tensor, Tensor]:
     """Run the frozen model once on a token batch (no gradients) and return ``(z [b, t, d],
     h [b, t, d], logits [b, t, V])``: the residual stream at the output of block ``layer`` (what
     ``backend.forward`` returns as ``z``), the input of the output head (the final hidden state,
     after the final norm) and the model's final logits. ``backend``: an nnsight or
-    TransformerLens backend (``backend.name``)."""
+    TransformerLens backend (``backend.name``). ``intervention``: the user's own patch, as for
+    ``ModelBackend.forward`` (nnsight: ``fn(model)`` run first in the trace; TransformerLens:
+    ``(hook_name, hook_fn)`` pairs)."""
     layer = backend.check_layer(layer)
     with torch.no_grad():
         if backend.name == "nnsight":
-            return _read_nnsight(backend, input_ids, attention_mask, layer)
+            return _read_nnsight(backend, input_ids, attention_mask, layer, intervention)
         if backend.name == "transformer_lens":
-            return _read_transformer_lens(backend, input_ids, attention_mask, layer)
+            return _read_transformer_lens(backend, input_ids, attention_mask, layer, intervention)
     raise TypeError(f"activation caches support the nnsight and transformer_lens backends, got {backend.name!r}")
 
 
@@ -390,9 +401,9 @@ def use_activation_cache(setting: Any, placement: str, *, remote: bool = False, 
     if setting not in (True, "auto"):
         raise ValueError(f"activation_cache must be True, False or 'auto', got {setting!r}")
     problem = None
-    if placement != "logits":
+    if placement not in ("logits", "head"):
         problem = (f"the {placement!r} placement edits the residual stream, so the blocks after it must run at "
-                   "every step; only placement='logits' can be cached")
+                   "every step; only placement='logits' or 'head' can be cached")
     elif remote:
         problem = "the model runs remotely (remote=...); the cache needs the activations on this machine"
     if problem is not None:
@@ -638,7 +649,10 @@ class ActivationCache:
     def forward_for(self, index: Any, device: Any = None) -> Callable[..., tuple[Tensor, Tensor]]:
         """A ``forward(input_ids, attention_mask, edit) -> (logits [b, T, V], z [b, T, d])`` for
         the rows ``index`` (documents, repeats allowed), to pass to ``operators.step_losses``
-        in place of the model's forward (logits placement).
+        in place of the model's forward (logits and head placements). ``positions=[b, m]``
+        returns only those positions (``[b, m, V]``, ``[b, m, d]``; the head runs on ``b * m``
+        vectors); ``head_input=True`` returns ``(h, z)``, the head's input instead of the logits
+        (head placement).
 
         With ``edit=None`` it returns the model's final logits rebuilt from the cached ``h``
         (``head``) and the cached ``z`` (float32), on ``device`` (default: the head's device).
@@ -657,7 +671,8 @@ class ActivationCache:
         head = self.head
         target = torch.device(device) if device is not None else getattr(head, "device", torch.device("cpu"))
 
-        def forward(input_ids: Tensor, attention_mask: Tensor, edit: Any = None) -> tuple[Tensor, Tensor]:
+        def forward(input_ids: Tensor, attention_mask: Tensor, edit: Any = None,
+                    positions: Optional[Tensor] = None, head_input: bool = False) -> tuple[Tensor, Tensor]:
             if edit is not None:
                 raise NotImplementedError(
                     "the activation cache serves only unsteered forwards (edit=None) of the logits placement: a "
@@ -666,6 +681,21 @@ class ActivationCache:
             self._check_tokens(index, width, input_ids, attention_mask)
             z_u = self._padded(self._z, docs, width)
             h_u = self._padded(self._h, docs, width)
+            if head_input:  # the head placement: the head's input itself (it applies the head after its edit)
+                inv = inverse_t
+                if positions is None:
+                    return h_u[inv].to(target), z_u[inv].to(target)
+                rows, where = inv[:, None], positions.long().cpu()
+                return h_u[rows, where].to(target), z_u[rows, where].to(target)
+            if positions is not None:  # only the rows' chosen positions: the head runs on b * m vectors
+                inv = inverse_t.to(positions.device)
+                rows = inv[:, None]
+                where = positions.long()
+                with torch.no_grad():
+                    h_p = h_u.to(positions.device)[rows, where]                                       # [b, m, d]
+                    values = head(h_p.reshape(-1, h_p.shape[-1]).to(target))
+                logits_p = values.reshape(h_p.shape[0], h_p.shape[1], -1)
+                return logits_p.to(target), z_u.to(positions.device)[rows, where].to(target)
             real = torch.arange(width)[None, :] < torch.from_numpy(self.lengths[docs])[:, None]   # [u, T]
             with torch.no_grad():
                 values = head(h_u[real].to(target))                                               # [P, V]
@@ -674,6 +704,7 @@ class ActivationCache:
             inv = inverse_t.to(target)
             return logits_u.to(target)[inv], z_u.to(target)[inv]
 
+        forward.accepts_positions = True  # type: ignore[attr-defined]
         return forward
 
     def _check_tokens(self, index: np.ndarray, width: int, input_ids: Tensor, attention_mask: Tensor) -> None:

@@ -23,7 +23,9 @@ class StrideArguments:
     Operators:
         layer: decoder block whose output is read (and, for ``"residual"``, steered);
             negative values count from the end.
-        placement: ``"residual"`` (edit the residual stream) or ``"logits"`` (edit the output logits).
+        placement: ``"residual"`` (edit the residual stream), ``"logits"`` (edit the output
+            logits; state ``K x r x V``) or ``"head"`` (edit the output head's input, reaching the
+            logits through the frozen head; state ``K x r x d_model``, local models only).
         rank: ``r``, size of the shared basis.
         basis_hidden: hidden width of the basis network.
     Fitting:
@@ -33,9 +35,17 @@ class StrideArguments:
         fit_passes: passes over the memberships when ``steps`` is ``None``;
         batch_size: rows per step (half fidelity, half stability);
         lr: AdamW learning rate; weight_decay: AdamW weight decay;
-        fidelity_weight, stability_weight, linearity_weight: loss weights;
-        linearity_operators: operators sampled per step for the linearity loss;
+        fidelity_weight, stability_weight, linearity_weight: loss weights. The linearity loss
+            is off by default (``linearity_weight=0``): on two dev corpora it changed LDS by
+            +0.006 and +0.001 (paired CIs include 0) while doubling the rows of every step
+            (docs/method.md, "The linearity loss"); set it > 0 (e.g. 0.1) to use it;
+        linearity_operators: operators sampled per step for the linearity loss (when on);
         sketch_dim: ``q``, width of the Johnson-Lindenstrauss sketch; ridge: ``gamma``;
+        loss_positions: token positions per row at which a step's losses are read, drawn at
+            random among the row's scored positions each step (an unbiased estimate of the
+            row's mean loss); ``None`` reads every position. The vocabulary-wide work of a step
+            (softmax, edit and their backward; with the activation cache also the output
+            head) scales with it instead of with the document length;
         max_length: tokens per training text, BOS included. ``None`` (default): what the
             corpus needs, up to the model's context: the longest training document, capped at
             the model's context length (``ModelBackend.context_length``). An int is used as
@@ -74,10 +84,11 @@ class StrideArguments:
     weight_decay: float = 0.0
     fidelity_weight: float = 1.0
     stability_weight: float = 1.0
-    linearity_weight: float = 0.1
+    linearity_weight: float = 0.0
     linearity_operators: int = 32
     sketch_dim: int = 8
     ridge: float = 1e-2
+    loss_positions: Optional[int] = None
     max_length: Optional[int] = None
     checkpoint_every: int = 100
     activation_cache: Union[bool, str] = "auto"
@@ -109,6 +120,11 @@ class StrideArguments:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.loss_positions is not None and (isinstance(self.loss_positions, bool)
+                                                or not isinstance(self.loss_positions, int)
+                                                or self.loss_positions < 1):
+            raise ValueError(f"loss_positions must be a positive int (token positions read per row and step) or "
+                             f"None (every position), got {self.loss_positions!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.activation_cache not in (True, False, "auto") or isinstance(self.activation_cache, int) \

@@ -26,19 +26,19 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import storage
-from .activations import ActivationCache
+from .activations import ActivationCache, head_function, read_activations
 from .arguments import StrideArguments
 from .backends.base import ModelBackend
 from .design import SubsetDesign
 from .inputs import TokenBatch
-from .operators import SteeringOperators, jl_projection, step_losses
+from .operators import READ_ONLY_PLACEMENTS, SteeringOperators, jl_projection, loss_candidates, step_losses
 
 __all__ = ["FitHistory", "OperatorFitter", "CHECKPOINT_NAME", "CheckpointMismatchError", "NOT_IN_RUN_IDENTITY",
            "interrupts_deferred", "nonfinite_loss_error"]
@@ -199,6 +199,7 @@ class OperatorFitter:
         *,
         identity: Optional[Mapping[str, Any]] = None,
         activations: Optional[ActivationCache] = None,
+        head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ) -> None:
         if len(texts) != design.n_examples:
             raise ValueError(f"design is for {design.n_examples} examples but {len(texts)} texts were given")
@@ -225,9 +226,13 @@ class OperatorFitter:
         self.history = FitHistory()
         self.step = 0
         self.n_steps = args.fit_steps(design.n_examples)  # the target step count
-        if activations is not None and (activations.layer != operators.layer or operators.placement != "logits"):
-            raise ValueError(f"the activation cache holds layer {activations.layer} for the logits placement; these "
-                             f"operators are {operators.placement!r} at layer {operators.layer}")
+        if activations is not None and (activations.layer != operators.layer
+                                        or operators.placement not in READ_ONLY_PLACEMENTS):
+            raise ValueError(f"the activation cache holds layer {activations.layer} for the logits and head "
+                             f"placements; these operators are {operators.placement!r} at layer {operators.layer}")
+        if operators.placement == "head" and head is None:
+            head = activations.head if activations is not None else head_function(backend)
+        self.head = head
         self.activations = activations
         self._identity_extra = {"forward": "live" if activations is None else f"activation cache {activations.dtype}",
                                 **dict(identity or {})}
@@ -284,6 +289,34 @@ class OperatorFitter:
         probe_ops = torch.randperm(K, generator=self.generator)[:n_probe].numpy()
         return fid_ex, fid_ops, stab_ex, stab_ops, probe, probe_ops
 
+    def sample_positions(self, batch: TokenBatch, n_fidelity: int, n_stability: int,
+                         n_probe: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The logits positions each row's losses read this step: ``(positions [b, m] long,
+        valid [b, m] bool)`` with ``m = min(loss_positions, t)``, or ``(None, None)`` (every
+        position) when ``loss_positions`` is ``None``.
+
+        Each row draws ``loss_positions`` of its candidate positions (`loss_candidates`: the
+        positions predicting a loss target; for stability rows every real token) uniformly
+        without replacement from the fit's generator; a row with fewer candidates keeps them
+        all. The probe rows (one example under several operators) share one draw, so their
+        responses are compared on the same tokens."""
+        m = self.args.loss_positions
+        if m is None:
+            return None, None
+        cand = loss_candidates(batch.input_ids, batch.attention_mask, batch.loss_mask, n_fidelity, n_stability)
+        cand = cand.cpu()
+        b, t = cand.shape
+        m = min(int(m), t)
+        keys = torch.rand(b, t, generator=self.generator)
+        keys[~cand] = 2.0  # candidates first, in random order
+        positions = keys.argsort(dim=1, stable=True)[:, :m]
+        valid = cand.gather(1, positions)
+        if n_probe:
+            probe = n_fidelity + n_stability
+            positions[probe:] = positions[probe]
+            valid[probe:] = valid[probe]
+        return positions, valid
+
     # --------------------------------------------------------------------- step
     def train_step(self) -> dict[str, float]:
         args, backend, ops = self.args, self.backend, self.operators
@@ -291,7 +324,9 @@ class OperatorFitter:
         n_fid, n_stab, n_probe = len(fid_ex), len(stab_ex), len(probe_ops)
         examples = np.concatenate([fid_ex, stab_ex, np.full(n_probe, probe, dtype=np.int64)])
         op_ids = torch.from_numpy(np.concatenate([fid_ops, stab_ops, probe_ops]).astype(np.int64))
-        batch = self.texts.rows(examples).to(backend.device)
+        batch = self.texts.rows(examples)
+        positions, valid = self.sample_positions(batch, n_fid, n_stab, n_probe)
+        batch = batch.to(backend.device)
         op_ids = op_ids.to(backend.device)
         ops.train()
 
@@ -300,12 +335,16 @@ class OperatorFitter:
         if self.activations is not None:  # the frozen model's activations, read from disk
             forward = self.activations.forward_for(examples, device=backend.device)
         else:
-            def forward(input_ids, attention_mask, edit):
+            def forward(input_ids, attention_mask, edit, head_input=False):
+                if head_input:  # head placement: the output head's input, read in the same single forward
+                    z, h, _ = read_activations(backend, input_ids, attention_mask, ops.layer)
+                    return h, z
                 return backend.forward(input_ids, attention_mask, ops.layer, edit=edit)
 
         loss, fidelity, stability, linearity = step_losses(
             forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
-            n_fid, n_stab, (args.fidelity_weight, args.stability_weight, args.linearity_weight), args.ridge)
+            n_fid, n_stab, (args.fidelity_weight, args.stability_weight, args.linearity_weight), args.ridge,
+            positions, valid, self.head)
         error = nonfinite_loss_error(self.step + 1, {"total": loss, "fidelity": fidelity, "stability": stability,
                                                      "linearity": linearity},
                                      _loss_rows(fid_ex, stab_ex, probe, n_probe))
@@ -395,6 +434,21 @@ class OperatorFitter:
         state = storage.load(path, CHECKPOINT_KIND, required=CHECKPOINT_KEYS)
         self.load_state_dict(state, source=path)
         return state
+
+    @staticmethod
+    def checkpoint_forward(directory: Path) -> Optional[str]:
+        """The forward (``"live"`` or ``"activation cache <dtype>"``) recorded by the checkpoint in
+        ``directory``, or ``None`` when there is none or it cannot be read (the resume then
+        reports the problem)."""
+        path = storage.find(directory, CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME)
+        if path is None:
+            return None
+        try:
+            identity = storage.load(path, CHECKPOINT_KIND).get("identity")
+        except Exception:
+            return None
+        forward = identity.get("forward") if isinstance(identity, Mapping) else None
+        return forward if isinstance(forward, str) else None
 
     @staticmethod
     def discard_checkpoint(directory: Path) -> None:

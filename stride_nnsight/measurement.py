@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .backends.base import ModelBackend
 from .inputs import TokenBatch
-from .operators import SteeringOperators, completion_measurements, token_nll
+from .operators import SteeringOperators, completion_measurements, head_measurements, token_nll
 
 __all__ = ["Metric", "negative_completion_loss", "measure"]
 
@@ -48,6 +48,7 @@ def measure(
     metric: Optional[Metric] = None,
     progress: bool = True,
     intervention: Any = None,
+    head: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Float[Tensor, "q K"], Float[Tensor, "q"]]:
     """All ``K`` measurements for every query.
 
@@ -60,6 +61,10 @@ def measure(
     ``intervention`` (the user's own patch, see ``ModelBackend.forward``) is applied in
     every run, unsteered and steered alike, so ``y`` measures the operators *on the
     patched model*.
+    Head placement: one forward per query chunk reads ``z`` and the output head's input ``h``;
+    every operator's logits are ``head(h + B(z) a_k)`` (``head``: the model's output head,
+    default `stride_nnsight.activations.head_function`), at the scored positions only with the
+    default metric (`head_measurements`).
     """
     default_metric = metric is None
     metric = metric or negative_completion_loss
@@ -71,13 +76,40 @@ def measure(
     y = torch.empty(n_q, K)
     q_chunk = max(1, batch_size // 4)
     bar = tqdm(total=n_q * K, disable=not progress, desc="measuring operators", unit="row")
+    if operators.placement == "head" and head is None:
+        from .activations import head_function
+
+        head = head_function(backend)
     for start in range(0, n_q, q_chunk):
         idx = list(range(start, min(start + q_chunk, n_q)))
         batch = queries.rows(idx).to(device)
-        logits, z = backend.forward(batch.input_ids, batch.attention_mask, layer, intervention=intervention)
+        if operators.placement == "head":
+            from .activations import read_activations
+
+            z, h, logits = read_activations(backend, batch.input_ids, batch.attention_mask, layer, intervention)
+        else:
+            logits, z = backend.forward(batch.input_ids, batch.attention_mask, layer, intervention=intervention)
         base_values = _check_metric_output(metric(logits, batch), len(idx)).float().cpu()
         base[idx] = base_values
-        if operators.placement == "logits" and default_metric:
+        if operators.placement == "head" and default_metric:
+            values, _ = head_measurements(operators, head, z, h, batch.input_ids, batch.loss_mask)
+            y[idx] = values.float().cpu()
+            bar.update(len(idx) * K)
+        elif operators.placement == "head":
+            k_chunk = max(1, batch_size)
+            for row, i in enumerate(idx):
+                one = batch.rows([row])
+                width = one.input_ids.shape[1]
+                for k0 in range(0, K, k_chunk):
+                    ks = torch.arange(k0, min(k0 + k_chunk, K), device=device)
+                    rep = _repeat(one, len(ks))
+                    edited = operators(z[row: row + 1, :width].expand(len(ks), -1, -1), ks,
+                                       target=h[row: row + 1, :width].expand(len(ks), -1, -1))
+                    steered = head(edited)
+                    y[i, k0: k0 + len(ks)] = _check_metric_output(metric(steered, rep), len(ks)).float().cpu() \
+                        - base_values[row]
+                    bar.update(len(ks))
+        elif operators.placement == "logits" and default_metric:
             values, _ = completion_measurements(operators, z, logits, batch.input_ids, batch.loss_mask)
             y[idx] = values.float().cpu()
             bar.update(len(idx) * K)

@@ -10,11 +10,15 @@ in docstrings (``b`` batch rows, ``t`` tokens, ``d`` d_model, ``V`` vocabulary,
 An operator ``k`` adds a low-rank, input-dependent edit to a hidden vector::
 
     residual placement:  z_l -> z_l + B(z_l) @ a_k        a_k: [r, d]
-    logits placement:    o   -> o   + B(h_l) @ a_k        a_k: [r, V]
+    logits placement:    o   -> o   + B(z_l) @ a_k        a_k: [r, V]
+    head placement:      h   -> h   + B(z_l) @ a_k        a_k: [r, d]
 
 where ``B`` (the basis network, shared by all operators) maps the residual stream
-``z_l`` at the output of decoder block ``l`` to ``r`` numbers. ``a_k`` starts at zero,
-so every operator is the identity until trained.
+``z_l`` at the output of decoder block ``l`` to ``r`` numbers, ``o`` are the final logits
+and ``h`` the final hidden state (the output head's input, after the final norm): the head
+placement's edit reaches the logits through the frozen output head, ``o_k = head(h + B a_k)``,
+so its state does not grow with the vocabulary. ``a_k`` starts at zero, so every operator is
+the identity until trained.
 """
 
 import math
@@ -23,7 +27,9 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-PLACEMENTS = ("residual", "logits")
+PLACEMENTS = ("residual", "logits", "head")
+#: placements whose edit does not change the blocks after ``layer`` (fit from one unsteered forward)
+READ_ONLY_PLACEMENTS = ("logits", "head")
 
 
 class BasisNetwork(torch.nn.Module):
@@ -54,9 +60,9 @@ class SteeringOperators(torch.nn.Module):
         n_operators: ``K``.
         d_model: width of the residual stream read (and, for ``"residual"``, edited).
         rank: ``r``, the basis size.
-        out_dim: width of what is edited: ``d_model`` for ``"residual"``, the vocabulary
-            size for ``"logits"``.
-        placement: ``"residual"`` or ``"logits"``.
+        out_dim: width of what is edited: ``d_model`` for ``"residual"`` and ``"head"``
+            (the final hidden state's width), the vocabulary size for ``"logits"``.
+        placement: ``"residual"``, ``"logits"`` or ``"head"``.
         layer: index of the decoder block whose output is read (and edited).
         hidden: width of the basis network's hidden layer.
     """
@@ -124,7 +130,8 @@ class SteeringOperators(torch.nn.Module):
 
         Residual placement: ``steer(z) = z + B(z) a_k``, ``z [b, t, d]``.
         Logits placement: pass the logits as ``target [b, t, V]``; returns
-        ``target + B(z) a_k``.
+        ``target + B(z) a_k``. Head placement: pass the final hidden state as
+        ``target [b, t, d]``; returns ``target + B(z) a_k`` (to be put through the head).
         """
         base = z if target is None else target
         return base + self.delta(z, operator).to(base.dtype)
@@ -220,6 +227,43 @@ def completion_measurements(operators: SteeringOperators, z: torch.Tensor, logit
             edited = base_p + basis @ coef[k].to(device=device, dtype=torch.float32)
             lse[k] = torch.logsumexp(edited, -1)
         per_row = torch.zeros(K, n_rows, device=device).index_add(1, rows, lse - target) / counts   # [K, b]
+        y = (-per_row - base.unsqueeze(0)).t().contiguous()
+        return y, base
+
+
+def head_measurements(operators: SteeringOperators, head, z: torch.Tensor, h: torch.Tensor,
+                      input_ids: torch.Tensor, loss_mask: torch.Tensor, max_elements: int = 1 << 20) -> tuple:
+    """All ``K`` head-placement measurements of the default metric for a batch of queries.
+
+    Like `completion_measurements`, on the ``P`` positions that predict a scored token only:
+    ``head(h_P + B(z_P) a_k)`` for every operator, in chunks of operators holding at most
+    ``max_elements`` logits. ``z``/``h [b, t, d]`` (residual at the operators' layer, output
+    head's input), ``head(h) -> logits``. Returns ``(y [b, K], base [b])`` float32 with
+    ``base = -token_nll(head(h))`` and ``y[:, k] = -token_nll(head(h + edit_k)) - base`` (nats).
+    """
+    with torch.no_grad():
+        coef = operators.coefficients
+        device = coef.device
+        scored = loss_mask[:, 1:].to(device) > 0
+        rows, cols = scored.nonzero(as_tuple=True)
+        n_rows = int(input_ids.shape[0])
+        targets = input_ids[:, 1:].to(device)[rows, cols]                  # [P]
+        counts = scored.sum(1).clamp(min=1).to(torch.float32)              # [b]
+        h_p = h[:, :-1].to(device)[rows, cols].to(coef.dtype)             # [P, d]
+        basis = operators.basis(z[:, :-1].to(device)[rows, cols].to(coef.dtype))   # [P, r]
+        base_logits = head(h_p).float()
+        base_nll = torch.logsumexp(base_logits, -1) - base_logits.gather(-1, targets[:, None]).squeeze(-1)
+        base = -torch.zeros(n_rows, device=device).index_add(0, rows, base_nll) / counts
+        K, n_pos, vocab = operators.n_operators, int(rows.shape[0]), int(base_logits.shape[-1])
+        k_chunk = max(1, int(max_elements) // max(1, n_pos * vocab))
+        nll = torch.empty(K, n_pos, device=device)
+        for k0 in range(0, K, k_chunk):
+            a = coef[k0: k0 + k_chunk]                                      # [k, r, d]
+            edited = h_p.unsqueeze(0) + torch.einsum("pr,krd->kpd", basis, a)
+            logits = head(edited).float()                                   # [k, P, V]
+            nll[k0: k0 + a.shape[0]] = torch.logsumexp(logits, -1) - logits.gather(
+                -1, targets.view(1, -1, 1).expand(a.shape[0], -1, 1)).squeeze(-1)
+        per_row = torch.zeros(K, n_rows, device=device).index_add(1, rows, nll) / counts   # [K, b]
         y = (-per_row - base.unsqueeze(0)).t().contiguous()
         return y, base
 
@@ -330,48 +374,123 @@ def steered_forward(model, layers_path: str, layer: int, input_ids: torch.Tensor
     return box[1], box[0]
 
 
+def loss_candidates(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                    n_fidelity: int, n_stability: int) -> torch.Tensor:
+    """Which logits positions each row's loss reads: ``[b, t]`` bool.
+
+    Fidelity and probe rows: positions ``j`` whose next token ``j + 1`` is a loss target
+    (``loss_mask[:, j + 1] == 1``). Stability rows: every real token (``attention_mask``).
+    """
+    cand = torch.zeros(input_ids.shape, dtype=torch.bool, device=loss_mask.device)
+    cand[:, :-1] = loss_mask[:, 1:] > 0
+    n_fid, n_stab = int(n_fidelity), int(n_stability)
+    cand[n_fid: n_fid + n_stab] = attention_mask[n_fid: n_fid + n_stab].to(loss_mask.device) > 0
+    return cand
+
+
+def gather_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``values [b, t, ...]`` at ``positions [b, m]`` -> ``[b, m, ...]``."""
+    rows = torch.arange(values.shape[0], device=values.device)[:, None]
+    return values[rows, positions.to(values.device)]
+
+
 def step_losses(forward, operators: SteeringOperators, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 loss_mask: torch.Tensor, operator_ids: torch.Tensor, sketch: Optional[torch.Tensor],
-                n_fidelity: int, n_stability: int, loss_weights: tuple, ridge: float) -> tuple:
+                n_fidelity: int, n_stability: int, loss_weights: tuple, ridge: float,
+                positions: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
+                head=None) -> tuple:
     """STRIDE's three losses for one batch: the single implementation behind local fitting
     (``OperatorFitter``) and remote fitting (``run_training_steps``).
 
     ``forward(input_ids, attention_mask, edit) -> (logits, z)`` runs the frozen model (``edit``
     ``None`` = unsteered). Rows: ``n_fidelity`` fidelity rows, ``n_stability`` stability rows,
     then the linearity probe example repeated once per probe operator. ``sketch [p, q]``: the
-    sketched design rows of the ``p`` probe operators. Returns ``(total, fidelity [n_f],
-    stability [n_s], linearity)``.
+    sketched design rows of the ``p`` probe operators.
+
+    ``positions [b, m]`` (long) and ``valid [b, m]`` (bool): the logits positions each row's
+    losses are read at (``OperatorFitter.sample_positions``); a row's loss is the mean over its
+    valid positions (fidelity / probe rows: the NLL of the next token; stability rows: the KL to
+    the unsteered model). ``None``: every position of `loss_candidates`. When ``forward`` has
+    ``accepts_positions = True`` (the activation cache) it is called with ``positions=`` and
+    returns ``(logits [b, m, V], z [b, m, d])`` at those positions only, so the vocabulary-wide
+    work scales with ``m``, not with the document length.
+
+    Head placement: ``forward(..., head_input=True)`` returns ``(h [b, t, d], z [b, t, d])``, the
+    output head's input instead of the logits, and ``head(h) -> logits`` is the model's frozen
+    output head (`stride_nnsight.activations.head_function`); steered logits are
+    ``head(h + B(z) a_k)``.
+
+    Returns ``(total, fidelity [n_f], stability [n_s], linearity)``.
     """
     n_fid, n_stab = int(n_fidelity), int(n_stability)
-    n_probe = int(input_ids.shape[0]) - n_fid - n_stab
+    n_rows = int(input_ids.shape[0])
+    n_probe = n_rows - n_fid - n_stab
     n_ref = n_stab + (1 if n_probe else 0)  # rows that need the unsteered model's output
-    ref_rows = slice(n_fid, n_fid + n_ref)
-    stab_rows = slice(n_fid, n_fid + n_stab)
+    full = positions is None  # every position: no gather needed
+    if full:
+        cand = loss_candidates(input_ids, attention_mask, loss_mask, n_fid, n_stab)
+        positions = torch.arange(int(input_ids.shape[1]), device=cand.device).expand(n_rows, -1)
+        valid = cand
+    elif valid is None:
+        raise ValueError("step_losses: positions given without valid")
+
+    def pick(values, where):
+        return values if full else gather_positions(values, where)
+
     if operators.placement == "logits":
         # One unsteered forward serves both: the edit is added to its logits.
         with torch.no_grad():
-            base_logits, z = forward(input_ids, attention_mask, None)
-        steered = operators(z, operator_ids, target=base_logits)
-        reference = base_logits[ref_rows]
+            if not full and getattr(forward, "accepts_positions", False):
+                base, z = forward(input_ids, attention_mask, None, positions=positions)
+            else:
+                logits, z_full = forward(input_ids, attention_mask, None)
+                base, z = pick(logits, positions), pick(z_full, positions)
+        steered = operators(z, operator_ids, target=base)                      # [b, m, V]
+        reference = base[n_fid: n_fid + n_ref]
+    elif operators.placement == "head":
+        # One unsteered forward gives z and the head's input h; the edit goes through the head.
+        if head is None:
+            raise ValueError("the head placement needs head= (the model's output head, "
+                             "stride_nnsight.activations.head_function)")
+        with torch.no_grad():
+            if not full and getattr(forward, "accepts_positions", False):
+                h, z = forward(input_ids, attention_mask, None, positions=positions, head_input=True)
+            else:
+                h_full, z_full = forward(input_ids, attention_mask, None, head_input=True)
+                h, z = pick(h_full, positions), pick(z_full, positions)
+            reference = head(h[n_fid: n_fid + n_ref])
+        edited = operators(z, operator_ids, target=h.to(operators.coefficients.dtype))   # [b, m, d]
+        steered = head(edited)                                                  # [b, m, V]
     else:
         reference = None
         if n_ref:
             with torch.no_grad():
-                reference, _ = forward(input_ids[ref_rows], attention_mask[ref_rows], None)
-        steered, _ = forward(input_ids, attention_mask, lambda h: operators(h, operator_ids))
-    input_ids, attention_mask, loss_mask = (input_ids.to(steered.device), attention_mask.to(steered.device),
-                                            loss_mask.to(steered.device))
-    nll = token_nll(steered, input_ids, loss_mask)
+                ref_logits, _ = forward(input_ids[n_fid: n_fid + n_ref], attention_mask[n_fid: n_fid + n_ref], None)
+                reference = pick(ref_logits, positions[n_fid: n_fid + n_ref])
+        steered_full, _ = forward(input_ids, attention_mask, lambda h: operators(h, operator_ids))
+        steered = pick(steered_full, positions)
+    device = steered.device
+    positions, weights = positions.to(device), valid.to(device=device, dtype=torch.float32)
+    ids = input_ids.to(device)
+    targets = ids.gather(1, (positions + 1).clamp(max=ids.shape[1] - 1))          # [b, m]
+    counts = weights.sum(-1).clamp(min=1.0)                                       # [b]
+    steered = steered.float()
+    logp = torch.log_softmax(steered, dim=-1)
+    nll = (-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * weights).sum(-1) / counts   # [b]
     fidelity = nll[:n_fid]
     if n_stab:
-        stability = kl_to_base(reference[:n_stab].to(steered.device), steered[stab_rows], attention_mask[stab_rows])
+        base_logp = torch.log_softmax(reference[:n_stab].to(device).float(), dim=-1)
+        stab = slice(n_fid, n_fid + n_stab)
+        kl = (base_logp.exp() * (base_logp - logp[stab])).sum(-1)
+        stability = (kl * weights[stab]).sum(-1) / counts[stab]
     else:
         stability = nll.new_zeros(0)
     if n_probe:
         row = n_fid + n_stab
         with torch.no_grad():
-            base_nll = token_nll(reference[n_stab:].to(steered.device), input_ids[row: row + 1],
-                                 loss_mask[row: row + 1])
+            probe_logp = torch.log_softmax(reference[n_stab:].to(device).float(), dim=-1)             # [1, m, V]
+            base_nll = (-probe_logp.gather(-1, targets[row: row + 1].unsqueeze(-1)).squeeze(-1)
+                        * weights[row: row + 1]).sum(-1) / counts[row: row + 1]
         responses = base_nll - nll[row: row + n_probe]
         linearity = linearity_penalty(responses, sketch.to(responses.device), ridge)
     else:
@@ -405,6 +524,8 @@ def run_training_steps(
     n_stability: int,
     loss_weights: tuple,
     ridge: float,
+    positions: Optional[torch.Tensor] = None,
+    valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run ``S`` optimiser steps of STRIDE's losses on pre-sampled rows (model frozen).
 
@@ -420,6 +541,8 @@ def run_training_steps(
         sketches: ``[S, p, q]`` rows of the sketched design for the ``p`` probe operators
             (``p = R - n_fidelity - n_stability``; ``p = 0`` switches the linearity loss off).
         loss_weights: ``(fidelity, stability, linearity)``; ridge: ``gamma``.
+        positions, valid: ``[S, R, m]`` the logits positions each row's losses read and which
+            of them count (see `step_losses`); ``None``: every position.
 
     Returns ``[S, 4]`` float64 CPU: total, fidelity, stability, linearity loss of each step.
     """
@@ -436,7 +559,8 @@ def run_training_steps(
 
         loss, fidelity, stability, linearity = step_losses(
             forward, operators, ids, attn, lmask, operator_ids[s].to(device), sketches[s],
-            n_fidelity, n_stab, loss_weights, ridge)
+            n_fidelity, n_stab, loss_weights, ridge,
+            None if positions is None else positions[s].to(device), None if valid is None else valid[s].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -264,7 +264,7 @@ def _open_session(model: Any, remote: Any, verbose: bool):
 
 def _fit_session(model, remote, verbose, operator_settings, layers_path, operator_state, optimizer_state,
                  optimizer_settings, input_ids, attention_mask, loss_mask, rows, operator_ids, sketches,
-                 n_fidelity, n_stability, loss_weights, ridge) -> dict:
+                 n_fidelity, n_stability, loss_weights, ridge, positions=None, valid=None) -> dict:
     """One fitting session. Everything inside the ``with`` runs on the server."""
     import nnsight
 
@@ -276,7 +276,8 @@ def _fit_session(model, remote, verbose, operator_settings, layers_path, operato
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         losses = run_training_steps(model, layers_path, operators, optimizer, input_ids, attention_mask, loss_mask,
-                                    rows, operator_ids, sketches, n_fidelity, n_stability, loss_weights, ridge)
+                                    rows, operator_ids, sketches, n_fidelity, n_stability, loss_weights, ridge,
+                                    positions, valid)
         result = nnsight.save(cpu_state({"operators": operators.state_dict(), "optimizer": optimizer.state_dict(),
                                          "losses": losses}))
     return result
@@ -366,7 +367,7 @@ def _write_json_log(directory: Path, log: Sequence[ChunkRecord]) -> None:
 def _sample_chunk(fitter: OperatorFitter, steps: int) -> dict:
     """Draw ``steps`` steps' rows locally (advances the fitter's generator exactly as a local
     fit would) and pack what the session needs: only the examples these steps use."""
-    examples, op_ids, sketches = [], [], []
+    examples, op_ids, sketches, positions, valid = [], [], [], [], []
     counts = None
     for _ in range(steps):
         fid_ex, fid_ops, stab_ex, stab_ops, probe, probe_ops = fitter.sample_rows()
@@ -377,6 +378,12 @@ def _sample_chunk(fitter: OperatorFitter, steps: int) -> dict:
         elif counts != step_counts:  # pragma: no cover - sample_rows draws fixed counts
             raise RuntimeError(f"rows per step changed within a chunk: {counts} vs {step_counts}")
         examples.append(np.concatenate([fid_ex, stab_ex, np.full(n_probe, probe, dtype=np.int64)]))
+        # the loss positions, drawn right after the rows exactly as OperatorFitter.train_step does
+        step_positions, step_valid = fitter.sample_positions(fitter.texts.rows(examples[-1]), len(fid_ex),
+                                                             len(stab_ex), n_probe)
+        if step_positions is not None:
+            positions.append(step_positions)
+            valid.append(step_valid)
         op_ids.append(np.concatenate([fid_ops, stab_ops, probe_ops]).astype(np.int64))
         sketches.append(fitter.sketch[torch.from_numpy(np.asarray(probe_ops, dtype=np.int64))])
     examples = np.stack(examples)
@@ -392,7 +399,20 @@ def _sample_chunk(fitter: OperatorFitter, steps: int) -> dict:
         "sketches": torch.stack(sketches).float(),
         "n_fidelity": counts[0],
         "n_stability": counts[1],
+        "positions": _padded_stack(positions, 0),  # [S, R, m] or None (every position)
+        "valid": _padded_stack(valid, False),
     }
+
+
+def _padded_stack(values: list, fill: Any) -> Optional[torch.Tensor]:
+    """Stack ``[R, m_s]`` tensors into ``[S, R, max m_s]``, padding with ``fill``; ``None`` if empty."""
+    if not values:
+        return None
+    width = max(int(v.shape[1]) for v in values)
+    out = torch.full((len(values), values[0].shape[0], width), fill, dtype=values[0].dtype)
+    for i, v in enumerate(values):
+        out[i, :, : v.shape[1]] = v
+    return out
 
 
 def _nonfinite_chunk(losses: torch.Tensor, payload: dict, start: int) -> Optional[FloatingPointError]:
@@ -462,7 +482,7 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
                         cpu_state(fitter.optimizer.state_dict()) if has_moments else None,
                         optimizer_settings, payload["input_ids"], payload["attention_mask"], payload["loss_mask"],
                         payload["rows"], payload["operator_ids"], payload["sketches"], payload["n_fidelity"],
-                        payload["n_stability"], loss_weights, args.ridge)
+                        payload["n_stability"], loss_weights, args.ridge, payload["positions"], payload["valid"])
                 _check_small(result, "result")
                 losses = result["losses"]
                 if tuple(losses.shape) != (size, 4):

@@ -146,8 +146,13 @@ class Stride:
         self.backend: ModelBackend = resolve_backend(model, **backend_options)
         if not self.remote or self.remote == "local":  # "local" simulates the server on this machine
             self.backend.materialize()  # a lazily loaded model: real weights, so freeze/fingerprint see them
+        if self.remote and self.args.placement == "head":
+            raise ValueError("placement='head' runs on local models only for now: the remote session code does not "
+                             "read the output head's input yet. Use placement='logits' with remote=..., or run the "
+                             "model locally")
         self.layer = self.backend.check_layer(self.args.layer)
         self.backend.freeze()
+        self._head: Any = None  # the verified output head (head placement), built on first use
         self._warned_train_mode = False
         self.design: Optional[SubsetDesign] = None
         self.operators: Optional[SteeringOperators] = None
@@ -170,7 +175,7 @@ class Stride:
 
     def _new_operators(self) -> SteeringOperators:
         """Operators initialised from ``args.seed`` alone; the global torch RNG is left as it was."""
-        out_dim = self.backend.d_model if self.args.placement == "residual" else self.backend.vocab_size
+        out_dim = self.backend.vocab_size if self.args.placement == "logits" else self.backend.d_model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.args.seed)
             ops = SteeringOperators(self.args.n_subsets, self.backend.d_model, self.args.rank, out_dim,
@@ -306,8 +311,11 @@ class Stride:
             activations = None if self.remote else self._activation_cache(tokens, checkpoint_dir, cache_dir,
                                                                           overwrite, progress, stack)
             self.cache_used = activations is not None
+            head = None
+            if self.args.placement == "head":
+                head = activations.head if activations is not None else self.output_head(tokens)
             fitter = OperatorFitter(self.backend, self.operators, self.design, tokens, self.args,
-                                    identity=identity, activations=activations)
+                                    identity=identity, activations=activations, head=head)
             try:
                 if self.remote:
                     from .remote import fit_remote
@@ -319,12 +327,34 @@ class Stride:
                 self.history = fitter.history  # the steps that ran (all of them unless the fit raised)
         return self
 
+    def output_head(self, tokens: Optional[TokenBatch] = None) -> Any:
+        """The model's output head as a function ``head(h [..., d]) -> logits [..., V]`` (the head
+        placement's path to the logits: `stride_nnsight.activations.head_function`), verified once
+        against the model's own logits on up to 4 rows of ``tokens`` (default: a short probe
+        text); `HeadMismatchError` if the model transforms its logits in a way it cannot rebuild."""
+        if self._head is None:
+            from .activations import head_function, read_activations, verify_head
+
+            head = head_function(self.backend)
+            if tokens is None:
+                tokens = encode_texts(self.backend.tokenizer, ["The head of the model is checked here."], 16)
+            probe = tokens.rows(list(range(min(4, len(tokens))))).to(self.backend.device)
+            z, h, logits = read_activations(self.backend, probe.input_ids, probe.attention_mask, self.layer)
+            verify_head(head, h, logits, probe.attention_mask)
+            self._head = head
+        return self._head
+
     def _activation_cache(self, tokens: TokenBatch, checkpoint_dir: Optional[str | os.PathLike],
                           cache_dir: Optional[str | os.PathLike], overwrite: bool, progress: bool,
                           stack: contextlib.ExitStack) -> Optional[ActivationCache]:
         """The activation cache this fit reads (built now if needed), or ``None`` when the
         settings, the placement or the model rule it out (``activation_cache``)."""
         setting = self.args.activation_cache
+        if setting == "auto" and checkpoint_dir is not None and not overwrite:
+            # a fit resumed (possibly with more steps) keeps the forward its checkpoint was made with
+            previous = OperatorFitter.checkpoint_forward(Path(checkpoint_dir))
+            if previous is not None:
+                setting = previous != "live"
         rows = self.args.batch_size + (min(self.args.linearity_operators, self.args.n_subsets)
                                        if self.args.linearity_weight > 0 else 0)
         if cache_dir is not None:
@@ -400,8 +430,9 @@ class Stride:
                 from .remote import measure_remote
 
                 return measure_remote(self, queries, metric=metric, progress=progress)
+            head = self.output_head(queries) if self.operators.placement == "head" else None
             return measure(self.backend, self.operators, queries, self.args.measure_batch_size, metric, progress,
-                           intervention=intervention)
+                           intervention=intervention, head=head)
         except FloatingPointError:
             self._check_finite_model()  # NaN/inf weights are the likelier cause: name them
             raise

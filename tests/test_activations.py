@@ -37,7 +37,7 @@ from stride_nnsight.activations import (
 from stride_nnsight.arguments import StrideArguments
 from stride_nnsight.backends import resolve_backend
 from stride_nnsight.inputs import TokenBatch, encode_texts
-from stride_nnsight.operators import SteeringOperators, step_losses
+from stride_nnsight.operators import SteeringOperators, loss_candidates, step_losses
 
 LAYER = 1
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +153,50 @@ def test_step_losses_cached_equal_live(backend, texts, cache, seed):
     assert float(live[3].detach()) > 0 and float(live[2].detach().mean()) > 0  # the losses are not trivially zero
     for p, g in zip(ops.parameters(), live_grads):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_step_losses_at_sampled_positions_cached_equal_live(backend, texts, cache, seed):
+    """With loss_positions the cached forward runs the head on the chosen positions only and
+    gives the live losses and gradients."""
+    ops = _operators(backend)
+    examples, op_ids, sketch, n_fid, n_stab = _step_rows(len(texts), ops.n_operators, seed)
+    batch = texts.rows(examples)
+    cand = loss_candidates(batch.input_ids, batch.attention_mask, batch.loss_mask, n_fid, n_stab)
+    keys = torch.rand(cand.shape, generator=torch.Generator().manual_seed(seed))
+    keys[~cand] = 2.0
+    positions = keys.argsort(1)[:, :5]
+    positions[n_fid + n_stab:] = positions[n_fid + n_stab]
+    valid = cand.gather(1, positions)
+    results = []
+    for forward in (live_forward(backend), cache.forward_for(examples)):
+        ops.zero_grad()
+        out = step_losses(forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
+                          n_fid, n_stab, (1.0, 1.0, 0.1), 1e-2, positions, valid)
+        out[0].backward()
+        results.append((out, [p.grad.clone() for p in ops.parameters()]))
+    (live, live_grads), (cached, cached_grads) = results
+    for a, b in zip(cached, live):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(cached_grads, live_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    seen = []
+    counted = copy.copy(cache)
+    counted.head = lambda h: seen.append(h.shape[0]) or cache.head(h)
+    step_losses(counted.forward_for(examples), ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids,
+                sketch, n_fid, n_stab, (1.0, 1.0, 0.1), 1e-2, positions, valid)
+    assert seen == [positions.numel()]  # the head ran on b * m vectors, not on every token
+
+
+def test_stride_fit_with_loss_positions_cached_matches_live(tiny_model, small_texts):
+    cached = _stride(tiny_model, activation_cache=True, loss_positions=3).fit(small_texts, progress=False)
+    live = _stride(tiny_model, activation_cache=False, loss_positions=3).fit(small_texts, progress=False)
+    full = _stride(tiny_model, activation_cache=True).fit(small_texts, progress=False)
+    assert cached.cache_used is True and live.cache_used is False
+    for a, b in zip(cached.operators.state_dict().values(), live.operators.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert cached.history.total == pytest.approx(live.history.total, rel=1e-4)
+    assert cached.history.total != pytest.approx(full.history.total, rel=1e-3)  # the setting does something
 
 
 def test_optimiser_steps_cached_follow_live(backend, texts, cache):
@@ -430,7 +474,7 @@ def _stride(tiny_model, **kw):
     from stride_nnsight import Stride
 
     settings = dict(layer=LAYER, n_subsets=12, subsets_per_example=2, rank=4, steps=6, batch_size=8,
-                    linearity_operators=4, seed=0)
+                    linearity_operators=4, linearity_weight=0.1, seed=0)
     return Stride(tiny_model, **{**settings, **kw})
 
 
@@ -470,7 +514,20 @@ def test_stride_cache_mode_is_part_of_the_run_identity(tiny_model, small_texts, 
 
 def test_residual_placement_and_bad_setting(tiny_model, small_texts):
     assert _stride(tiny_model, placement="residual").fit(small_texts, progress=False).cache_used is False
-    with pytest.raises(ValueError, match="only placement='logits' can be cached"):
+    with pytest.raises(ValueError, match="only placement='logits' or 'head' can be cached"):
         _stride(tiny_model, placement="residual", activation_cache=True).fit(small_texts, progress=False)
     with pytest.raises(ValueError, match="activation_cache must be"):
         _stride(tiny_model, activation_cache="yes")
+
+
+def test_auto_cache_resume_with_more_steps_keeps_the_checkpoints_forward(tiny_model, small_texts, tmp_path):
+    """'auto' decides by the fit's size, so a short fit runs live and a longer one would be cached;
+    resuming the short fit with more steps keeps its live forward instead of refusing the checkpoint."""
+    short = _stride(tiny_model, linearity_weight=0.0, steps=2).fit(small_texts[:24], progress=False,
+                                                                    checkpoint_dir=tmp_path)
+    assert short.cache_used is False  # 2 steps x 8 rows <= 2 x 24 documents
+    fresh = _stride(tiny_model, linearity_weight=0.0, steps=10).fit(small_texts[:24], progress=False)
+    assert fresh.cache_used is True  # 10 steps x 8 rows > 48
+    resumed = _stride(tiny_model, linearity_weight=0.0, steps=10).fit(small_texts[:24], progress=False,
+                                                                      checkpoint_dir=tmp_path)
+    assert resumed.cache_used is False and len(resumed.history) == 10

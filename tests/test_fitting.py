@@ -14,7 +14,8 @@ def make_fitter(model, tokenizer, texts, placement="residual", steps=30, **kw):
     backend = resolve_backend(model)
     backend.freeze()
     args = StrideArguments(n_subsets=8, subsets_per_example=2, layer=1, rank=4, steps=steps, batch_size=8,
-                           lr=2e-2, placement=placement, linearity_operators=6, sketch_dim=3, checkpoint_every=10, **kw)
+                           lr=2e-2, placement=placement, linearity_operators=6, sketch_dim=3, checkpoint_every=10,
+                           **{"linearity_weight": 0.1, **kw})
     out_dim = 32 if placement == "residual" else backend.vocab_size
     torch.manual_seed(0)
     ops = SteeringOperators(8, 32, 4, out_dim, placement=placement, layer=1, hidden=8)
@@ -44,11 +45,43 @@ def test_sampling_respects_membership(tiny_model, tiny_tokenizer, small_texts):
         assert len(set(probe_ops.tolist())) == len(probe_ops)
 
 
-def test_checkpoint_resume_equals_uninterrupted(tiny_model, tiny_tokenizer, small_texts, tmp_path):
-    full = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=20)
+def test_loss_positions_are_drawn_among_candidates(tiny_model, tiny_tokenizer, small_texts):
+    from stride_nnsight.operators import loss_candidates
+
+    fitter = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], loss_positions=4)
+    twin = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], loss_positions=4)
+    seen = set()
+    for _ in range(10):
+        fid_ex, _, stab_ex, _, probe, probe_ops = fitter.sample_rows()
+        twin.sample_rows()
+        n_fid, n_stab, n_probe = len(fid_ex), len(stab_ex), len(probe_ops)
+        batch = fitter.texts.rows(np.concatenate([fid_ex, stab_ex, np.full(n_probe, probe)]))
+        positions, valid = fitter.sample_positions(batch, n_fid, n_stab, n_probe)
+        again, _ = twin.sample_positions(batch, n_fid, n_stab, n_probe)
+        assert torch.equal(positions, again)  # a function of the fit's generator: resumable
+        cand = loss_candidates(batch.input_ids, batch.attention_mask, batch.loss_mask, n_fid, n_stab)
+        assert positions.shape == (len(batch), min(4, batch.input_ids.shape[1]))
+        assert torch.equal(valid, cand.gather(1, positions))
+        assert valid.sum(1).tolist() == cand.sum(1).clamp(max=4).tolist()  # as many as it can, no repeats
+        for row in range(len(batch)):
+            chosen = positions[row][valid[row]].tolist()
+            assert len(set(chosen)) == len(chosen)
+            seen.update((row, j) for j in chosen)
+        probe_rows = positions[n_fid + n_stab:]
+        assert bool((probe_rows == probe_rows[:1]).all())  # the probe's copies share their positions
+    assert len(seen) > 40  # different draws each step
+    none = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16])
+    assert none.sample_positions(none.texts.rows([0, 1]), 1, 1, 0) == (None, None)
+    with pytest.raises(ValueError, match="loss_positions must be a positive int"):
+        StrideArguments(loss_positions=0)
+
+
+@pytest.mark.parametrize("positions", [None, 3])
+def test_checkpoint_resume_equals_uninterrupted(tiny_model, tiny_tokenizer, small_texts, tmp_path, positions):
+    full = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=20, loss_positions=positions)
     full.run(progress=False)
 
-    part = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=20)
+    part = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=20, loss_positions=positions)
     calls = {"n": 0}
     original = part.train_step
 
@@ -62,7 +95,7 @@ def test_checkpoint_resume_equals_uninterrupted(tiny_model, tiny_tokenizer, smal
     with pytest.raises(KeyboardInterrupt):
         part.run(progress=False, checkpoint_dir=tmp_path)
     assert (tmp_path / CHECKPOINT_NAME).exists()
-    resumed = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=20)
+    resumed = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], steps=20, loss_positions=positions)
     resumed.run(progress=False, checkpoint_dir=tmp_path)
     assert resumed.history.step == list(range(1, 21))
     np.testing.assert_allclose(resumed.history.total, full.history.total, rtol=1e-4, atol=1e-6)

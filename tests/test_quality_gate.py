@@ -12,7 +12,8 @@ An end-to-end check that fails when generalisation regresses, not only when code
   `train_causal_lm` (8 epochs, batch 8, lr 1e-2), which learns the facts only partially
   (mean fact completion loss 6.21 -> 3.66 nats), so attribution has something real to find.
 * STRIDE: ``Stride(model)`` with every default (K=256, d=4, layer -2, logits placement,
-  rank 16, steps=None -> 113 steps with fit_passes=3, max_length=None, lambda fraction 0.3).
+  rank 16, steps=None -> 113 steps with fit_passes=3, linearity loss off, max_length=None,
+  lambda fraction 0.3).
   Nothing is lowered: n * d = 600 >= K.
 * Ground truth: 8 models retrained from scratch on random 50% subsets
   (`retrain_ground_truth`, mask seed 1, same recipe as the full model); a query's loss is
@@ -23,7 +24,9 @@ average about 1.0-2.0, OMP_NUM_THREADS=1):
 
 * recall@10 of the source documents: 1.000 (recall@1 0.750); chance 10/150 = 0.067.
   Gate ``RECALL_GATE = 0.85`` (measured - 0.15; 12.75x chance).
-* LDS (nan queries counted as 0): 0.469 (95% CI 0.330-0.598); chance: random scores give
+* LDS (nan queries counted as 0): 0.469 (95% CI 0.330-0.598) with the linearity loss on (the
+  earlier default), 0.474 without it (today's default; `python -m benchmarks.compare_settings`);
+  chance: random scores give
   0.003 +- 0.066 (mean +- sd of 20 draws); scores that put 1 on exactly the source
   documents give 0.589. Gate ``LDS_GATE = 0.30`` (measured - ~0.17; chance + 4.5 sd).
 * With another corpus seed (1) the same recipe gave recall@10 1.000 and LDS 0.498.

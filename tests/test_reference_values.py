@@ -21,6 +21,7 @@ from stride_nnsight.operators import (
     SteeringOperators,
     completion_measurements,
     kl_to_base,
+    loss_candidates,
     linearity_penalty,
     step_losses,
     stride_loss,
@@ -174,6 +175,83 @@ def test_step_losses_logits_placement_by_hand(tiny_model, tiny_tokenizer, small_
     assert float(linearity.detach()) == pytest.approx(exp_lin, rel=1e-4, abs=1e-8)
     assert float(total.detach()) == pytest.approx(exp_total, rel=1e-5)
     assert exp_stab.min() > 1e-4 and exp_lin > 1e-4 and np.ptp(responses) > 1e-3  # nothing trivially zero
+
+
+@pytest.mark.parametrize("placement", ["logits", "residual"])
+def test_step_losses_at_sampled_positions_by_hand(tiny_model, tiny_tokenizer, small_texts, placement):
+    """With ``positions``/``valid`` (loss_positions), each row's loss is the mean over its chosen
+    positions only: fidelity = NLL of the next token there, stability = KL there, probe responses
+    on the probe's shared positions. Rebuilt from full-length references restricted by hand."""
+    backend = resolve_backend(tiny_model)
+    backend.freeze()
+    V = backend.vocab_size
+    out_dim = V if placement == "logits" else backend.d_model
+    ops = random_operators(6, backend.d_model, out_dim, placement, seed=3)
+    if placement == "residual":
+        with torch.no_grad():
+            ops.coefficients.mul_(0.2)
+    n_fid, n_stab, n_probe = 3, 2, 4
+    batch = encode_texts(tiny_tokenizer, small_texts[:5], 64).rows([0, 1, 2, 3, 4] + [2] * n_probe)
+    op_ids = torch.tensor([0, 1, 2, 3, 4, 0, 1, 5, 3])
+    sketch = torch.tensor([[1.0, 0.5], [-0.3, 1.0], [0.8, -1.2], [0.1, 0.4]])
+    weights, ridge = (1.0, 0.7, 0.3), 2.0
+    b, t = batch.input_ids.shape
+    cand = loss_candidates(batch.input_ids, batch.attention_mask, batch.loss_mask, n_fid, n_stab)
+    gen = torch.Generator().manual_seed(0)
+    m = 3
+    keys = torch.rand(b, t, generator=gen)
+    keys[~cand] = 2.0
+    positions = keys.argsort(1)[:, :m]
+    positions[n_fid + n_stab:] = positions[n_fid + n_stab]
+    valid = cand.gather(1, positions)
+    valid[1, 2] = False  # a row that counts fewer positions
+
+    def forward(ids, attn, edit):
+        return backend.forward(ids, attn, ops.layer, edit=edit)
+
+    total, fidelity, stability, linearity = step_losses(
+        forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
+        n_fid, n_stab, weights, ridge, positions, valid)
+
+    with torch.no_grad():
+        logits, z = backend.forward(batch.input_ids, batch.attention_mask, ops.layer)
+        if placement == "logits":
+            a = ops.coefficients.detach().double().numpy()
+            steered = np.stack([logits[i].double().numpy() + ref_basis(ops, z[i]) @ a[int(op_ids[i])]
+                                for i in range(b)])
+        else:
+            steered_t, _ = backend.forward(batch.input_ids, batch.attention_mask, ops.layer,
+                                           edit=lambda h: ops(h, op_ids))
+            steered = steered_t.double().numpy()
+    base = logits.double().numpy()
+    ids = batch.input_ids.numpy()
+    chosen = np.zeros((b, t), dtype=bool)  # logits positions that count
+    for i in range(b):
+        for j, ok in zip(positions[i].tolist(), valid[i].tolist()):
+            chosen[i, j] = chosen[i, j] or ok
+    target_mask = np.zeros((b, t), dtype=np.int64)  # token j + 1 is scored when position j counts
+    target_mask[:, 1:] = chosen[:, :-1]
+    nll = ref_nll(steered, ids, target_mask)
+    stab = slice(n_fid, n_fid + n_stab)
+    exp_stab = ref_kl(base[stab], steered[stab], chosen[stab])
+    probe = n_fid + n_stab
+    responses = ref_nll(base[probe:probe + 1], ids[probe:probe + 1], target_mask[probe:probe + 1])[0] - nll[probe:]
+    exp_lin = ref_linearity(responses, sketch.numpy(), ridge)
+
+    assert chosen[:n_fid].sum(1).tolist() == [3, 2, 3] and 0 < chosen.sum() < cand.sum()
+    np.testing.assert_allclose(fidelity.detach().double().numpy(), nll[:n_fid], rtol=1e-5)
+    np.testing.assert_allclose(stability.detach().double().numpy(), exp_stab, rtol=1e-4, atol=1e-7)
+    assert float(linearity.detach()) == pytest.approx(exp_lin, rel=1e-4, abs=1e-8)
+    exp_total = weights[0] * nll[:n_fid].mean() + weights[1] * exp_stab.mean() + weights[2] * exp_lin
+    assert float(total.detach()) == pytest.approx(exp_total, rel=1e-5)
+    # every candidate position chosen gives exactly the full-length losses
+    every = torch.arange(t).expand(b, -1)
+    full = step_losses(forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
+                       n_fid, n_stab, weights, ridge)
+    same = step_losses(forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
+                       n_fid, n_stab, weights, ridge, every, cand)
+    for x, y in zip(full, same):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ 2. the vectorised measurement

@@ -34,7 +34,7 @@ from stride_nnsight.remote import (
 )
 
 SETTINGS = dict(placement="residual", layer=1, n_subsets=8, subsets_per_example=2, rank=4, seed=0, steps=6,
-                batch_size=6, linearity_operators=4, sketch_dim=3, basis_hidden=8, max_length=32, measure_batch_size=8)
+                batch_size=6, linearity_operators=4, linearity_weight=0.1, sketch_dim=3, basis_hidden=8, max_length=32, measure_batch_size=8)
 PROMPTS = ["the cat sat", "a dog ran", "the bird", "small red"]
 COMPLETIONS = [" on the mat.", " in the park.", " sang.", " house."]
 
@@ -159,6 +159,15 @@ def test_remote_local_fit_and_attribute_match_local(tiny_model, small_texts, loc
     a_local = local.attribute(PROMPTS, COMPLETIONS, progress=False)
     torch.testing.assert_close(a_remote.scores, a_local.scores, rtol=1e-4, atol=1e-6)
     assert a_remote.provenance["remote"] == "local" and a_local.provenance["remote"] is False
+
+
+def test_remote_fit_with_loss_positions_matches_local(tiny_model, small_texts):
+    settings = {**SETTINGS, "placement": "logits", "loss_positions": 3, "activation_cache": False}
+    local = Stride(tiny_model, **settings).fit(train(small_texts), progress=False)
+    stride = Stride(tiny_model, remote="local", remote_steps_per_session=4, **settings)
+    stride.fit(train(small_texts), progress=False)
+    np.testing.assert_allclose(stride.history.total, local.history.total, rtol=1e-5, atol=1e-6)
+    assert_same_operators(stride, local)
 
 
 def test_server_emulation_runs_shipped_code_and_returns_only_small_cpu_tensors(

@@ -131,7 +131,8 @@ class NNsightBackend(ModelBackend):
         ``scale * B(z) a_k`` to the model's *final* logits ``model.output.logits [b, t, V]``,
         i.e. after any transform the model applies past its output head (Cohere's
         ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's final soft-capping), which
-        is what fit and measurement edit. Call it before touching modules that run after
+        is what fit and measurement edit. Head placement adds ``scale * B(z) a_k`` to the output
+        head's input (the final hidden state). Call it before touching modules that run after
         the steered block (nnsight visits modules in execution order); with the logits
         placement read the steered logits afterwards as ``model.output.logits``."""
         block = self.block(operators.layer)
@@ -141,6 +142,12 @@ class NNsightBackend(ModelBackend):
         if operators.placement == "residual":
             steered = hidden + delta.to(hidden.dtype)
             block.output = (steered,) + tuple(out[1:]) if isinstance(out, tuple) else steered
+        elif operators.placement == "head":  # the output head's input (the final hidden state)
+            from ..activations import head_path
+
+            head = reduce(getattr, head_path(self).split("."), self.model)
+            h = head.input
+            head.input = h + delta.to(device=h.device, dtype=h.dtype)
         else:
             output = self.model.output
             logits = output.logits

@@ -335,11 +335,15 @@ class TransformerLensBackend(ModelBackend):
         after the transforms some models apply past the unembedding (Cohere's
         ``logit_scale``, Granite's ``logits_scaling``, Gemma 2's final soft-capping), which
         ``unembed.hook_out`` precedes. The first logits-placement call installs that hook
-        point on the bridge (`install_final_logits_hook`)."""
+        point on the bridge (`install_final_logits_hook`). Head placement: the second hook is
+        `HEAD_INPUT_HOOK` (the output head's input, the final hidden state), which gets the edit."""
         name = self.hook_name(operators.layer)
         if operators.placement == "residual":
             return [(name, make_hook(lambda z: z + (scale * operators.delta(z, operator)).to(z.dtype)))]
-        logits_hook = install_final_logits_hook(self.model)
+        logits_hook = install_final_logits_hook(self.model) if operators.placement == "logits" else HEAD_INPUT_HOOK
+        if logits_hook not in self.model.hook_dict:
+            raise RuntimeError(f"this TransformerBridge has no hook point {logits_hook!r} (the output head's input), "
+                               "which the head placement edits")
         seen: dict = {}
 
         def read(activation: Tensor, hook: Any) -> None:
@@ -353,6 +357,10 @@ class TransformerLensBackend(ModelBackend):
 
         return [(name, read), (logits_hook, add)]
 
+
+#: The bridge's hook point on the output head's input (the final hidden state, after the final
+#: norm): what the head placement edits.
+HEAD_INPUT_HOOK = "unembed.hook_in"
 
 #: Name of the hook point on a bridge's final logits ``[b, t, V]`` (what the bridge returns:
 #: after the output head and any logit scaling / soft-capping of the architecture).

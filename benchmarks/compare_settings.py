@@ -1,0 +1,150 @@
+"""``python -m benchmarks.compare_settings``: STRIDE settings side by side, with paired CIs.
+
+Fits STRIDE once per variant (the library defaults, then each variant's changes on top of them)
+on one dev benchmark and prints, per variant: fact recall@10, LDS (nan queries counted as 0),
+the paired 95% bootstrap CI of its per-query LDS difference against the first variant, the fit's
+CPU seconds (``time.process_time``; meaningful only when run alone with OMP_NUM_THREADS=1) and
+the vocabulary-wide rows it read (rows x positions per row, per training document).
+
+Benchmarks (``--bench``):
+
+* ``gate``: the suite's quality-gate corpus (``tests/test_quality_gate.py``: 150 planted-fact
+  documents of 65-122 tokens, 24 fact queries, LDS from 8 retrained models); ``gate1`` is the
+  same recipe with corpus seed 1.
+* ``public``: the bundled public benchmark (``benchmarks.setting.FULL``: 2,000 documents, 80 fact
+  and text queries, LDS from 32 retrained models), its model and ground truth from the
+  benchmark cache (built on first use: slow).
+
+These are *dev* benchmarks: settings chosen with this script are judged elsewhere on data they
+were not chosen on. Example::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.compare_settings --bench gate \\
+        "linearity_weight=0" "loss_positions=16" "linearity_weight=0,loss_positions=16"
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from stride_nnsight import Stride  # noqa: E402
+from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds  # noqa: E402
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """``"a=1,b=None"`` -> ``{"a": 1, "b": None}`` (values are Python literals); ``""`` -> defaults."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.partition("=")
+        if not _:
+            raise SystemExit(f"a variant is key=value[,key=value...]; got {part!r}")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
+def gate_bench(seed: int) -> dict[str, Any]:
+    import test_quality_gate as gate
+    from stride_nnsight.evaluation import retrain_ground_truth
+    from stride_nnsight.toy import train_tokenizer
+
+    corpus = gate.make_planted_corpus(seed=seed)
+    tokenizer = train_tokenizer(corpus.documents, vocab_size=500)
+    model = gate._train(corpus, tokenizer, range(len(corpus.documents)), seed=0)
+    truth = retrain_ground_truth(
+        lambda idx, s: gate._train(corpus, tokenizer, idx, s), lambda m: gate._fact_losses(m, tokenizer, corpus),
+        n_train=len(corpus.documents), n_models=gate.N_RETRAINS, fraction=0.5, seed=1, progress=False)
+    return {"model": model, "tokenizer": tokenizer, "documents": corpus.documents, "prompts": corpus.prompts,
+            "completions": corpus.completions, "truth": truth, "kinds": ["fact"] * len(corpus.prompts),
+            "sources": corpus.sources, "stride_kwargs": {}}
+
+
+def public_bench() -> dict[str, Any]:
+    from benchmarks.setting import FULL, build_setting, ground_truth
+
+    setting = build_setting(FULL, log=lambda m: print(m, flush=True))
+    truth = ground_truth(setting, progress=True)
+    queries = setting.corpus.queries
+    return {"model": setting.model, "tokenizer": setting.tokenizer, "documents": setting.documents,
+            "prompts": [q.prompt for q in queries], "completions": [q.completion for q in queries],
+            "truth": truth, "kinds": [q.kind for q in queries],
+            "sources": [list(q.relevant) for q in queries if q.kind == "fact"],
+            "stride_kwargs": {"max_length": FULL.max_length}}
+
+
+def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000) -> list[dict[str, Any]]:
+    from nnsight import TransformersModel
+
+    rows = []
+    kinds = np.asarray(bench["kinds"])
+    for text in variants:
+        changes = {**bench["stride_kwargs"], **parse_variant(text)}
+        lm = TransformersModel(bench["model"], tokenizer=copy.deepcopy(bench["tokenizer"]), task="text-generation")
+        start = time.process_time()
+        stride = Stride(lm, **changes).fit(bench["documents"], progress=False)
+        fit_s = time.process_time() - start
+        scores = stride.attribute(bench["prompts"], bench["completions"], progress=False).scores.numpy()
+        result = lds(scores, bench["truth"].masks, bench["truth"].losses, n_boot=n_boot)
+        per_query = np.nan_to_num(np.asarray(result.per_query, dtype=float))
+        facts = kinds == "fact"
+        recall = fact_tracing(scores[facts], bench["sources"], ks=(10,))["recall@10"]
+        args = stride.args
+        n_rows = args.fit_steps(len(bench["documents"])) * stride_rows_per_step(args)
+        rows.append({"variant": text or "defaults", "recall@10": recall, "lds": float(per_query.mean()),
+                     "per_query": per_query, "by_kind": {k: float(per_query[kinds == k].mean())
+                                                        for k in sorted(set(kinds.tolist()))},
+                     "fit_s": fit_s, "rows_per_doc": n_rows / len(bench["documents"]),
+                     "positions": args.loss_positions})
+    return rows
+
+
+def stride_rows_per_step(args) -> int:
+    n_probe = min(args.linearity_operators, args.n_subsets) if args.linearity_weight > 0 else 0
+    return args.batch_size + n_probe
+
+
+def report(rows: list[dict[str, Any]], n_boot: int = 1000) -> str:
+    kinds = list(rows[0]["by_kind"])
+    head = ["variant", "recall@10", "LDS"] + [f"LDS {k}" for k in kinds] + \
+        [f"LDS - {rows[0]['variant']} [95% CI]", "rows/doc", "positions/row", "fit CPU s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows[0]["per_query"]
+    for r in rows:
+        diff = r["per_query"] - base
+        lo, hi = bootstrap_ci(diff, 0.95, n_boot, 0)
+        cells = [r["variant"], f"{r['recall@10']:.3f}", f"{r['lds']:.3f}"] + \
+            [f"{r['by_kind'][k]:.3f}" for k in kinds] + \
+            [f"{diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{r['rows_per_doc']:.1f}",
+             "all" if r["positions"] is None else str(r["positions"]), f"{r['fit_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare_settings", description=__doc__.split("\n")[0])
+    p.add_argument("--bench", choices=("gate", "gate1", "public"), default="gate")
+    p.add_argument("variants", nargs="*", help="key=value[,key=value] changes to the defaults, one per variant")
+    a = p.parse_args(argv)
+    print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    import test_quality_gate as gate
+    bench = public_bench() if a.bench == "public" else gate_bench(gate.CORPUS_SEED + (a.bench == "gate1"))
+    rows = run(bench, [""] + list(a.variants))
+    print(f"bench {a.bench}: {len(bench['documents'])} documents, {len(bench['prompts'])} queries, "
+          f"{bench['truth'].n_models} retrained models")
+    print(report(rows))
+    print(f"load after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

