@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test benchmark clean
+.PHONY: install demo test benchmark heldout clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install
 benchmark: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.run
+
+heldout: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout
 
 clean:
 	rm -rf $(VENV) .pytest_cache

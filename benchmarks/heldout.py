@@ -330,6 +330,9 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
     c = setting.config
     kinds = out["kinds"]
     n_docs = {k: int(sum(1 for x in setting.corpus.kinds if x == k)) for k in ("scripture", "docs", "fact")}
+    lengths = np.asarray([len(setting.tokenizer(d)["input_ids"]) + 1 for d in setting.documents])  # + BOS
+    p5, p50, p95 = np.percentile(lengths, [5, 50, 95])
+    cut = int((lengths > c.max_length).sum())
     lines = [
         "# Held-out benchmark: STRIDE defaults vs EK-FAC and BM25",
         "",
@@ -342,7 +345,9 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
         f"* Corpus: {len(setting.documents)} documents: {n_docs['scripture']} scripture passages (KJV books "
         f"{', '.join(HELDOUT_BOOKS[:3])}, ...; none of them in the public benchmark), {n_docs['docs']} passages of "
         f"Python standard-library docstrings, {n_docs['fact']} documents each holding one of {c.n_facts} invented "
-        f"facts at its start, middle or end (two documents per fact). About 100-250 tokens per document.",
+        f"facts at its start, middle or end (two documents per fact). Tokens per document (BOS included): "
+        f"median {p50:.0f}, 5-95% {p5:.0f}-{p95:.0f}, longest {lengths.max()}; {cut} of {len(lengths)} exceed the "
+        f"context of {c.max_length} and are truncated (with a warning) by every method.",
         f"* Model: GPT-2, {c.n_layer} layers, width {c.n_embd}, context {c.n_positions}, vocabulary "
         f"{c.vocab_size}, trained here ({c.epochs} epochs, {setting.train_seconds:.0f} s).",
         f"* Queries: {int((kinds == 'fact').sum())} fact queries over all {len(set(q.ref for q in setting.corpus.queries if q.kind == 'fact'))} "
@@ -384,6 +389,39 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
     return "\n".join(lines) + "\n"
 
 
+def _results_path(setting: BenchSetting) -> Path:
+    return setting.cache_dir / f"heldout-results-{setting.key}.npz"
+
+
+def save_results(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]) -> Path:
+    """Keep what `report` needs (scores, per-query LDS, costs) so the report can be rewritten
+    without refitting (``--report-only``)."""
+    import json
+
+    path = _results_path(setting)
+    arrays = {"kinds": np.asarray(out["kinds"])}
+    meta: dict[str, Any] = {"n_models": out["n_models"], "seconds": seconds, "methods": {}}
+    for i, (name, m) in enumerate(out["methods"].items()):
+        arrays[f"scores_{i}"] = m["scores"]
+        arrays[f"per_query_{i}"] = m["per_query"]
+        meta["methods"][name] = {k: v for k, v in m.items() if k not in ("scores", "per_query")}
+        meta["methods"][name]["index"] = i
+    np.savez(path, meta=np.str_(json.dumps(meta, default=str)), **arrays)
+    return path
+
+
+def load_results(setting: BenchSetting) -> tuple[dict[str, Any], dict[str, float]]:
+    import json
+
+    with np.load(_results_path(setting), allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        out: dict[str, Any] = {"n_models": meta["n_models"], "kinds": data["kinds"], "methods": {}}
+        for name, m in meta["methods"].items():
+            i = m.pop("index")
+            out["methods"][name] = {**m, "scores": data[f"scores_{i}"], "per_query": data[f"per_query_{i}"]}
+    return out, meta["seconds"]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from .run import Plan, _set_threads, stage_ground_truth
 
@@ -393,6 +431,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/RESULTS-heldout.md")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--ground-truth-only", action="store_true", help="build the setting and the retrains, stop")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the last run's saved results")
     a = p.parse_args(argv)
     _set_threads(1)
     config = HELDOUT_QUICK if a.quick else HELDOUT
@@ -405,6 +444,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     print(f"load before: {os.getloadavg()}", flush=True)
     setting = build_heldout(config, cache_dir)
+    default_path = cache_dir / "RESULTS-heldout.md" if a.quick else Path(__file__).resolve().parent / "RESULTS-heldout.md"
+    path = a.out or default_path
+    if a.report_only:
+        out, seconds = load_results(setting)
+        path.write_text(report(setting, out, seconds))
+        print(path.read_text())
+        return 0
     seconds["setting"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plan = Plan(config=config, cache_dir=cache_dir, out=a.out or Path(), jobs=a.jobs)
@@ -416,9 +462,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # --quick: 40 documents cannot hold the default K=256 subsets (d=4); a smoke test of the code only
     out = evaluate(setting, StrideArguments(n_subsets=32) if a.quick else None)
+    save_results(setting, out, seconds)
     text = report(setting, out, seconds)
-    default_path = cache_dir / "RESULTS-heldout.md" if a.quick else Path(__file__).resolve().parent / "RESULTS-heldout.md"
-    path = a.out or default_path
     path.write_text(text)
     print(text)
     print(f"written to {path}")

