@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test benchmark heldout clean
+.PHONY: install demo test benchmark heldout scaling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ benchmark: install
 heldout: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout
+
+scaling: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.scaling
 
 clean:
 	rm -rf $(VENV) .pytest_cache
