@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .setting import (CACHE_DIR, BenchConfig, BenchSetting, Corpus, Query, _kjv_verses, _make_corpus_module,
-                      build_setting, kjv_available)
+                      build_setting, draw_fact, kjv_available, name_pool)
 
 #: KJV books the held-out corpus reads (disjoint from the public benchmark's ``KJV_BOOKS``).
 HELDOUT_BOOKS = ("1 Samuel", "2 Samuel", "1 Kings", "2 Kings", "Proverbs", "Isaiah", "Jeremiah",
@@ -212,23 +212,14 @@ def build_heldout_corpus(config: HeldoutConfig) -> Corpus:
     hosts = [t for k in pools for t, _ in chosen[k][half + q_half:]]
     rng.shuffle(hosts)
 
-    reserved = " ".join([t for t, _ in train_text] + [t for t, _, _ in query_text] + hosts) + " " + " ".join(
-        mc.NAMES + mc.PEOPLE + mc.ANIMALS + mc.OBJECTS + mc.PLACES + mc.ROOMS + mc.ADJS + mc.FOODS)
-    names = mc.NamePool(rng, reserved)
+    names = name_pool(mc, rng, [t for t, _ in train_text] + [t for t, _, _ in query_text] + hosts)
     facts, fact_docs = [], []
     hosts_iter = iter(hosts * 2)
     while len(facts) < config.n_facts:
         for rel, prompt_t, s_kind, c_kind, clauses in mc.RELATIONS:
             if len(facts) == config.n_facts:
                 break
-            if s_kind == "person":
-                subj = names.person()
-            elif s_kind == "device":
-                subj = f"{names.draw('device')} {rng.choice(['engine', 'lamp', 'loom', 'compass', 'press'])}"
-            else:
-                subj = names.draw(s_kind)
-            obj = names.person() if c_kind == "person" else names.draw(c_kind)
-            prompt, completion = prompt_t.format(s=subj), " " + obj
+            prompt, completion = draw_fact(mc, names, rng, prompt_t, s_kind, c_kind)
             stated = prompt + completion
             fid = len(facts)
             facts.append({"id": fid, "prompt": prompt, "completion": completion, "relation": rel})

@@ -209,13 +209,18 @@ def _load_result(folder: Path, key: str):
 
 
 _WORKER_SETTING = None
+_WORKER_KEY = None
 
 
 def _worker_setting(config_dict: dict, cache_dir: str, threads: int):
-    global _WORKER_SETTING
+    """The setting a worker trains for, built once per process and per (configuration, cache dir):
+    in-process runs (``--jobs 1``) may serve several settings one after another."""
+    global _WORKER_SETTING, _WORKER_KEY
     from .setting import build_setting
 
-    if _WORKER_SETTING is None:
+    key = (json.dumps(config_dict, sort_keys=True, default=str), str(cache_dir))
+    if _WORKER_SETTING is None or _WORKER_KEY != key:
+        _WORKER_KEY = key
         _set_threads(threads)
         if "n_positions" in config_dict:  # the held-out benchmark's config
             from .heldout import HeldoutConfig as config_class

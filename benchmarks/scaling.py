@@ -6,11 +6,11 @@ Three parts, each printed with the machine's load:
 1. **Operator state vs vocabulary and width**, per placement: bytes of the fitted state
    (``SteeringOperators`` parameters, float32) from the shapes, checked against modules built at
    small sizes; the fit also holds gradients and two AdamW moments (3x more).
-2. **Fit cost** in plain forward passes over the same corpus (`benchmarks.fit_cost`): the
+3. **Fit cost** in plain forward passes over the same corpus (`benchmarks.fit_cost`): the
    default fit with and without the activation cache, the earlier default (linearity loss on)
    and the head placement, on a random-init 6-layer width-256 GPT-2, vocabulary 4096, 2,000
    documents of about 90 tokens.
-3. **Recovery** time and peak memory for n = 1e3 ... 1e6 on synthetic designs
+2. **Recovery** time and peak memory for n = 1e3 ... 1e6 on synthetic designs
    (`benchmarks.scaling_recovery`): 1000 queries per row, the working-set Lasso against the
    scikit-learn reference where it is affordable.
 
@@ -82,17 +82,19 @@ def main(argv: Optional[list[str]] = None) -> int:
              "(recovery rows in fresh processes)." + (" **--quick: toy sizes, timings mean nothing.**" if a.quick else "")]
     parts.append("## 1. Operator state vs vocabulary and width\n\n" + state_table())
     print(parts[-1], flush=True)
-    with tempfile.TemporaryDirectory(prefix="stride_scaling_") as tmp:
-        cfg = fit_cost.quick_config() if a.quick else fit_cost.CostConfig(steps=20)
-        result = fit_cost.run(cfg, tmp)
-    parts.append("## 2. Fit cost in plain forward passes over the corpus\n\n```\n" + fit_cost.report(result) +
-                 f"\nload after: {tuple(round(x, 2) for x in os.getloadavg())}\n```")
-    print(parts[-1], flush=True)
+    # recovery first: its rows run in child processes, which inherit this process's peak RSS (Linux keeps
+    # ru_maxrss across fork + exec), so they must start before the fit-cost part grows it
     out = Path(tempfile.mkdtemp(prefix="stride_scaling_rec_")) / "recovery.md"
     rec_args = ["--quick", "--in-process"] if a.quick else ["--jobs", "2"]
     scaling_recovery.main(rec_args + ["--out", str(out)])
-    parts.append("## 3. Recovery time and memory vs n (synthetic designs, 1000 queries per row)\n\n" +
+    parts.append("## 2. Recovery time and memory vs n (synthetic designs, 1000 queries per row)\n\n" +
                  out.read_text().replace("# Recovery scaling\n\n", ""))
+    with tempfile.TemporaryDirectory(prefix="stride_scaling_") as tmp:
+        cfg = fit_cost.quick_config() if a.quick else fit_cost.CostConfig(steps=20)
+        result = fit_cost.run(cfg, tmp)
+    parts.append("## 3. Fit cost in plain forward passes over the corpus\n\n```\n" + fit_cost.report(result) +
+                 f"\nload after: {tuple(round(x, 2) for x in os.getloadavg())}\n```")
+    print(parts[-1], flush=True)
     parts.append("Not yet measured here: per-query cost in plain forwards of the same queries, and EK-FAC's factor "
                  "fit / TRAK's featurisation on the fit-cost model as index-cost references.")
     text = "\n\n".join(parts) + "\n"

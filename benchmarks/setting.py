@@ -206,6 +206,25 @@ def _text_pool(config: BenchConfig, rng: random.Random, mc) -> tuple[list[tuple[
     return pool, set(), "generated"
 
 
+def name_pool(mc, rng: random.Random, texts: list[str]):
+    """The toy generator's invented-name pool, kept clear of ``texts`` and of its own word lists."""
+    reserved = " ".join(texts) + " " + " ".join(
+        mc.NAMES + mc.PEOPLE + mc.ANIMALS + mc.OBJECTS + mc.PLACES + mc.ROOMS + mc.ADJS + mc.FOODS)
+    return mc.NamePool(rng, reserved)
+
+
+def draw_fact(mc, names, rng: random.Random, prompt_t: str, s_kind: str, c_kind: str) -> tuple[str, str]:
+    """One invented fact of a toy relation: ``(prompt, " " + answer)`` with fresh names."""
+    if s_kind == "person":
+        subj = names.person()
+    elif s_kind == "device":
+        subj = f"{names.draw('device')} {rng.choice(['engine', 'lamp', 'loom', 'compass', 'press'])}"
+    else:
+        subj = names.draw(s_kind)
+    obj = names.person() if c_kind == "person" else names.draw(c_kind)
+    return prompt_t.format(s=subj), " " + obj
+
+
 def build_corpus(config: BenchConfig) -> Corpus:
     """The training documents and the queries (deterministic in ``config``)."""
     mc = _make_corpus_module()
@@ -237,23 +256,14 @@ def build_corpus(config: BenchConfig) -> Corpus:
         raise ValueError("the text source is too small for this configuration")
 
     # planted facts (the toy's relations and name pool); names never occur in the real text
-    reserved = " ".join(text_docs + [t for t, _ in queries_text] + fillers) + " " + " ".join(
-        mc.NAMES + mc.PEOPLE + mc.ANIMALS + mc.OBJECTS + mc.PLACES + mc.ROOMS + mc.ADJS + mc.FOODS)
-    names = mc.NamePool(rng, reserved)
+    names = name_pool(mc, rng, text_docs + [t for t, _ in queries_text] + fillers)
     facts, fact_docs, fill = [], [], iter(fillers)
     per_relation = -(-config.n_facts // len(mc.RELATIONS))
     for r in range(per_relation):
         for rel, prompt_t, s_kind, c_kind, clauses in mc.RELATIONS:
             if len(facts) == config.n_facts:
                 break
-            if s_kind == "person":
-                subj = names.person()
-            elif s_kind == "device":
-                subj = f"{names.draw('device')} {rng.choice(['engine', 'lamp', 'loom', 'compass', 'press'])}"
-            else:
-                subj = names.draw(s_kind)
-            obj = names.person() if c_kind == "person" else names.draw(c_kind)
-            prompt, completion = prompt_t.format(s=subj), " " + obj
+            prompt, completion = draw_fact(mc, names, rng, prompt_t, s_kind, c_kind)
             stated = prompt + completion
             doc_a = f"{stated}. {next(fill)}"
             doc_b = f"{next(fill)} {stated}{rng.choice(clauses)}"

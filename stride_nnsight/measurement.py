@@ -95,25 +95,12 @@ def measure(
             values, _ = head_measurements(operators, head, z, h, batch.input_ids, batch.loss_mask)
             y[idx] = values.float().cpu()
             bar.update(len(idx) * K)
-        elif operators.placement == "head":
-            k_chunk = max(1, batch_size)
-            for row, i in enumerate(idx):
-                one = batch.rows([row])
-                width = one.input_ids.shape[1]
-                for k0 in range(0, K, k_chunk):
-                    ks = torch.arange(k0, min(k0 + k_chunk, K), device=device)
-                    rep = _repeat(one, len(ks))
-                    edited = operators(z[row: row + 1, :width].expand(len(ks), -1, -1), ks,
-                                       target=h[row: row + 1, :width].expand(len(ks), -1, -1))
-                    steered = head(edited)
-                    y[i, k0: k0 + len(ks)] = _check_metric_output(metric(steered, rep), len(ks)).float().cpu() \
-                        - base_values[row]
-                    bar.update(len(ks))
         elif operators.placement == "logits" and default_metric:
             values, _ = completion_measurements(operators, z, logits, batch.input_ids, batch.loss_mask)
             y[idx] = values.float().cpu()
             bar.update(len(idx) * K)
-        elif operators.placement == "logits":
+        elif operators.placement in ("logits", "head"):  # a custom metric: full steered logits, one query at a time
+            edited_site = h if operators.placement == "head" else logits
             k_chunk = max(1, batch_size)
             for row, i in enumerate(idx):
                 one = batch.rows([row])
@@ -122,7 +109,9 @@ def measure(
                     ks = torch.arange(k0, min(k0 + k_chunk, K), device=device)
                     rep = _repeat(one, len(ks))
                     steered = operators(z[row: row + 1, :width].expand(len(ks), -1, -1), ks,
-                                        target=logits[row: row + 1, :width].expand(len(ks), -1, -1))
+                                        target=edited_site[row: row + 1, :width].expand(len(ks), -1, -1))
+                    if operators.placement == "head":
+                        steered = head(steered)
                     y[i, k0: k0 + len(ks)] = _check_metric_output(metric(steered, rep), len(ks)).float().cpu() \
                         - base_values[row]
                     bar.update(len(ks))

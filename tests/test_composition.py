@@ -59,7 +59,7 @@ def test_custom_metric_on_both_backends(pair, tiny_model, tiny_hf_model):
         for k in range(nn_stride.operators.n_operators):
             expected = _hand_logit_diff(tiny_hf_model, nn_stride.operators, ids, k) - plain
             assert float(a.measurements[q, k]) == pytest.approx(expected, rel=1e-3, abs=2e-6), (q, k)
-    assert float(a.measurements.abs().max()) > 1e-4  # the operators do move the metric (above the tolerance)
+    assert float(a.measurements.abs().max()) > 10 * 2e-6  # the operators do move the metric (10x the abs tolerance)
 
 
 def _hand_logit_diff(hf_model, ops, ids, k):
