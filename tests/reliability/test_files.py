@@ -529,8 +529,13 @@ def test_ctrl_c_mid_step_resumes_bit_identically(where, tiny_model, tiny_tokeniz
 
         part.optimizer.step = step
         expected_step = 6  # the update completes, then the interrupt is raised
-    with pytest.raises(KeyboardInterrupt):
-        part.run(progress=False, checkpoint_dir=tmp_path)
+    # Python's own Ctrl-C handler, whatever the launcher set (a shell's background job ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            part.run(progress=False, checkpoint_dir=tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert storage.load(tmp_path / CHECKPOINT_NAME, "fit_checkpoint")["step"] == expected_step
     resumed = make_fitter(tiny_model, tiny_tokenizer, texts)
     resumed.run(progress=False, checkpoint_dir=tmp_path)
@@ -539,7 +544,8 @@ def test_ctrl_c_mid_step_resumes_bit_identically(where, tiny_model, tiny_tokeniz
 
 # ------------------------------------------------------- SIGINT / SIGKILL, in a subprocess
 SCRIPT = textwrap.dedent('''
-    import random, sys
+    import random, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when launched with SIGINT ignored
     import torch
     torch.set_num_threads(1)
     from nnsight import TransformersModel
@@ -557,7 +563,7 @@ SCRIPT = textwrap.dedent('''
     hf = GPT2LMHeadModel(tiny_gpt2_config(tok, n_layer=2, n_embd=32, n_head=2, n_positions=64)).eval()
     model = TransformersModel(hf, tokenizer=tok, task="text-generation")
     settings = dict(layer=1, placement="residual", n_subsets=16, subsets_per_example=2, rank=4, steps=STEPS,
-                    batch_size=8, linearity_operators=8, sketch_dim=4, basis_hidden=8, max_length=48,
+                    batch_size=8, linearity_operators=8, linearity_weight=0.1, sketch_dim=4, basis_hidden=8, max_length=48,
                     checkpoint_every=1, seed=0)
     jobs = sys.argv[1:]
     for checkpoint_dir, out in zip(jobs[::2], jobs[1::2]):
