@@ -36,8 +36,9 @@ class StrideArguments:
         batch_size: rows per step (half fidelity, half stability);
         lr: AdamW learning rate; weight_decay: AdamW weight decay;
         fidelity_weight, stability_weight, linearity_weight: loss weights. The linearity loss
-            is off by default (``linearity_weight=0``): on two dev corpora it changed LDS by
-            +0.006 and +0.001 (paired CIs include 0) while doubling the rows of every step
+            is off by default (``linearity_weight=0``): on two dev corpora and the public
+            benchmark it changed LDS by -0.006, -0.001 and -0.002 (paired CIs include 0) while
+            doubling the rows of every step
             (docs/method.md, "The linearity loss"); set it > 0 (e.g. 0.1) to use it;
         linearity_operators: operators sampled per step for the linearity loss (when on);
         sketch_dim: ``q``, width of the Johnson-Lindenstrauss sketch; ridge: ``gamma``;
