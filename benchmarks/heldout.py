@@ -42,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .setting import (CACHE_DIR, BenchConfig, BenchSetting, Corpus, Query, _kjv_verses, _make_corpus_module,
-                      build_setting, draw_fact, kjv_available, name_pool)
+                      build_setting, draw_fact, kjv_available, name_pool, shuffle_documents)
 
 #: KJV books the held-out corpus reads (disjoint from the public benchmark's ``KJV_BOOKS``).
 HELDOUT_BOOKS = ("1 Samuel", "2 Samuel", "1 Kings", "2 Kings", "Proverbs", "Isaiah", "Jeremiah",
@@ -230,18 +230,7 @@ def build_heldout_corpus(config: HeldoutConfig) -> Corpus:
                 fact_docs.append((" ".join(sentences[:at] + [variant] + sentences[at:]), fid, where))
 
     entries = [(t, k, None) for t, k in train_text] + [(t, "fact", f) for t, f, _ in fact_docs]
-    rng.shuffle(entries)
-    documents = [t for t, _, _ in entries]
-    kinds = [k for _, k, _ in entries]
-    sources: dict[int, list[int]] = {f["id"]: [] for f in facts}
-    for i, (_, _, f) in enumerate(entries):
-        if f is not None:
-            sources[f].append(i)
-    for f in facts:
-        f["source_ids"] = sources[f["id"]]
-        holders = [i for i, d in enumerate(documents) if f["completion"].strip() in d]
-        if sorted(holders) != sorted(f["source_ids"]):
-            raise AssertionError(f"fact {f['id']} leaks outside its two sources")
+    documents, kinds = shuffle_documents(entries, facts, rng)
     # fact queries: the first facts of each relation (facts were made round-robin over relations)
     queries = [Query(f["prompt"], f["completion"], "fact", tuple(f["source_ids"]), f["relation"])
                for f in facts[: config.n_fact_queries]]

@@ -225,6 +225,26 @@ def draw_fact(mc, names, rng: random.Random, prompt_t: str, s_kind: str, c_kind:
     return prompt_t.format(s=subj), " " + obj
 
 
+def shuffle_documents(entries: list[tuple[str, str, Any]], facts: list[dict],
+                      rng: random.Random) -> tuple[list[str], list[str]]:
+    """Shuffle ``(text, kind, fact id or None)`` entries into ``(documents, kinds)``, record each
+    fact's ``source_ids`` and check that its answer occurs only in them, stated in full."""
+    rng.shuffle(entries)
+    documents = [t for t, _, _ in entries]
+    kinds = [k for _, k, _ in entries]
+    sources: dict[int, list[int]] = {f["id"]: [] for f in facts}
+    for i, (_, _, f) in enumerate(entries):
+        if f is not None:
+            sources[f].append(i)
+    for f in facts:
+        f["source_ids"] = sources[f["id"]]
+        full = f["prompt"] + f["completion"]
+        holders = [i for i, d in enumerate(documents) if f["completion"].strip() in d]
+        if sorted(holders) != sorted(sources[f["id"]]) or not all(full in documents[i] for i in holders):
+            raise AssertionError(f"fact {f['id']} leaks outside its two sources")
+    return documents, kinds
+
+
 def build_corpus(config: BenchConfig) -> Corpus:
     """The training documents and the queries (deterministic in ``config``)."""
     mc = _make_corpus_module()
@@ -272,19 +292,7 @@ def build_corpus(config: BenchConfig) -> Corpus:
             fact_docs.append((doc_b, len(facts) - 1))
 
     entries = [(t, "text", None) for t in text_docs] + [(t, "fact", f) for t, f in fact_docs]
-    rng.shuffle(entries)
-    documents = [t for t, _, _ in entries]
-    kinds = [k for _, k, _ in entries]
-    sources: dict[int, list[int]] = {f["id"]: [] for f in facts}
-    for i, (_, _, f) in enumerate(entries):
-        if f is not None:
-            sources[f].append(i)
-    for f in facts:
-        f["source_ids"] = sources[f["id"]]
-        full = f["prompt"] + f["completion"]
-        holders = [i for i, d in enumerate(documents) if f["completion"].strip() in d]
-        if sorted(holders) != sorted(sources[f["id"]]) or not all(full in documents[i] for i in holders):
-            raise AssertionError(f"fact {f['id']} leaks outside its two sources")
+    documents, kinds = shuffle_documents(entries, facts, rng)
 
     queries = []
     step = max(1, config.n_facts // max(1, config.n_fact_queries))
