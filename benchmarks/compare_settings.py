@@ -2,9 +2,11 @@
 
 Fits STRIDE once per variant (the library defaults, then each variant's changes on top of them)
 on one dev benchmark and prints, per variant: fact recall@10, LDS (nan queries counted as 0),
-the paired 95% bootstrap CI of its per-query LDS difference against the first variant, the fit's
+the paired 95% bootstrap CI of its per-query LDS difference against the first variant (resampling
+queries; a second interval resamples queries and retrained models together), the fit's
 CPU seconds (``time.process_time``; meaningful only when run alone with OMP_NUM_THREADS=1) and
-the vocabulary-wide rows it read (rows x positions per row, per training document).
+the forward rows it read per training document (distinct documents per step with
+``sampling="document"``, rows per step otherwise; times the steps, over n).
 
 Benchmarks (``--bench``):
 
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from stride_nnsight import Stride  # noqa: E402
-from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds  # noqa: E402
+from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds, paired_lds_ci  # noqa: E402
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -102,6 +104,7 @@ def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000) -> list[
         args = stride.args
         n_rows = args.fit_steps(len(bench["documents"])) * stride_rows_per_step(args)
         rows.append({"variant": text or "defaults", "recall@10": recall, "lds": float(per_query.mean()),
+                     "scores": scores, "truth": bench["truth"],
                      "per_query": per_query, "by_kind": {k: float(per_query[kinds == k].mean())
                                                         for k in sorted(set(kinds.tolist()))},
                      "fit_s": fit_s, "rows_per_doc": n_rows / len(bench["documents"]),
@@ -110,22 +113,33 @@ def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000) -> list[
 
 
 def stride_rows_per_step(args) -> int:
+    """Forward rows of one step: distinct documents (``sampling="document"``: one forward serves all
+    of a document's rows) or rows (``"membership"``), plus the linearity probe."""
     n_probe = min(args.linearity_operators, args.n_subsets) if args.linearity_weight > 0 else 0
+    if getattr(args, "sampling", "membership") == "document":
+        return args.documents_per_step() + (1 if n_probe else 0)
     return args.batch_size + n_probe
 
 
 def report(rows: list[dict[str, Any]], n_boot: int = 1000) -> str:
     kinds = list(rows[0]["by_kind"])
     head = ["variant", "recall@10", "LDS"] + [f"LDS {k}" for k in kinds] + \
-        [f"LDS - {rows[0]['variant']} [95% CI]", "rows/doc", "positions/row", "fit CPU s"]
+        [f"LDS - {rows[0]['variant']} [95% CI]", "CI, queries + retrains resampled", "rows/doc", "positions/row",
+         "fit CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows[0]["per_query"]
     for r in rows:
         diff = r["per_query"] - base
         lo, hi = bootstrap_ci(diff, 0.95, n_boot, 0)
+        truth = r.get("truth")
+        if truth is not None and r is not rows[0]:
+            _, mlo, mhi = paired_lds_ci(r["scores"], rows[0]["scores"], truth.masks, truth.losses, n_boot=n_boot)
+            model_ci = f"[{mlo:+.3f}, {mhi:+.3f}]"
+        else:
+            model_ci = "-"
         cells = [r["variant"], f"{r['recall@10']:.3f}", f"{r['lds']:.3f}"] + \
             [f"{r['by_kind'][k]:.3f}" for k in kinds] + \
-            [f"{diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]", f"{r['rows_per_doc']:.1f}",
+            [f"{diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]", model_ci, f"{r['rows_per_doc']:.1f}",
              "all" if r["positions"] is None else str(r["positions"]), f"{r['fit_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -66,13 +66,17 @@ class CostConfig:
     subsets_per_example: int = 4
     batch_size: int = 32
     linearity_operators: int = 32
+    # per-query cost: queries made of the first documents (last quarter of each scored)
+    n_queries: int = 64
+    residual_queries: int = 2  # the residual placement runs K full forwards per query
+    ekfac: bool = True  # EK-FAC (kronfluence) on the same model and corpus as the index-cost reference
 
 
 def quick_config(**changes: Any) -> CostConfig:
     """The tiny smoke configuration (timings not meaningful)."""
     settings = dict(n_documents=60, mean_tokens=20, n_layer=2, d_model=32, n_head=2, vocab=400, steps=3,
                     batch_docs=16, quick=True, n_subsets=16, subsets_per_example=2, batch_size=8,
-                    linearity_operators=8)
+                    linearity_operators=8, n_queries=4, residual_queries=1)
     settings.update(changes)
     return CostConfig(**settings)
 
@@ -101,9 +105,9 @@ def _documents(rng: np.random.Generator, lexicon: list[str], word_counts: Sequen
     return docs
 
 
-def build_setting(cfg: CostConfig) -> tuple[Any, Any, TokenBatch]:
-    """(backend, tokenizer, tokenized corpus): documents of about ``cfg.mean_tokens`` tokens
-    (uniform in [2/3, 4/3] of it), a tokenizer trained on them, a random-init GPT-2."""
+def build_setting(cfg: CostConfig, with_texts: bool = False) -> tuple[Any, ...]:
+    """(backend, tokenizer, tokenized corpus[, texts]): documents of about ``cfg.mean_tokens``
+    tokens (uniform in [2/3, 4/3] of it), a tokenizer trained on them, a random-init GPT-2."""
     rng = np.random.default_rng(cfg.seed)
     lexicon = _lexicon(rng, max(200, 2 * cfg.vocab))
     draft = _documents(rng, lexicon, [cfg.mean_tokens] * cfg.n_documents)
@@ -129,7 +133,7 @@ def build_setting(cfg: CostConfig) -> tuple[Any, Any, TokenBatch]:
     backend = resolve_backend(model)
     backend.freeze()
     batch = encode_texts(tokenizer, texts, config.n_positions, context_length=config.n_positions)
-    return backend, tokenizer, batch
+    return (backend, tokenizer, batch, texts) if with_texts else (backend, tokenizer, batch)
 
 
 # ------------------------------------------------------------------------------ timings
@@ -201,11 +205,76 @@ def time_steps(fitter: OperatorFitter, steps: int) -> tuple[float, float]:
     return seconds / steps, clock["forward"] / max(seconds, 1e-12)
 
 
+def query_batch(texts: TokenBatch, n_queries: int, completion_fraction: float = 0.25) -> TokenBatch:
+    """``n_queries`` queries made of the first training documents: the last quarter of each
+    document's tokens is the scored completion, the rest the prompt."""
+    batch = texts.rows(list(range(min(n_queries, len(texts)))))
+    loss_mask = torch.zeros_like(batch.loss_mask)
+    lengths = batch.attention_mask.sum(1)
+    for i, length in enumerate(lengths.tolist()):
+        start = max(1, int(round(length * (1 - completion_fraction))))
+        loss_mask[i, start:length] = 1
+    return TokenBatch(batch.input_ids, batch.attention_mask, loss_mask)
+
+
+def query_costs(backend: Any, texts: TokenBatch, cfg: CostConfig) -> dict[str, Any]:
+    """CPU seconds per query of a plain forward, of measuring all ``K`` operators (logits,
+    head and residual placements; operators at their untrained init: the cost does not depend
+    on their values) and of recovery, on the same queries."""
+    from stride_nnsight.activations import head_function
+    from stride_nnsight.measurement import measure
+    from stride_nnsight.recovery import recover
+
+    queries = query_batch(texts, cfg.n_queries)
+    layer = backend.check_layer(-2)
+    plain, _ = timed(lambda: [backend.forward(queries.rows(list(range(i, min(i + 16, len(queries))))).input_ids,
+                                              queries.rows(list(range(i, min(i + 16, len(queries))))).attention_mask,
+                                              layer) for i in range(0, len(queries), 16)])
+    out: dict[str, Any] = {"n_queries": len(queries), "plain_per_query": plain / len(queries),
+                           "query_tokens": float(queries.attention_mask.sum()) / len(queries)}
+    design = SubsetDesign(len(texts), cfg.n_subsets, cfg.subsets_per_example, cfg.seed)
+    for placement, n_q in (("logits", len(queries)), ("head", len(queries)), ("residual", cfg.residual_queries)):
+        torch.manual_seed(cfg.seed)
+        out_dim = backend.vocab_size if placement == "logits" else backend.d_model
+        ops = SteeringOperators(cfg.n_subsets, backend.d_model, 16, out_dim, placement=placement, layer=layer,
+                                hidden=64)
+        with torch.no_grad():  # small non-zero coefficients, so nothing is special-cased as zero
+            ops.coefficients.normal_(0, 1e-3)
+        head = head_function(backend) if placement == "head" else None
+        part = queries.rows(list(range(n_q)))
+        seconds, (y, _) = timed(lambda: measure(backend, ops, part, progress=False, head=head))
+        out[f"measure_{placement}_per_query"] = seconds / n_q
+        out[f"measure_{placement}_queries"] = n_q
+        if placement == "logits":
+            rec, _ = timed(lambda: recover(y.numpy(), design.membership, "fraction", 0.3, True, progress=False,
+                                           sparse=True))
+            out["recover_per_query"] = rec / n_q
+    return out
+
+
+def ekfac_cost(backend: Any, raw_texts: Sequence[str], texts: TokenBatch, cfg: CostConfig) -> dict[str, Any]:
+    """CPU seconds of EK-FAC (kronfluence, library wrapper `stride_nnsight.baselines.ekfac`) on
+    the same model and corpus, scoring one query: factor fit (covariances, eigendecomposition,
+    eigenvalue correction) plus one pass of preconditioned per-document gradients, i.e. EK-FAC's
+    index and one query together."""
+    from stride_nnsight.baselines import ekfac
+
+    queries = query_batch(texts, 1)
+    ids = queries.input_ids[0][queries.attention_mask[0].bool()].tolist()
+    start = int(queries.loss_mask[0].nonzero()[0])
+    tok = backend.tokenizer
+    prompt, completion = tok.decode(ids[1:start]), tok.decode(ids[start:])
+    length = int(texts.attention_mask.sum(1).max())
+    seconds, _ = timed(lambda: ekfac(backend.model, list(raw_texts), [prompt], [completion], max_length=length,
+                                     batch_size=cfg.batch_docs, progress=False))
+    return {"ekfac_one_query": seconds}
+
+
 # ------------------------------------------------------------------------------ report
 def run(cfg: CostConfig, cache_dir: str) -> dict[str, Any]:
     """Measure everything; returns the numbers (CPU seconds) and the settings behind them."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
-    backend, _, texts = build_setting(cfg)
+    backend, _, texts, raw_texts = build_setting(cfg, with_texts=True)
     fitter = make_fitter(backend, texts, cfg)
     layer = fitter.operators.layer
     fingerprint = backend.fingerprint()
@@ -215,17 +284,27 @@ def run(cfg: CostConfig, cache_dir: str) -> dict[str, Any]:
                                                          progress=False, overwrite=True))
     t_uncached, fwd_uncached = time_steps(make_fitter(backend, texts, cfg), cfg.steps)
     t_cached, fwd_cached = time_steps(make_fitter(backend, texts, cfg, cache), cfg.steps)
-    # the same fit with the earlier default (linearity loss on: 32 probe rows per step), and the
-    # head placement (state K x r x d_model), both from the cache
+    # the same fit with one forward per document for all of its rows (sampling="document"), cached
+    # and live; with the linearity loss on (32 probe rows per step, the earlier default); and the
+    # head placement (state K x r x d_model)
+    document = make_fitter(backend, texts, cfg, cache, sampling="document")
+    t_document, _ = time_steps(document, cfg.steps)
+    t_document_live, _ = time_steps(make_fitter(backend, texts, cfg, sampling="document"), cfg.steps)
     with_probe = make_fitter(backend, texts, cfg, cache, linearity_weight=0.1)
     t_probe, _ = time_steps(with_probe, cfg.steps)
     t_head, _ = time_steps(make_fitter(backend, texts, cfg, cache, placement="head"), cfg.steps)
     steps_total = fitter.n_steps
-    return {"cfg": cfg, "layer": layer, "n_tokens": int(texts.attention_mask.sum()), "steps_total": steps_total,
+    queries = query_costs(backend, texts, cfg)
+    if cfg.ekfac:
+        queries.update(ekfac_cost(backend, raw_texts, texts, cfg))
+    return {"queries": queries, "cfg": cfg, "layer": layer, "n_tokens": int(texts.attention_mask.sum()), "steps_total": steps_total,
             "rows_per_step": rows_per_step(fitter.args), "rows_per_step_probe": rows_per_step(with_probe.args),
             "cache_bytes": cache.size_bytes, "plain": t_plain, "build": t_build,
             "step_uncached": t_uncached, "step_cached": t_cached, "forward_share_uncached": fwd_uncached,
             "forward_share_cached": fwd_cached, "step_cached_probe": t_probe, "step_cached_head": t_head,
+            "step_cached_document": t_document, "step_uncached_document": t_document_live,
+            "steps_document": document.n_steps, "documents_per_step": document.args.documents_per_step(),
+            "sampling": fitter.args.sampling,
             "linearity_weight": fitter.args.linearity_weight}
 
 
@@ -238,9 +317,9 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         f"fit cost: random-init GPT-2 ({cfg.n_layer} layers, d_model {cfg.d_model}, vocabulary {cfg.vocab}, "
         f"{cfg.toolkit}); {cfg.n_documents} documents, {r['n_tokens'] / cfg.n_documents:.1f} tokens on average; "
-        f"layer {r['layer']}, library defaults (placement 'logits', linearity_weight {r['linearity_weight']:g}); "
-        f"{n} fit steps of {r['rows_per_step']} rows (StrideArguments.fit_steps); {cfg.steps} steps timed per "
-        "variant",
+        f"layer {r['layer']}, library defaults (placement 'logits', sampling '{r.get('sampling', 'membership')}', "
+        f"linearity_weight {r['linearity_weight']:g}); {n} fit steps of {r['rows_per_step']} rows "
+        f"(StrideArguments.fit_steps); {cfg.steps} steps timed per variant",
         "CPU time (time.process_time, this process, every thread); cost unit: one plain forward pass over the corpus",
     ]
     if cfg.quick:
@@ -255,7 +334,17 @@ def report(r: dict[str, Any]) -> str:
          passes(r["step_cached"])),
         (f"fit cost uncached ({n} steps)", uncached, passes(uncached)),
         (f"fit cost cached ({n} steps + building the cache)", cached, passes(cached)),
-        (f"  same, linearity loss on ({r['rows_per_step_probe']} rows/step, the earlier default)",
+    ]
+    if "step_cached_document" in r:
+        nd = r["steps_document"]
+        label = f"sampling 'document' ({r['documents_per_step']} documents/step, {nd} steps)"
+        rows += [
+            (f"  same, {label}", r["build"] + nd * r["step_cached_document"],
+             passes(r["build"] + nd * r["step_cached_document"])),
+            (f"  same, {label}, uncached", nd * r["step_uncached_document"], passes(nd * r["step_uncached_document"])),
+        ]
+    rows += [
+        (f"  same, linearity loss on ({r['rows_per_step_probe']} rows/step, the default before 2026-12-02)",
          r["build"] + n * r["step_cached_probe"], passes(r["build"] + n * r["step_cached_probe"])),
         ("  same, placement 'head' (state K x r x d_model)", r["build"] + n * r["step_cached_head"],
          passes(r["build"] + n * r["step_cached_head"])),
@@ -266,7 +355,43 @@ def report(r: dict[str, Any]) -> str:
         lines.append(f"{name:<{width}}  {seconds:>10.3f}  {in_passes:>12.2f}")
     ratio = uncached / cached if cached > 0 else float("nan")
     lines.append(f"{'speed-up (uncached / cached fit)':<{width}}  {'':>10}  {ratio:>11.2f}x")
+    if "queries" in r:
+        lines += ["", query_report(r["queries"])]
+        extra = ekfac_report(r)
+        if extra:
+            lines += ["", extra]
     return "\n".join(lines)
+
+
+def query_report(qc: dict[str, Any]) -> str:
+    """Per-query costs in plain forwards of the same queries."""
+    plain = qc["plain_per_query"]
+    unit = (lambda seconds: seconds / plain) if plain > 0 else (lambda seconds: float("nan"))
+    lines = [f"per-query cost: {qc['n_queries']} queries of {qc['query_tokens']:.1f} tokens on average (the first "
+             "documents, last quarter scored); cost unit: one plain forward of the same query",
+             f"{'measurement':<58}  {'CPU ms/query':>12}  {'plain forwards':>14}"]
+    rows = [("plain forward", plain)]
+    for placement in ("logits", "head", "residual"):
+        rows.append((f"measuring all K operators, {placement} placement ({qc[f'measure_{placement}_queries']} queries)",
+                     qc[f"measure_{placement}_per_query"]))
+    rows.append(("recovery (working-set Lasso, n = corpus)", qc["recover_per_query"]))
+    for name, seconds in rows:
+        lines.append(f"{name:<58}  {1000 * seconds:>12.1f}  {unit(seconds):>14.2f}")
+    return "\n".join(lines)
+
+
+def ekfac_report(r: dict[str, Any]) -> str:
+    """EK-FAC's cost (index and one query) next to STRIDE's fit, in plain passes over the corpus."""
+    qc, plain = r["queries"], r["plain"]
+    if "ekfac_one_query" not in qc:
+        return ""
+    seconds = qc["ekfac_one_query"]
+    cached = r["build"] + r["steps_total"] * r["step_cached"]
+    return (f"index-cost reference: EK-FAC (kronfluence, every nn.Linear but the head, heuristic damping) on the same "
+            f"model and corpus, factors + scores of one query: {seconds:.1f} CPU s = {seconds / plain:.2f} plain "
+            f"passes over the corpus (STRIDE's default fit: {cached / plain:.2f}; ratio {cached / seconds:.2f}x). "
+            "TRAK's featurisation (a projected gradient per document) was not run here: one backward per document "
+            "plus a projection of every document's full gradient.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:

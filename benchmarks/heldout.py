@@ -320,7 +320,8 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
         f"(Python {sys.version_info.major}.{sys.version_info.minor}; load average {os.getloadavg()[0]:.2f} at the end). "
         "Nothing was tuned on this benchmark: STRIDE runs with the library defaults "
         "(`StrideArguments()`), chosen on the public benchmark and the dev corpora of "
-        "`benchmarks.compare_settings`.",
+        f"`benchmarks.compare_settings`. Code version {_code_version()} (hash of `stride_nnsight/` and "
+        "`benchmarks/methods.py`; results are cached per code version).",
         "",
         f"* Corpus: {len(setting.documents)} documents: {n_docs['scripture']} scripture passages (KJV books "
         f"{', '.join(HELDOUT_BOOKS[:3])}, ...; none of them in the public benchmark), {n_docs['docs']} passages of "
@@ -369,8 +370,14 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
     return "\n".join(lines) + "\n"
 
 
+def _code_version() -> str:
+    from benchmarks.setting import code_version
+
+    return code_version()
+
+
 def _results_path(setting: BenchSetting) -> Path:
-    return setting.cache_dir / f"heldout-results-{setting.key}.npz"
+    return setting.cache_dir / f"heldout-results-{setting.key}-code{_code_version()}.npz"
 
 
 def save_results(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]) -> Path:

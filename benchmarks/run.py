@@ -156,11 +156,18 @@ def _args_key(args_dict: dict) -> str:
     d = dict(args_dict)
     if d.get("steps") is not None:
         d.pop("fit_passes", None)
+    if d.get("sampling") == "membership":  # the draw every run used before the setting existed
+        d.pop("sampling")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _results_dir(setting) -> Path:
-    return setting.cache_dir / f"results-{setting.key}"
+    """Where the methods' results for ``setting`` are cached: keyed by the setting and by the code
+    version (`benchmarks.setting.code_version`), so a change to the library never reuses results
+    (or per-query times) computed by older code."""
+    from .setting import code_version
+
+    return setting.cache_dir / f"results-{setting.key}-code{code_version()}"
 
 
 def _save_result(folder: Path, key: str, res) -> None:

@@ -6,16 +6,17 @@ Three parts, each printed with the machine's load:
 1. **Operator state vs vocabulary and width**, per placement: bytes of the fitted state
    (``SteeringOperators`` parameters, float32) from the shapes, checked against modules built at
    small sizes; the fit also holds gradients and two AdamW moments (3x more).
-3. **Fit cost** in plain forward passes over the same corpus (`benchmarks.fit_cost`): the
-   default fit with and without the activation cache, the earlier default (linearity loss on)
-   and the head placement, on a random-init 6-layer width-256 GPT-2, vocabulary 4096, 2,000
-   documents of about 90 tokens.
 2. **Recovery** time and peak memory for n = 1e3 ... 1e6 on synthetic designs
    (`benchmarks.scaling_recovery`): 1000 queries per row, the working-set Lasso against the
    scikit-learn reference where it is affordable.
+3. **Fit cost** in plain forward passes over the same corpus (`benchmarks.fit_cost`): the
+   default fit with and without the activation cache, document sampling, the earlier default
+   (linearity loss on) and the head placement, on a random-init 6-layer width-256 GPT-2,
+   vocabulary 4096, 2,000 documents of about 90 tokens; then the **per-query cost** in plain
+   forwards of the same queries (measurement per placement, recovery) and **EK-FAC**
+   (kronfluence) on the same model and corpus as the index-cost reference.
 
-Not yet here (open work): per-query cost in plain forwards of the same queries, and EK-FAC's
-factor fit and TRAK's featurisation on the same model as index-cost references.
+Not here: TRAK's featurisation as a second index-cost reference.
 ``--quick`` runs every part at toy sizes (the suite's smoke test; its timings mean nothing).
 """
 
@@ -92,11 +93,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="stride_scaling_") as tmp:
         cfg = fit_cost.quick_config() if a.quick else fit_cost.CostConfig(steps=20)
         result = fit_cost.run(cfg, tmp)
-    parts.append("## 3. Fit cost in plain forward passes over the corpus\n\n```\n" + fit_cost.report(result) +
+    parts.append("## 3. Fit cost in plain forward passes over the corpus, per-query cost, EK-FAC reference\n\n```\n" + fit_cost.report(result) +
                  f"\nload after: {tuple(round(x, 2) for x in os.getloadavg())}\n```")
     print(parts[-1], flush=True)
-    parts.append("Not yet measured here: per-query cost in plain forwards of the same queries, and EK-FAC's factor "
-                 "fit / TRAK's featurisation on the fit-cost model as index-cost references.")
+    parts.append("Not measured here: TRAK's featurisation as a second index-cost reference (see above), and any "
+                 "model wider than the fit-cost model: the head's share of a step, and so what `sampling='document'` "
+                 "saves, grows with d_model.")
     text = "\n\n".join(parts) + "\n"
     path = a.out if a.out is not None else (None if a.quick else Path(__file__).resolve().parent / "SCALING.md")
     if path is not None:

@@ -443,6 +443,25 @@ def build_setting(config: BenchConfig = FULL, cache_dir: Path = CACHE_DIR, log=p
     return setting
 
 
+#: what a method's cached results depend on besides the settings: the library and the benchmark's
+#: method wrappers (the model and ground-truth caches are keyed by the setting and corpus instead)
+CODE_SOURCES = ("stride_nnsight", "benchmarks/methods.py")
+
+
+def code_version(root: Optional[Path] = None) -> str:
+    """Short hash of the source files in `CODE_SOURCES` (paths and bytes). Result caches are
+    keyed by it, so results computed by older code are never mixed with current ones: any change
+    to the library re-runs the methods (not the retrained ground truth)."""
+    root = root or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for source in CODE_SOURCES:
+        path = root / source
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:10]
+
+
 def ground_truth_folder(setting: BenchSetting) -> Path:
     c = setting.config
     return setting.cache_dir / f"ground_truth-{setting.key}-m{c.n_models}-f{c.fraction}-s{c.gt_seed}"

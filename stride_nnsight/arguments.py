@@ -8,9 +8,10 @@ from typing import Any, Optional, Union
 
 from .operators import PLACEMENTS
 
-__all__ = ["StrideArguments", "LAMBDA_RULES"]
+__all__ = ["StrideArguments", "LAMBDA_RULES", "SAMPLINGS"]
 
 LAMBDA_RULES = ("fraction", "cv")
+SAMPLINGS = ("document", "membership")
 
 
 @dataclass
@@ -29,11 +30,22 @@ class StrideArguments:
         rank: ``r``, size of the shared basis.
         basis_hidden: hidden width of the basis network.
     Fitting:
+        sampling: how a step draws its loss terms. ``"membership"`` (default): one forward
+            row per term, fidelity rows drawn as (random subset, random member), stability rows
+            as (random subset, random non-member). ``"document"``: draw
+            ``max(1, batch_size // (2 d))`` documents and score each under all ``d`` operators of
+            its subsets (fidelity terms) and ``d`` operators of random subsets that leave it out
+            (stability terms), all from one unsteered forward of the document: the frozen model
+            (or the activation cache's output head) runs once per document instead of once per
+            term (logits and head placements), about 8x fewer forward rows at the defaults. Not
+            yet the default: see docs/method.md ("Document sampling") for what it was measured to
+            cost in quality;
         steps: optimiser steps; ``None`` (default) scales them with the training set:
-            ``fit_passes`` passes over the ``n * d`` (example, subset) memberships, each step
-            drawing ``batch_size // 2`` of them as fidelity rows (see ``fit_steps``);
+            ``fit_passes`` passes over the ``n * d`` (example, subset) memberships, i.e. with
+            ``sampling="document"`` ``fit_passes`` visits of every document (see ``fit_steps``);
         fit_passes: passes over the memberships when ``steps`` is ``None``;
-        batch_size: rows per step (half fidelity, half stability);
+        batch_size: loss terms per step (half fidelity, half stability; with
+            ``sampling="document"`` rounded to whole documents of ``2 d`` terms, at least one);
         lr: AdamW learning rate; weight_decay: AdamW weight decay;
         fidelity_weight, stability_weight, linearity_weight: loss weights. The linearity loss
             is off by default (``linearity_weight=0``): on two dev corpora and the public
@@ -76,6 +88,7 @@ class StrideArguments:
     subsets_per_example: int = 4
     layer: int = -2
     placement: str = "logits"
+    sampling: str = "membership"
     rank: int = 16
     basis_hidden: int = 64
     steps: Optional[int] = None
@@ -134,6 +147,8 @@ class StrideArguments:
         if self.activation_cache_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError("activation_cache_dtype must be 'float32', 'float16' or 'bfloat16', got "
                              f"{self.activation_cache_dtype!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if self.lambda_rule not in LAMBDA_RULES:
             raise ValueError(f"lambda_rule must be one of {LAMBDA_RULES}, got {self.lambda_rule!r}")
         if not 0 < self.lambda_fraction < 1:
@@ -148,12 +163,24 @@ class StrideArguments:
             raise ValueError(f"max_length must be an int >= 2 tokens (or None: the longest training document, "
                              f"up to the model's context), got {self.max_length!r}")
 
+    def documents_per_step(self) -> int:
+        """Documents a ``sampling="document"`` step draws: ``max(1, batch_size // (2 d))``."""
+        return max(1, self.batch_size // (2 * self.subsets_per_example))
+
+    def fidelity_terms_per_step(self) -> int:
+        """Fidelity terms of one step: ``documents_per_step() * d`` (``"document"``) or
+        ``max(1, batch_size // 2)`` (``"membership"``)."""
+        if self.sampling == "document":
+            return self.documents_per_step() * self.subsets_per_example
+        return max(1, self.batch_size // 2)
+
     def fit_steps(self, n_examples: int) -> int:
         """Optimiser steps of a fit on ``n_examples`` texts: ``steps`` when set, else
-        ``ceil(fit_passes * n * d / (batch_size // 2))`` (at least 100)."""
+        ``ceil(fit_passes * n * d / fidelity_terms_per_step())`` (at least 100): ``fit_passes``
+        passes over the memberships (with ``sampling="document"``: visits of each document)."""
         if self.steps is not None:
             return int(self.steps)
-        per_step = max(1, self.batch_size // 2)
+        per_step = self.fidelity_terms_per_step()
         return max(100, math.ceil(self.fit_passes * int(n_examples) * self.subsets_per_example / per_step))
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,18 @@
-"""Command line: ``stride-nnsight demo`` runs STRIDE end to end on the bundled tiny setting."""
+"""Command line: fit STRIDE on your own model and data, attribute queries, write a report.
+
+``stride-nnsight demo`` runs STRIDE end to end on the bundled tiny setting. For your own model
+and corpus::
+
+    stride-nnsight fit --model gpt2 --data train.jsonl --out state/
+    stride-nnsight attribute --state state/ --model gpt2 --queries queries.jsonl --out scores.json
+    stride-nnsight report --scores scores.json --out report.html
+    stride-nnsight info state/
+
+Data files: JSONL, CSV, Parquet or a Hugging Face ``datasets`` directory (``save_to_disk``);
+settings: any ``StrideArguments`` field, from ``--config stride.yaml`` and ``--set key=value``
+(the flags win). A fit is resumable: it checkpoints under ``OUT/checkpoint`` and a rerun of
+the same command continues it.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main", "run_demo", "demo_stride"]
+__all__ = ["main", "run_demo", "demo_stride", "load_model", "fit_command", "attribute_command", "report_command",
+           "info_command"]
 
 
 def _default_cache() -> Path:
@@ -101,8 +116,8 @@ def run_demo(
         print(file=out)
 
     hits = 0.0
-    for q, fact in enumerate(facts):
-        top10 = set(torch.topk(attr.scores[q], 10).indices.tolist())
+    for fact in facts:
+        top10 = set(torch.topk(attr.sel(query=fact.id), 10).indices.tolist())
         hits += len(top10 & set(fact.source_ids)) / len(fact.source_ids)
     recall = hits / len(facts)
     chance = 10 / len(corpus)
@@ -137,9 +152,208 @@ def demo_stride(model, corpus, cache_dir: Path, seed: int = 0, refit: bool = Fal
     return stride, True, state_dir
 
 
+# ----------------------------------------------------------------------- your own model and data
+def load_model(name_or_path: str, *, dtype: Optional[str] = None):
+    """An nnsight ``TransformersModel`` for a causal LM: a local directory (``save_pretrained``)
+    or a Hugging Face hub id, loaded with ``from_pretrained`` (and its tokenizer)."""
+    import torch
+    from nnsight import TransformersModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name_or_path).exists()
+    kwargs = {"local_files_only": True} if local else {}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        hf = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:
+        raise SystemExit(f"stride-nnsight: cannot load the model {name_or_path!r}: {e}\n"
+                         "Pass a directory written by save_pretrained (model and tokenizer) or a hub id.") from None
+    return TransformersModel(hf.eval(), tokenizer=tokenizer, task="text-generation")
+
+
+def _settings(config: Optional[Path], assignments: Sequence[str]) -> dict:
+    """``StrideArguments`` fields from a settings file, then ``key=value`` flags (Python literals,
+    else strings) on top; unknown names are refused with the list of valid ones."""
+    import ast
+    from dataclasses import fields
+
+    from . import storage
+    from .arguments import StrideArguments
+
+    settings = dict(storage.read_settings_file(config)) if config is not None else {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"stride-nnsight: --set takes key=value, got {item!r}")
+        try:
+            settings[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            settings[key.strip()] = value.strip()
+    known = {f.name for f in fields(StrideArguments)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise SystemExit(f"stride-nnsight: unknown setting(s) {unknown}; valid: {sorted(known)}")
+    return settings
+
+
+def fit_command(model: str, data: Path, out: Path, *, text_field: str = "text", id_field: Optional[str] = None,
+                config: Optional[Path] = None, assignments: Sequence[str] = (), checkpoint_dir: Optional[Path] = None,
+                overwrite: bool = False, progress: bool = True, stdout=None):
+    """``stride-nnsight fit``: fit STRIDE on the texts of ``data`` and save the state to ``out``."""
+    from . import storage
+    from .stride import Stride
+
+    settings = _settings(config, assignments)
+    id_column = id_field or "id"
+    table = storage.read_records(data, [text_field], optional=[id_column])
+    ids = table.get(id_column)
+    if id_field is not None and ids is None:
+        raise SystemExit(f"stride-nnsight: {data} has no id column {id_field!r}")
+    texts = table[text_field]
+    print(f"[1/3] {len(texts)} training texts from {data} (column {text_field!r}"
+          f"{f', ids from {id_column!r}' if ids is not None else ', ids 0..n-1'})", file=stdout or sys.stdout)
+    lm = load_model(model)
+    stride = Stride(lm, **settings)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else Path(out) / "checkpoint"
+    print(f"[2/3] fitting {stride} ({stride.args.fit_steps(len(texts))} steps; checkpoints in {ckpt}: rerun the "
+          "same command to resume)", file=stdout or sys.stdout)
+    stride.fit(texts, ids, checkpoint_dir=ckpt, overwrite=overwrite, progress=progress)
+    stride.save(out)
+    print(f"[3/3] saved to {out}. Next: stride-nnsight attribute --state {out} --model {model} "
+          "--queries queries.jsonl --out scores.json", file=stdout or sys.stdout)
+    return stride
+
+
+def attribute_command(state: Path, model: str, queries: Path, out: Path, *, prompt_field: str = "prompt",
+                      completion_field: str = "completion", id_field: Optional[str] = None, top: int = 3,
+                      strict: bool = True, progress: bool = True, stdout=None):
+    """``stride-nnsight attribute``: score every query of ``queries`` against the fitted state.
+
+    ``out``: ``.json`` (an ``Attribution`` file, for ``report`` and ``Attribution.load``), or
+    ``.csv`` / ``.parquet`` (one row per non-zero score: query_id, rank, train_id, score)."""
+    from . import storage
+    from .stride import Stride
+
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".json", ".csv", ".parquet"):
+        raise SystemExit(f"stride-nnsight: --out {out}: use .json (for `report`), .csv or .parquet")
+    id_column = id_field or "id"
+    table = storage.read_records(queries, [prompt_field, completion_field], optional=[id_column])
+    ids = table.get(id_column)
+    if id_field is not None and ids is None:
+        raise SystemExit(f"stride-nnsight: {queries} has no id column {id_field!r}")
+    stride = Stride.load(state, load_model(model), strict=strict)
+    attr = stride.attribute(table[prompt_field], table[completion_field], query_ids=ids, progress=progress)
+    if suffix == ".json":
+        attr.save(out)
+    else:
+        storage.write_table(out, long_scores(attr))
+    print(f"{attr.n_queries} queries x {attr.n_train} training texts, {attr.nnz} non-zero scores -> {out}",
+          file=stdout or sys.stdout)
+    for q in range(min(attr.n_queries, 5)):
+        best = attr.top_k(top, row=q) if attr.row_status()[q] == "ok" else None
+        listed = ", ".join(f"{r.train_id!r} ({r.score:+.3g})" for r in best.itertuples()) if best is not None \
+            and len(best) else "no non-zero score"
+        print(f"  {attr.query_ids[q]!r}: {listed}", file=stdout or sys.stdout)
+    return attr
+
+
+def long_scores(attr):
+    """The non-zero scores as a long ``DataFrame``: query_id, rank (1 = largest score), train_id, score."""
+    import numpy as np
+    import pandas as pd
+
+    m = attr._csr()
+    records = []
+    for q in range(m.shape[0]):
+        cols, vals = m.indices[m.indptr[q]: m.indptr[q + 1]], m.data[m.indptr[q]: m.indptr[q + 1]]
+        for rank, i in enumerate(np.argsort(-vals, kind="stable"), start=1):
+            records.append((attr.query_ids[q], rank, attr.train_ids[int(cols[i])], float(vals[i])))
+    return pd.DataFrame.from_records(records, columns=["query_id", "rank", "train_id", "score"])
+
+
+def report_command(scores: Path, out: Path, *, top: int = 10, stdout=None) -> str:
+    """``stride-nnsight report``: an HTML page from an ``Attribution`` file (``attribute --out *.json``)."""
+    from .results import Attribution
+
+    if Path(scores).suffix.lower() != ".json":
+        raise SystemExit(f"stride-nnsight: --scores {scores}: the report reads the .json Attribution file that "
+                         "`attribute --out scores.json` writes")
+    attr = Attribution.load(scores)
+    page = attr.to_html(out, k=top)
+    print(f"report of {attr.n_queries} queries -> {out}", file=stdout or sys.stdout)
+    return page
+
+
+def info_command(state: Path, stdout=None) -> dict:
+    """``stride-nnsight info``: what a saved state holds (no model needed)."""
+    from . import storage
+    from .stride import STATE_KEYS, STATE_KIND, find_state_file
+
+    file = find_state_file(state) if Path(state).is_dir() else Path(state)
+    if file is None or not Path(file).exists():
+        raise SystemExit(f"stride-nnsight: no saved STRIDE state in {state} (the --out directory of `fit`)")
+    content = storage.load(file, STATE_KIND, required=STATE_KEYS)
+    args, ops = content["args"], content["operator_settings"]
+    history = content["history"]
+    steps = len(history.get("step", history.get("total", [])))
+    size = sum(p.stat().st_size for p in Path(file).parent.iterdir() if p.is_file())
+    lines = [f"STRIDE state {file}",
+             f"  training texts   {content['design']['n_examples']}",
+             f"  operators        K={ops['n_operators']}, d={args['subsets_per_example']}, rank={ops['rank']}, "
+             f"placement={ops['placement']!r}, layer={ops['layer']}",
+             f"  fit              {steps} of {content.get('steps_planned')} steps; sampling "
+             f"{args.get('sampling', 'membership')!r}, lr {args['lr']}, max_length {content.get('max_length')}",
+             f"  model            {content.get('backend')} fingerprint {content['fingerprint']} "
+             f"({content.get('fingerprint_kind')})",
+             f"  files            {size / 1e6:.1f} MB"]
+    print("\n".join(lines), file=stdout or sys.stdout)
+    return content
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="stride-nnsight", description=__doc__)
+    parser = argparse.ArgumentParser(prog="stride-nnsight", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="fit STRIDE on your model and corpus, save the state",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="example:\n  stride-nnsight fit --model ./my-model --data train.jsonl --out state/ "
+                                "--set n_subsets=512 --set layer=-3")
+    fit.add_argument("--model", required=True, help="local model directory (save_pretrained) or hub id")
+    fit.add_argument("--data", required=True, type=Path, help="training texts: .jsonl, .csv, .parquet or a "
+                                                               "datasets directory")
+    fit.add_argument("--text-field", default="text", help="column holding the text (default: text)")
+    fit.add_argument("--id-field", default=None, help="column holding document ids (default: 'id' if present)")
+    fit.add_argument("--config", type=Path, default=None, help="YAML / JSON file of StrideArguments settings")
+    fit.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                     help="one setting, overriding the config file (repeatable)")
+    fit.add_argument("--out", required=True, type=Path, help="directory for the fitted state")
+    fit.add_argument("--checkpoint-dir", type=Path, default=None, help="default: OUT/checkpoint")
+    fit.add_argument("--overwrite", action="store_true", help="discard a checkpoint of another run and start over")
+    fit.add_argument("--no-progress", action="store_true")
+    att = sub.add_parser("attribute", help="attribute queries with a fitted state",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="example:\n  stride-nnsight attribute --state state/ --model ./my-model "
+                                "--queries queries.jsonl --out scores.json")
+    att.add_argument("--state", required=True, type=Path, help="the --out directory of `fit`")
+    att.add_argument("--model", required=True, help="the model the state was fitted on")
+    att.add_argument("--queries", required=True, type=Path, help="queries: prompt and completion columns")
+    att.add_argument("--prompt-field", default="prompt")
+    att.add_argument("--completion-field", default="completion")
+    att.add_argument("--id-field", default=None, help="column holding query ids (default: 'id' if present)")
+    att.add_argument("--out", required=True, type=Path, help=".json (Attribution, for `report`), .csv or .parquet")
+    att.add_argument("--top", type=int, default=3, help="documents printed per query (default 3)")
+    att.add_argument("--no-strict", action="store_true", help="accept a model whose weights differ from the fit's")
+    att.add_argument("--no-progress", action="store_true")
+    rep = sub.add_parser("report", help="HTML report of an attribution file",
+                         epilog="example: stride-nnsight report --scores scores.json --out report.html")
+    rep.add_argument("--scores", required=True, type=Path, help="the .json file of `attribute`")
+    rep.add_argument("--out", required=True, type=Path, help="the .html file to write")
+    rep.add_argument("--top", type=int, default=10, help="proponents and opponents per query (default 10)")
+    info = sub.add_parser("info", help="what a saved state holds", epilog="example: stride-nnsight info state/")
+    info.add_argument("state", type=Path)
     demo = sub.add_parser("demo", help="end-to-end STRIDE demo on the bundled tiny model and corpus")
     demo.add_argument("--queries", type=int, default=6, help="fact queries to print (default 6)")
     demo.add_argument("--top", type=int, default=5, help="documents shown per query (default 5)")
@@ -150,8 +364,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--refit", action="store_true", help="refit even if fitted operators are cached")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        run_demo(args.queries, args.top, args.cache_dir, args.steps, args.placement, args.seed, args.refit)
+    from .storage import DataFileError
+
+    try:
+        if args.command == "demo":
+            run_demo(args.queries, args.top, args.cache_dir, args.steps, args.placement, args.seed, args.refit)
+        elif args.command == "fit":
+            fit_command(args.model, args.data, args.out, text_field=args.text_field, id_field=args.id_field,
+                        config=args.config, assignments=args.assignments, checkpoint_dir=args.checkpoint_dir,
+                        overwrite=args.overwrite, progress=not args.no_progress)
+        elif args.command == "attribute":
+            attribute_command(args.state, args.model, args.queries, args.out, prompt_field=args.prompt_field,
+                              completion_field=args.completion_field, id_field=args.id_field, top=args.top,
+                              strict=not args.no_strict, progress=not args.no_progress)
+        elif args.command == "report":
+            report_command(args.scores, args.out, top=args.top)
+        elif args.command == "info":
+            info_command(args.state)
+    except (DataFileError, FileNotFoundError) as e:
+        print(f"stride-nnsight {args.command}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from scipy.special import gammaln
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 from tqdm.auto import tqdm
 
 from .results import Attribution
@@ -56,6 +56,9 @@ from .results import Attribution
 __all__ = [
     "LDSResult",
     "lds",
+    "lds_replicates",
+    "paired_lds_ci",
+    "seed_to_seed_lds",
     "spearman_per_query",
     "bootstrap_ci",
     "draw_subset_masks",
@@ -344,6 +347,124 @@ def lds(
     )
 
 
+def _spearman_columns(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """`spearman_per_query` for ``[m, q]`` arrays, vectorised when every value is finite (ranks
+    with average ties, then Pearson per column; ``nan`` for a constant column or < 3 models)."""
+    if not (np.isfinite(p).all() and np.isfinite(t).all()):
+        return spearman_per_query(p, t)
+    if p.shape[0] < MIN_MODELS_PER_QUERY:
+        return np.full(p.shape[1], np.nan)
+    rp = rankdata(p, axis=0)
+    rt = rankdata(t, axis=0)
+    rp -= rp.mean(axis=0)
+    rt -= rt.mean(axis=0)
+    den = np.sqrt((rp * rp).sum(axis=0) * (rt * rt).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (rp * rt).sum(axis=0) / den
+    r[~(den > 0)] = np.nan
+    return r
+
+
+def _ground_truth_arrays(masks: Any, losses: Any, n_train: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    m = _as_masks(masks)
+    if isinstance(losses, torch.Tensor):
+        losses = losses.detach().cpu().to(torch.float64).numpy()
+    loss, _ = _average_seeds(np.asarray(losses, dtype=np.float64))
+    if m.shape[1] != n_train:
+        raise ValueError(f"masks cover {m.shape[1]} training examples but scores have {n_train}")
+    if loss.shape != (m.shape[0], n_queries):
+        raise ValueError(f"losses (after averaging seeds) have shape {loss.shape}, expected "
+                         f"(n_models={m.shape[0]}, n_queries={n_queries})")
+    return m, loss
+
+
+def lds_replicates(
+    scores: Sequence[ScoresLike],
+    masks: Any,
+    losses: Any,
+    n_boot: int = 1000,
+    seed: int = 0,
+    resample_models: bool = True,
+    resample_queries: bool = True,
+) -> Float[np.ndarray, "boot methods"]:
+    """Bootstrap replicates of the LDS of several score matrices, resampled *together*.
+
+    Each replicate draws the retrained models (rows of ``masks`` / ``losses``) and the queries
+    with replacement (either can be switched off), recomputes every query's Spearman
+    correlation on the drawn models, and averages over the drawn queries (``nan`` queries count
+    as 0, the conservative `LDSResult.mean_nan_as_zero`). The same draw serves every method, so
+    differences between columns are paired. Returns ``[n_boot, len(scores)]``."""
+    mats = [_as_scores(s) for s in scores]
+    if not mats:
+        raise ValueError("lds_replicates needs at least one score matrix")
+    q, n = mats[0].shape
+    if any(x.shape != (q, n) for x in mats):
+        raise ValueError(f"every score matrix must have the shape of the first, {(q, n)}")
+    m, loss = _ground_truth_arrays(masks, losses, n, q)
+    preds = [m.astype(np.float64) @ x.T for x in mats]  # [m, q] each
+    rng = np.random.default_rng(seed)
+    out = np.empty((int(n_boot), len(mats)))
+    for b in range(int(n_boot)):
+        rows = rng.integers(0, m.shape[0], m.shape[0]) if resample_models else np.arange(m.shape[0])
+        cols = rng.integers(0, q, q) if resample_queries else np.arange(q)
+        target = -loss[rows][:, cols]
+        for i, pred in enumerate(preds):
+            out[b, i] = np.nan_to_num(_spearman_columns(pred[rows][:, cols], target), nan=0.0).mean()
+    return out
+
+
+def paired_lds_ci(
+    scores_a: ScoresLike,
+    scores_b: ScoresLike,
+    masks: Any,
+    losses: Any,
+    confidence: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+    resample_models: bool = True,
+) -> tuple[float, float, float]:
+    """LDS of ``scores_a`` minus LDS of ``scores_b`` (``nan`` queries as 0) and its paired
+    percentile-bootstrap interval, resampling queries *and* (by default) retrained models, so
+    the interval also carries the ground truth's own sampling error. Returns
+    ``(difference, low, high)``."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    a, b = _as_scores(scores_a), _as_scores(scores_b)
+    m, loss = _ground_truth_arrays(masks, losses, a.shape[1], a.shape[0])
+    point = [np.nan_to_num(_spearman_columns(m.astype(np.float64) @ x.T, -loss), nan=0.0).mean() for x in (a, b)]
+    reps = lds_replicates([a, b], masks, losses, n_boot=n_boot, seed=seed, resample_models=resample_models)
+    diff = reps[:, 0] - reps[:, 1]
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(diff, [alpha, 1.0 - alpha])
+    return float(point[0] - point[1]), float(low), float(high)
+
+
+def seed_to_seed_lds(losses: Any, confidence: float = 0.95, n_boot: int = 1000, seed: int = 0) -> LDSResult:
+    """The ground truth's noise ceiling: per query, the Spearman correlation over subsets between
+    the losses of two retrains of the same subset with different training seeds
+    (``losses [n_models, n_seeds >= 2, n_queries]``; seeds 0 and 1 are compared).
+
+    This is the reliability ``rho`` of a single-seed target (the LDS one seed's *actual* losses
+    reach as the "prediction" of the other seed's). With loss = subset effect + seed noise, a
+    method that predicted the subset effect exactly would reach a correlation of about
+    ``sqrt(rho)`` against one seed's losses and ``sqrt(2 rho / (1 + rho))`` against the mean of two
+    seeds (Spearman-Brown; exact for Pearson correlations, approximate for Spearman's): the LDS
+    ceiling the ground truth allows. ``mean`` excludes nan queries."""
+    if isinstance(losses, torch.Tensor):
+        losses = losses.detach().cpu().to(torch.float64).numpy()
+    loss = np.asarray(losses, dtype=np.float64)
+    if loss.ndim != 3 or loss.shape[1] < 2:
+        raise ValueError(f"seed_to_seed_lds needs losses [n_models, n_seeds >= 2, n_queries], got {loss.shape}: "
+                         "retrain with retrain_ground_truth(..., n_seeds=2)")
+    per_query = spearman_per_query(loss[:, 0, :], loss[:, 1, :])
+    finite = np.isfinite(per_query)
+    low, high = bootstrap_ci(per_query, confidence, n_boot, seed)
+    return LDSResult(per_query=per_query, mean=float(per_query[finite].mean()) if finite.any() else float("nan"),
+                     ci_low=low, ci_high=high, confidence=confidence, n_queries=loss.shape[2], n_models=loss.shape[0],
+                     n_nan=int((~finite).sum()), mean_nan_as_zero=float(np.where(finite, per_query, 0.0).mean()),
+                     n_seeds=2, ci_method="seed 0 vs seed 1 retrains; bootstrap-percentile over queries")
+
+
 # --------------------------------------------------------------------------------------
 # Retraining ground truth
 # --------------------------------------------------------------------------------------
@@ -472,6 +593,7 @@ def retrain_ground_truth(
     progress: bool = True,
     n_seeds: int = 1,
     extra: Optional[dict[str, Any]] = None,
+    reuse_dir: Optional[Union[str, os.PathLike]] = None,
 ) -> RetrainingGroundTruth:
     """Retrain on random subsets and record every query's loss (ground truth for `lds`).
 
@@ -504,6 +626,11 @@ def retrain_ground_truth(
         extra: JSON-serialisable settings that also identify the run (model config,
             query set, training hyper-parameters ...); stored in and checked against the
             manifest, so a cache made for other queries is not silently reused.
+        reuse_dir: another cache of the same masks and seed (e.g. the single-seed cache when
+            adding a second seed): its finished retrains of matching (subset, seed) files are
+            hard-linked (or copied) into ``cache_dir`` instead of retrained. Only files whose
+            mask digest and training seed match are taken, and only when that cache's
+            manifest agrees on everything but ``n_seeds``; needs ``cache_dir``.
 
     Returns:
         `RetrainingGroundTruth` with ``masks [m, n]`` and ``losses [m, q]`` (or ``[m, s, q]``).
@@ -523,9 +650,13 @@ def retrain_ground_truth(
     cache = Path(cache_dir) if cache_dir is not None else None
     done: dict[tuple[int, int], np.ndarray] = {}
     n_queries: Optional[int] = None
+    if reuse_dir is not None and cache is None:
+        raise ValueError("reuse_dir needs a cache_dir to link the reused retrains into")
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         _check_manifest(cache / "manifest.json", settings)
+        if reuse_dir is not None:
+            _reuse_retrains(Path(reuse_dir), cache, settings, n_models, n_seeds, seeds, digests)
         for i in range(n_models):
             for r in range(n_seeds):
                 path = cache / f"retrain_{i:05d}_s{r}.npz"
@@ -574,6 +705,38 @@ def retrain_ground_truth(
         losses[i, r] = loss
     return RetrainingGroundTruth(masks=masks, losses=losses[:, 0] if n_seeds == 1 else losses,
                                  train_seeds=seeds, settings=settings)
+
+
+def _reuse_retrains(source: Path, cache: Path, settings: dict[str, Any], n_models: int, n_seeds: int,
+                    seeds: np.ndarray, digests: list[str]) -> None:
+    """Link (or copy) ``source``'s finished retrains that this run needs into ``cache``."""
+    import shutil
+
+    try:
+        theirs = json.loads((source / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"reuse_dir {source} has no readable manifest.json ({e})") from e
+    mine = {k: v for k, v in settings.items() if k != "n_seeds"}
+    if {k: v for k, v in theirs.items() if k != "n_seeds"} != mine:
+        raise ValueError(f"reuse_dir {source} was made with other settings than this run (apart from n_seeds): "
+                         "its retrains cannot be reused")
+    for i in range(n_models):
+        for r in range(min(n_seeds, int(theirs.get("n_seeds", 1)))):
+            name = f"retrain_{i:05d}_s{r}.npz"
+            src, dst = source / name, cache / name
+            if dst.exists() or not src.exists():
+                continue
+            try:
+                with np.load(src) as z:
+                    ok = str(z["mask_digest"]) == digests[i] and int(z["train_seed"]) == int(seeds[i, r])
+            except Exception:  # unreadable: leave it, it will be retrained
+                continue
+            if not ok:
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
 
 
 # --------------------------------------------------------------------------------------

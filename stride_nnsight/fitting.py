@@ -1,10 +1,14 @@
 """Training the steering operators (the base model stays frozen).
 
-One optimiser step draws, for ``batch_size // 2`` random subsets, one member example
-each (fidelity rows) and, for the other half, one example *outside* the drawn subset
-(stability rows); all rows go through one steered forward pass, each row carrying its
-own operator. A linearity probe adds ``linearity_operators`` rows: one random training
-example under that many random operators. See docs/method.md for the reasoning.
+One optimiser step draws a few documents (``StrideArguments.documents_per_step``) and scores
+each under all ``d`` operators of its subsets (fidelity rows) and under ``d`` operators of
+subsets that leave it out (stability rows); a row is one (document, operator) pair. For the
+logits and head placements one unsteered forward per *distinct* document serves all its rows
+(`stride_nnsight.operators.shared_rows_forward`, or the activation cache). ``sampling=
+"membership"`` draws one (subset, member) pair per fidelity row and one (subset, non-member)
+pair per stability row instead. A linearity probe adds ``linearity_operators`` rows: one
+random training example under that many random operators. See docs/method.md for the
+reasoning.
 
 Fitting is resumable: with a checkpoint directory, the operators, optimiser, sampler
 state and loss curve are written every ``checkpoint_every`` steps and when the run is
@@ -38,7 +42,8 @@ from .arguments import StrideArguments
 from .backends.base import ModelBackend
 from .design import SubsetDesign
 from .inputs import TokenBatch
-from .operators import READ_ONLY_PLACEMENTS, SteeringOperators, jl_projection, loss_candidates, step_losses
+from .operators import (READ_ONLY_PLACEMENTS, SteeringOperators, jl_projection, loss_candidates, shared_rows_forward,
+                        step_losses)
 
 __all__ = ["FitHistory", "OperatorFitter", "CHECKPOINT_NAME", "CheckpointMismatchError", "NOT_IN_RUN_IDENTITY",
            "interrupts_deferred", "nonfinite_loss_error"]
@@ -260,7 +265,43 @@ class OperatorFitter:
 
     def sample_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
         """Draw one step's rows: (fidelity examples, their operators, stability examples,
-        their operators, probe example, probe operators)."""
+        their operators, probe example, probe operators).
+
+        ``sampling="document"``: ``args.documents_per_step()`` distinct documents, each repeated
+        ``d`` times as fidelity rows (under each of its subsets' operators) and ``d`` times as
+        stability rows (under operators drawn uniformly, with replacement, among the subsets
+        that leave it out; none when every subset holds it); ``"membership"``: see
+        `_sample_memberships`."""
+        if self.args.sampling == "membership":
+            return self._sample_memberships()
+        K, n, d = self.design.n_subsets, self.design.n_examples, self.design.subsets_per_example
+        docs = torch.randperm(n, generator=self.generator)[: self.args.documents_per_step()].numpy().astype(np.int64)
+        fid_ex = np.repeat(docs, d)
+        fid_ops = self.example_subsets[docs].reshape(-1).astype(np.int64)
+        stab_ex_parts, stab_ops_parts = [], []
+        if d < K:
+            for j in docs:
+                outside = np.setdiff1d(np.arange(K), self.example_subsets[j], assume_unique=True)
+                stab_ops_parts.append(outside[self._randint(len(outside), d)])
+                stab_ex_parts.append(np.full(d, j, dtype=np.int64))
+        stab_ex = np.concatenate(stab_ex_parts) if stab_ex_parts else np.empty(0, dtype=np.int64)
+        stab_ops = np.concatenate(stab_ops_parts).astype(np.int64) if stab_ops_parts else np.empty(0, dtype=np.int64)
+        probe, probe_ops = self._sample_probe()
+        return fid_ex, fid_ops, stab_ex, stab_ops, probe, probe_ops
+
+    def _sample_probe(self) -> tuple[int, np.ndarray]:
+        """The linearity probe: one random example and ``linearity_operators`` distinct operators
+        (none when the linearity loss is off)."""
+        K, n = self.design.n_subsets, self.design.n_examples
+        probe = int(self._randint(n, 1)[0])
+        n_probe = min(self.args.linearity_operators, K) if self.args.linearity_weight > 0 else 0
+        probe_ops = torch.randperm(K, generator=self.generator)[:n_probe].numpy()
+        return probe, probe_ops
+
+    def _sample_memberships(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
+        """``sampling="membership"``: ``batch_size // 2`` fidelity rows, each a random subset and
+        one random member; the other half stability rows, each a random subset (among those that
+        leave some example out) and one random non-member."""
         K, n = self.design.n_subsets, self.design.n_examples
         n_fid = max(1, self.args.batch_size // 2)
         open_subsets = self.open_subsets
@@ -284,9 +325,7 @@ class OperatorFitter:
                 outside = np.setdiff1d(np.arange(n), self.subset_members[k])
                 j = int(outside[self._randint(len(outside), 1)[0]])
             stab_ex[i] = j
-        probe = int(self._randint(n, 1)[0])
-        n_probe = min(self.args.linearity_operators, K) if self.args.linearity_weight > 0 else 0
-        probe_ops = torch.randperm(K, generator=self.generator)[:n_probe].numpy()
+        probe, probe_ops = self._sample_probe()
         return fid_ex, fid_ops, stab_ex, stab_ops, probe, probe_ops
 
     def sample_positions(self, batch: TokenBatch, n_fidelity: int, n_stability: int,
@@ -335,11 +374,13 @@ class OperatorFitter:
         if self.activations is not None:  # the frozen model's activations, read from disk
             forward = self.activations.forward_for(examples, device=backend.device)
         else:
-            def forward(input_ids, attention_mask, edit, head_input=False):
+            def live(input_ids, attention_mask, edit, head_input=False):
                 if head_input:  # head placement: the output head's input, read in the same single forward
                     z, h, _ = read_activations(backend, input_ids, attention_mask, ops.layer)
                     return h, z
                 return backend.forward(input_ids, attention_mask, ops.layer, edit=edit)
+
+            forward = shared_rows_forward(live, torch.from_numpy(examples))  # one forward per distinct document
 
         loss, fidelity, stability, linearity = step_losses(
             forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,

@@ -394,6 +394,31 @@ def gather_positions(values: torch.Tensor, positions: torch.Tensor) -> torch.Ten
     return values[rows, positions.to(values.device)]
 
 
+def shared_rows_forward(forward, index: torch.Tensor):
+    """Wrap ``forward(input_ids, attention_mask, edit, **kw) -> (a [b, ...], c [b, ...])`` so that
+    an unsteered call (``edit=None``, no ``positions=``) runs each distinct row once.
+
+    ``index [b]``: which document each row is (rows with equal ids must hold the same tokens).
+    The wrapped forward runs the first row of each document and copies its outputs to the
+    document's other rows; the outputs are those of the full call up to float rounding (a
+    smaller batch). Steered calls and calls with ``positions=`` pass through unchanged."""
+    index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    unique, inverse = torch.unique(index, return_inverse=True)
+    if len(unique) == len(index):
+        return forward
+    first = torch.full((len(unique),), len(index), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(index)), reduce="amin")
+
+    def wrapped(input_ids, attention_mask, edit=None, **kwargs):
+        if edit is not None or kwargs.get("positions") is not None or int(input_ids.shape[0]) != len(index):
+            return forward(input_ids, attention_mask, edit, **kwargs)
+        rows = first.to(input_ids.device)
+        out_a, out_c = forward(input_ids[rows], attention_mask[rows.to(attention_mask.device)], None, **kwargs)
+        return out_a[inverse.to(out_a.device)], out_c[inverse.to(out_c.device)]
+
+    return wrapped
+
+
 def step_losses(forward, operators: SteeringOperators, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 loss_mask: torch.Tensor, operator_ids: torch.Tensor, sketch: Optional[torch.Tensor],
                 n_fidelity: int, n_stability: int, loss_weights: tuple, ridge: float,
@@ -554,8 +579,10 @@ def run_training_steps(
         ids, attn, lmask = ids.to(device), attn.to(device), lmask.to(device)
         operators.train()
 
-        def forward(i, a, edit):
+        def live(i, a, edit):
             return steered_forward(model, layers_path, operators.layer, i, a, edit)
+
+        forward = shared_rows_forward(live, rows[s])  # one unsteered forward per distinct example
 
         loss, fidelity, stability, linearity = step_losses(
             forward, operators, ids, attn, lmask, operator_ids[s].to(device), sketches[s],

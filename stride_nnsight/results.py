@@ -7,9 +7,10 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -40,6 +41,36 @@ PER_QUERY_KEYS = ("lambdas", "base_metric")
 
 _MISSING = object()
 ATTRIBUTION_KIND = "attribution"  # kind of the files Attribution.save writes (stride_nnsight.storage)
+
+
+def _as_scores(value: Any) -> tuple[Optional[Tensor], Optional[sp.csr_matrix]]:
+    """``(dense, sparse)``: exactly one is set. Dense: a float32 CPU tensor. Sparse: a float32
+    ``scipy.sparse.csr_matrix`` without explicit zeros. Accepts a tensor (strided, or a torch
+    sparse COO / CSR tensor), an array-like, a scipy sparse matrix, or the ``{"layout": "csr", ...}``
+    dict that ``Attribution.to_dict`` writes for sparse scores."""
+    if isinstance(value, Mapping):
+        if value.get("layout") != "csr":
+            raise ValueError("scores given as a dict must be Attribution.to_dict()'s sparse form "
+                             f"({{'layout': 'csr', ...}}), got keys {sorted(value)}")
+        shape = tuple(int(x) for x in value["shape"])
+        matrix = sp.csr_matrix((np.asarray(value["values"], dtype=np.float32),
+                                np.asarray(value["indices"], dtype=np.int64),
+                                np.asarray(value["indptr"], dtype=np.int64)), shape=shape)
+    elif sp.issparse(value):
+        matrix = sp.csr_matrix(value, dtype=np.float32)
+    elif isinstance(value, Tensor) and value.layout != torch.strided:
+        coo = value.detach().cpu().to_sparse_coo().coalesce()
+        if coo.dim() != 2:
+            raise ValueError(f"scores must be 2-D [n_queries, n_train], got shape {tuple(coo.shape)}")
+        index = coo.indices().numpy()
+        matrix = sp.csr_matrix((coo.values().float().numpy(), (index[0], index[1])), shape=tuple(coo.shape))
+    else:
+        dense = value if isinstance(value, Tensor) else torch.as_tensor(value)
+        return dense.detach().to(torch.float32).cpu(), None
+    matrix.sum_duplicates()
+    matrix.eliminate_zeros()
+    matrix.sort_indices()
+    return None, matrix
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -128,6 +159,12 @@ class Attribution:
 
     Attributes:
         scores: float32 tensor ``[n_queries, n_train]`` (dims ``("query", "train")``).
+            May be given sparse (a ``scipy.sparse`` matrix or a torch sparse tensor): it is
+            then *kept* sparse (``is_sparse``; STRIDE's Lasso scores have at most ``K``
+            non-zeros per query), and ``scores`` builds the dense tensor on each access (a
+            new tensor: editing it does not change the attribution). Indexing, ``sel``,
+            ``top_k``, ``row_status``, ``cat``, ``save`` / ``load`` work on the sparse form;
+            ``sparse_scores`` gives it as a torch sparse CSR tensor, ``to_dense()`` a dense copy.
             ``scores[q, j] > 0``: training example ``j`` is a *proponent* of query ``q``
             (its subsets' operators raise the query's metric, i.e. lower its loss);
             ``< 0``: an opponent. Units: change of the metric (nats of loss for the
@@ -153,12 +190,9 @@ class Attribution:
     dims = DIMS
 
     def __post_init__(self) -> None:
-        if not isinstance(self.scores, Tensor):
-            self.scores = torch.as_tensor(self.scores)
-        self.scores = self.scores.detach().to(torch.float32).cpu()
-        if self.scores.dim() != 2:
-            raise ValueError(f"scores must be 2-D [n_queries, n_train], got shape {tuple(self.scores.shape)}")
-        q, n = self.scores.shape
+        if self._dense is not None and self._dense.dim() != 2:
+            raise ValueError(f"scores must be 2-D [n_queries, n_train], got shape {tuple(self._dense.shape)}")
+        q, n = self.shape
         self.query_ids = [_plain_id(i) for i in self.query_ids] if self.query_ids is not None else list(range(q))
         self.train_ids = [_plain_id(i) for i in self.train_ids] if self.train_ids is not None else list(range(n))
         if len(self.query_ids) != q or len(self.train_ids) != n:
@@ -175,15 +209,59 @@ class Attribution:
     # ------------------------------------------------------------------ basics
     @property
     def shape(self) -> torch.Size:
-        return self.scores.shape
+        return torch.Size(self._sparse.shape) if self._sparse is not None else self._dense.shape
 
     @property
     def n_queries(self) -> int:
-        return self.scores.shape[0]
+        return self.shape[0]
 
     @property
     def n_train(self) -> int:
-        return self.scores.shape[1]
+        return self.shape[1]
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the scores are held sparse (only the non-zero entries are stored)."""
+        return self._sparse is not None
+
+    @property
+    def nnz(self) -> int:
+        """Number of non-zero scores."""
+        return int(self._sparse.nnz) if self._sparse is not None else int((self._dense != 0).sum())
+
+    @property
+    def sparse_scores(self) -> Tensor:
+        """The scores as a torch sparse CSR tensor ``[n_queries, n_train]`` (float32)."""
+        m = self._csr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                           torch.from_numpy(m.indices.astype(np.int64)),
+                                           torch.from_numpy(np.asarray(m.data, dtype=np.float32)), size=m.shape,
+                                           check_invariants=True)
+
+    def _csr(self) -> sp.csr_matrix:
+        return self._sparse if self._sparse is not None else _as_scores(sp.csr_matrix(self._dense.numpy()))[1]
+
+    def to_dense(self) -> "Attribution":
+        """A copy whose scores are held dense."""
+        return Attribution(**{**self.to_dict(), "scores": self.scores})
+
+    def to_sparse(self) -> "Attribution":
+        """A copy whose scores are held sparse (zeros not stored)."""
+        return Attribution(**{**self.to_dict(), "scores": self._csr()})
+
+    def _row(self, q: int) -> Tensor:
+        """Dense scores of row ``q``: ``[n_train]``."""
+        if self._sparse is not None:
+            return torch.from_numpy(self._sparse.getrow(q).toarray().reshape(-1))
+        return self._dense[q]
+
+    def _rows(self, rows: Sequence[int]) -> Any:
+        """Scores of ``rows`` in the form they are held (dense tensor or sparse matrix)."""
+        if self._sparse is not None:
+            return self._sparse[np.asarray(rows, dtype=np.int64)]
+        return self._dense[list(rows)]
 
     def __len__(self) -> int:
         return self.n_queries
@@ -201,7 +279,7 @@ class Attribution:
         ``None`` keeps the whole axis. ``attr.sel(query="q1", train=[3, 7])`` -> ``[2]``.
         Numpy scalars / 1-D arrays (and tensors) of ids work like Python ints / lists.
         """
-        out = self.scores
+        picks: dict[str, tuple[list[int], bool]] = {}
         for dim, ids, wanted in (("query", self.query_ids, query), ("train", self.train_ids, train)):
             if wanted is None:
                 continue
@@ -214,11 +292,25 @@ class Attribution:
             missing = [key for key in keys if key not in lookup]
             if missing:
                 raise KeyError(f"no {dim} with id(s) {missing}")
-            index = torch.tensor([lookup[key] for key in keys])
-            axis = self.axis(dim) - (0 if out.dim() == 2 else 1)
-            out = out.index_select(axis, index)
-            if not many:
-                out = out.squeeze(axis)
+            picks[dim] = ([lookup[key] for key in keys], many)
+        rows, cols = picks.get("query", (None, True))[0], picks.get("train", (None, True))[0]
+        if self._sparse is not None:  # only the selected block is made dense
+            block = self._sparse
+            if rows is not None:
+                block = block[np.asarray(rows, dtype=np.int64)]
+            if cols is not None:
+                block = block[:, np.asarray(cols, dtype=np.int64)]
+            out = torch.from_numpy(np.asarray(block.toarray(), dtype=np.float32))
+        else:
+            out = self._dense
+            if rows is not None:
+                out = out.index_select(0, torch.tensor(rows, dtype=torch.long))
+            if cols is not None:
+                out = out.index_select(1, torch.tensor(cols, dtype=torch.long))
+        if not picks.get("train", (None, True))[1]:
+            out = out.squeeze(1)
+        if not picks.get("query", (None, True))[1]:
+            out = out.squeeze(0)
         return out
 
     def __getitem__(self, index: int | slice | Sequence[int] | Tensor) -> "Attribution":
@@ -241,7 +333,7 @@ class Attribution:
         if duplicate is not None:
             raise ValueError(f"row {duplicate[0]} is selected twice: each query can appear once in an Attribution")
         return Attribution(
-            scores=self.scores[rows],
+            scores=self._rows(rows),
             query_ids=[self.query_ids[i] for i in rows],
             train_ids=self.train_ids,
             query_texts=None if self.query_texts is None else [self.query_texts[i] for i in rows],
@@ -282,8 +374,14 @@ class Attribution:
         """Health of each query row, in row order: ``"non_finite"`` (some score is NaN or
         inf: the attribution of that query is invalid), ``"all_zero"`` (every score is
         exactly 0: no signal, nothing to rank), else ``"ok"``. ``top_k`` and ``repr`` use it."""
-        finite = torch.isfinite(self.scores).all(dim=1).tolist()
-        nonzero = (self.scores != 0).any(dim=1).tolist()
+        if self._sparse is not None:
+            m = self._sparse
+            row_of = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+            finite = (np.bincount(row_of, weights=~np.isfinite(m.data), minlength=m.shape[0]) == 0).tolist()
+            nonzero = (np.diff(m.indptr) > 0).tolist()  # explicit zeros are never stored
+        else:
+            finite = torch.isfinite(self._dense).all(dim=1).tolist()
+            nonzero = (self._dense != 0).any(dim=1).tolist()
         return [NON_FINITE if not f else OK if nz else ALL_ZERO for f, nz in zip(finite, nonzero)]
 
     # ----------------------------------------------------------------- ranking
@@ -344,7 +442,8 @@ class Attribution:
         for q in rows:
             if status[q] != OK:
                 continue
-            signed = -self.scores[q] if opponents else self.scores[q]
+            row_scores = self._row(q)
+            signed = -row_scores if opponents else row_scores
             values, index = torch.topk(signed, min(k, self.n_train))
             for rank, (v, j) in enumerate(zip(values.tolist(), index.tolist()), start=1):
                 if not v > 0:
@@ -406,8 +505,12 @@ class Attribution:
                              f"appear once; drop it from one part (e.g. with attr[rows]) before concatenating")
         has_texts = all(p.query_texts is not None for p in parts)
         has_meas = all(p.measurements is not None for p in parts)
+        if any(p.is_sparse for p in parts):
+            scores: Any = sp.vstack([p._csr() for p in parts], format="csr")
+        else:
+            scores = torch.cat([p._dense for p in parts])
         return cls(
-            scores=torch.cat([p.scores for p in parts]),
+            scores=scores,
             query_ids=[i for p in parts for i in p.query_ids],
             train_ids=first.train_ids,
             query_texts=[t for p in parts for t in p.query_texts] if has_texts else None,
@@ -435,9 +538,19 @@ class Attribution:
 
     # ------------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
-        """The constructor's fields (``Attribution(**a.to_dict())`` rebuilds ``a``)."""
+        """The constructor's fields (``Attribution(**a.to_dict())`` rebuilds ``a``). Sparse
+        scores are given as ``{"layout": "csr", "shape": [q, n], "indptr", "indices", "values"}``
+        (int64 / int64 / float32 tensors), which the constructor and ``save`` accept."""
+        if self._sparse is not None:
+            m = self._sparse
+            scores: Any = {"layout": "csr", "shape": [int(m.shape[0]), int(m.shape[1])],
+                           "indptr": torch.from_numpy(m.indptr.astype(np.int64)),
+                           "indices": torch.from_numpy(m.indices.astype(np.int64)),
+                           "values": torch.from_numpy(np.asarray(m.data, dtype=np.float32))}
+        else:
+            scores = self._dense
         return {
-            "scores": self.scores,
+            "scores": scores,
             "query_ids": self.query_ids,
             "train_ids": self.train_ids,
             "query_texts": self.query_texts,
@@ -467,6 +580,25 @@ class Attribution:
         return cls(**{k: content[k] for k in fields_ if k in content})
 
     # ------------------------------------------------------------------ display
+    def _repr_html_(self) -> str:
+        """Notebook display: the first 20 queries with their top 5 proponents and opponents."""
+        from .view import attribution_html
+
+        return attribution_html(self, k=5)
+
+    def to_html(self, path: Optional[str | os.PathLike] = None, k: int = 10) -> str:
+        """A standalone HTML report of every query (top ``k`` proponents and opponents, scores as
+        bars, the words each document shares with the query marked, the provenance). Written to
+        ``path`` when given (through ``stride_nnsight.storage``); the page is returned."""
+        from .view import report_page
+
+        page = report_page(self, k=k)
+        if path is not None:
+            from . import storage
+
+            storage.write_text(path, page)
+        return page
+
     def __repr__(self) -> str:
         p = self.provenance
         keys = ("method", "backend", "hook", "placement", "n_subsets", "subsets_per_example", "rank", "lambda_rule")
@@ -491,11 +623,29 @@ class Attribution:
             return "NON-FINITE scores (NaN/inf): attribution invalid"
         if status == ALL_ZERO:
             return "no non-zero score (no signal)"
-        j = int(torch.argmax(self.scores[q]))
-        if not float(self.scores[q, j]) > 0:
+        row = self._row(q)
+        j = int(torch.argmax(row))
+        if not float(row[j]) > 0:
             return "no proponent (no positive score)"
         top = _short(self.train_texts[j], 40) if self.train_texts else str(self.train_ids[j])
-        return f"top proponent {self.train_ids[j]!r} ({float(self.scores[q, j]):+.4f}) {top!r}"
+        return f"top proponent {self.train_ids[j]!r} ({float(row[j]):+.4f}) {top!r}"
+
+
+def _get_scores(self: Attribution) -> Tensor:
+    if self._sparse is not None:
+        return torch.from_numpy(np.asarray(self._sparse.toarray(), dtype=np.float32))
+    return self._dense
+
+
+def _set_scores(self: Attribution, value: Any) -> None:
+    self._dense, self._sparse = _as_scores(value)
+
+
+# ``scores`` is a dataclass field whose storage is dense or sparse: the generated __init__ assigns
+# it through this property (see the class docstring).
+Attribution.scores = property(_get_scores, _set_scores,  # type: ignore[assignment]
+                              doc="Scores ``[n_queries, n_train]`` as a dense float32 tensor (built on each "
+                                  "access when held sparse).")
 
 
 class AttributionCache(dict):

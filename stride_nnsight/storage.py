@@ -55,6 +55,12 @@ __all__ = [
     "create_array",
     "open_array",
     "remove_files",
+    "DATA_FORMATS",
+    "DataFileError",
+    "read_records",
+    "write_table",
+    "write_text",
+    "read_settings_file",
 ]
 
 FORMAT_VERSION = 2  # format 1: one torch.save pickle (stride-nnsight 0.1)
@@ -491,3 +497,154 @@ def remove_files(directory: Path, names: Iterable[str]) -> None:
     """Delete the files ``names`` in ``directory`` if present (other files are left alone)."""
     for name in names:
         (Path(directory) / name).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ user data files
+#: data files the command line reads (``read_records``) and writes (``write_table``)
+DATA_FORMATS = ("JSONL (.jsonl, .ndjson)", "CSV (.csv)", "Parquet (.parquet)",
+                "a Hugging Face datasets directory (datasets.save_to_disk)")
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read as records: the message names the file, the problem and the fix."""
+
+
+def _data_kind(path: Path) -> str:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() \
+                or (path / "state.json").exists():
+            return "datasets"
+        raise DataFileError(f"{path} is a directory but not a Hugging Face datasets directory (no dataset_info.json "
+                            f"/ state.json): pass a file in one of {', '.join(DATA_FORMATS)}")
+    suffix = path.suffix.lower()
+    kinds = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+    if suffix not in kinds:
+        raise DataFileError(f"cannot read {path}: unknown extension {suffix!r}; supported: {', '.join(DATA_FORMATS)}")
+    return kinds[suffix]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFileError(f"{path}, line {number}: not valid JSON ({e.msg}); each line must be one JSON "
+                                    "object, e.g. {\"text\": \"...\"}") from None
+            if not isinstance(row, dict):
+                raise DataFileError(f"{path}, line {number}: a JSON {type(row).__name__}, expected an object "
+                                    "({\"text\": \"...\", ...})")
+            rows.append(row)
+    return rows
+
+
+def read_records(path: str | os.PathLike, columns: Sequence[str],
+                 optional: Sequence[str] = ()) -> dict[str, list]:
+    """The ``columns`` (required) and ``optional`` columns of a data file, as lists of equal length.
+
+    Reads JSONL (one JSON object per line), CSV (header row), Parquet (needs ``pyarrow``) and
+    Hugging Face ``datasets`` directories written by ``save_to_disk`` (``load_from_disk``; a
+    ``DatasetDict`` must hold exactly one split). Missing optional columns are left out of the
+    result. Raises ``FileNotFoundError``, or ``DataFileError`` naming the file and the fix (unknown
+    format, bad line, missing column with the columns that exist, no rows, non-text values in a
+    required column)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no data file at {path}")
+    kind = _data_kind(path)
+    if kind == "jsonl":
+        rows = _read_jsonl(path)
+        available = list(dict.fromkeys(key for row in rows for key in row))
+        table = {c: [row.get(c) for row in rows] for c in available}
+    else:
+        if kind == "csv":
+            import pandas as pd
+
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        elif kind == "parquet":
+            import pandas as pd
+
+            try:
+                frame = pd.read_parquet(path)
+            except ImportError as e:
+                raise DataFileError(f"reading {path} needs pyarrow: pip install pyarrow ({e})") from e
+        else:
+            try:
+                import datasets
+            except ImportError as e:
+                raise DataFileError(f"reading the datasets directory {path} needs the `datasets` package: "
+                                    "pip install datasets") from e
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if len(loaded) != 1:
+                    raise DataFileError(f"{path} holds the splits {sorted(loaded)}: save the one split to use "
+                                        "(dataset['train'].save_to_disk(...)) and pass that directory")
+                loaded = next(iter(loaded.values()))
+            frame = loaded.to_pandas()
+        available = [str(c) for c in frame.columns]
+        table = {str(c): frame[c].tolist() for c in frame.columns}
+    n_rows = len(next(iter(table.values()))) if table else 0
+    if n_rows == 0:
+        raise DataFileError(f"{path} holds no rows")
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise DataFileError(f"{path} has no column {', '.join(map(repr, missing))}; its columns are {available}: "
+                            "name the right one with the --*-field option (e.g. --text-field)")
+    for c in columns:
+        bad = [i for i, v in enumerate(table[c]) if not isinstance(v, str)]
+        if bad:
+            raise DataFileError(f"{path}: column {c!r} must hold text; row {bad[0]} holds "
+                                f"{type(table[c][bad[0]]).__name__} {table[c][bad[0]]!r} ({len(bad)} such rows)")
+    return {c: list(table[c]) for c in list(columns) + [c for c in optional if c in table]}
+
+
+def write_table(path: str | os.PathLike, frame: Any) -> Path:
+    """Write a ``pandas.DataFrame`` as CSV or Parquet (by extension), atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise DataFileError(f"cannot write a table to {path}: use a .csv or .parquet file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".csv":
+        _write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+    else:
+        _write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (e.g. an HTML report) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return path
+
+
+def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A settings file for the command line: a YAML (.yaml/.yml) or JSON (.json) mapping."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no settings file at {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise DataFileError(f"{path} is not valid YAML: {e}") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path} is not valid JSON: {e}") from None
+    else:
+        raise DataFileError(f"settings file {path}: use a .yaml, .yml or .json file")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DataFileError(f"{path} must hold a mapping of settings (e.g. `n_subsets: 256`), got {type(data).__name__}")
+    return data

@@ -78,13 +78,16 @@ def warn_if_underdetermined(n_examples: int, n_subsets: int) -> None:
     """Warn when ``K`` measurements are too few for a corpus this large: with ``n >= 10 K``
     and fewer than ``DEFAULTS_SPARSITY`` recoverable documents per query (`supported_sparsity`),
     sparse recovery loses precision (synthetic recovery with K=256: precision@10 falls from about
-    0.9 at n=1e3 to about 0.4 at n=1e6, benchmarks/RESULTS-recovery-scaling.md)."""
+    0.97 at n=1e3 to 0.83 at 1e5 and 0.44 at n=1e6; at n=1e6, K=512 gives 0.91 and K=1024 0.99;
+    benchmarks/RESULTS-recovery-scaling.md)."""
     k = supported_sparsity(n_examples, n_subsets)
     if n_examples >= 10 * n_subsets and k < DEFAULTS_SPARSITY:
         warnings.warn(
             f"n_subsets K={n_subsets} is small for {n_examples:,} training documents: it supports recovering "
             f"about {k} influential documents per query (K >= 2 k log(n/k)), the defaults were sized for "
-            f"{DEFAULTS_SPARSITY}; expect lower precision. Raise n_subsets to at least "
+            f"{DEFAULTS_SPARSITY}; expect lower precision (measured on synthetic designs with 10 influential "
+            "documents per query: precision@10 0.83 at n=1e5 and 0.44 at n=1e6 with K=256; 0.91 with K=512 and 0.99 "
+            "with K=1024 at n=1e6). Raise n_subsets to at least "
             f"{recommended_n_subsets(n_examples, DEFAULTS_SPARSITY)} (state and measurement cost grow with K)",
             UserWarning, stacklevel=3)
 
@@ -453,7 +456,9 @@ class Stride:
         """Attribute each ``prompt + completion`` to the training examples.
 
         Returns an ``Attribution`` with ``scores [len(prompts), n_train]`` (positive =
-        the example lowers the completion's loss, or raises ``metric`` when given).
+        the example lowers the completion's loss, or raises ``metric`` when given), held
+        sparse (at most ``K`` non-zeros per query; ``attr.scores`` is the dense view,
+        ``attr.sparse_scores`` the torch sparse CSR tensor).
         ``metric(logits [b, t, V], batch: TokenBatch) -> [b]`` replaces the default
         (negative mean completion NLL), e.g. a logit difference between two tokens.
         ``intervention`` applies the user's own patch in every measured run: for nnsight a
@@ -474,9 +479,10 @@ class Stride:
                                                        "lambda_fraction": lambda_fraction}.items() if v is not None})
         y, base = self.measure(prompts, completions, metric=metric, intervention=intervention, progress=progress)
         scores, lambdas = recover(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
-                                  args.fit_intercept, progress=progress, seed=args.seed)
+                                  args.fit_intercept, progress=progress, seed=args.seed, sparse=True)
         return Attribution(
-            scores=torch.from_numpy(scores),
+            scores=scores,  # kept sparse: at most K non-zeros per query
+
             query_ids=list(query_ids) if query_ids is not None else list(range(len(prompts))),
             train_ids=self.train_ids,
             query_texts=[p + c for p, c in zip(prompts, completions)],

@@ -460,8 +460,16 @@ def test_fit_cost_quick_prints_table(tmp_path, capsys):
     result = fit_cost.main(["--quick", "--cache-dir", str(tmp_path)])
     out = capsys.readouterr().out
     for row in ("plain forward pass over the corpus", "building the activation cache", "fit step, uncached",
-                "fit step, cached", "fit cost uncached", "fit cost cached", "speed-up (uncached / cached fit)"):
+                "fit step, cached", "fit cost uncached", "fit cost cached", "speed-up (uncached / cached fit)",
+                "same, sampling 'document' (2 documents/step", "same, linearity loss on", "same, placement 'head'"):
         assert row in out, (row, out)
+    for key in ("step_cached_document", "step_uncached_document"):
+        assert result[key] > 0, key
+    assert "measuring all K operators, residual placement (1 queries)" in out
+    qc = result["queries"]
+    for key in ("plain_per_query", "measure_logits_per_query", "measure_head_per_query",
+                "measure_residual_per_query", "recover_per_query"):
+        assert qc[key] > 0, key
     assert "not meaningful" in out  # --quick timings are labelled as smoke only
     for key in ("plain", "build", "step_uncached", "step_cached"):
         assert result[key] > 0, key

@@ -92,3 +92,23 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "loaded the trained model" in log and "(6 cached, 0 to train" in log
     assert "bm25: cached" in log and "stride: cached" in log
+
+
+def test_noise_ceiling_reuses_seed_zero_and_reports_both_cis(tmp_path, capsys):
+    """benchmarks.noise_ceiling --quick: trains only the second seed, reports rho and STRIDE's CIs."""
+    import os
+
+    from benchmarks.noise_ceiling import main as ceiling
+    from benchmarks.setting import build_setting, ground_truth, ground_truth_folder, quick_config
+
+    cache = tmp_path / "cache"
+    setting = build_setting(quick_config(), cache_dir=cache, log=lambda m: None)
+    ground_truth(setting, progress=False)
+    assert ceiling(["--quick", "--cache-dir", str(cache), "--stride"]) == 0
+    text = capsys.readouterr().out
+    assert "seed-to-seed rho" in text and "queries and retrained models resampled" in text
+    single = ground_truth_folder(setting)
+    pairs = sorted((single.parent / f"{single.name}-seeds2").glob("retrain_*_s0.npz"))
+    assert len(pairs) == setting.config.n_models
+    assert all(os.path.samefile(p, single / p.name) for p in pairs)  # seed 0 reused, not retrained
+    assert len(list((single.parent / f"{single.name}-seeds2").glob("retrain_*_s1.npz"))) == setting.config.n_models

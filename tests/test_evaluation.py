@@ -364,3 +364,82 @@ def test_counterfactual_removal_checks_k():
     world = LinearWorld()
     with pytest.raises(ValueError, match="k must be"):
         counterfactual_removal(world.W, world.train_fn, world.eval_fn, k=0, progress=False)
+
+
+# ------------------------------------------------------ CIs over models, noise ceiling
+def test_vectorised_spearman_matches_scipy_with_ties():
+    from stride_nnsight.evaluation import _spearman_columns, spearman_per_query
+
+    rng = np.random.default_rng(0)
+    p = rng.integers(0, 5, size=(30, 12)).astype(float)  # many ties
+    t = rng.normal(size=(30, 12))
+    t[:, 3] = 1.0  # constant target -> nan
+    np.testing.assert_allclose(_spearman_columns(p, t), spearman_per_query(p, t), atol=1e-12, equal_nan=True)
+    p[0, 0] = np.nan  # non-finite values fall back to the per-column routine
+    np.testing.assert_allclose(_spearman_columns(p, t), spearman_per_query(p, t), atol=1e-12, equal_nan=True)
+
+
+def _planted_truth(m=8, n=60, q=20, seed=0):
+    from stride_nnsight.evaluation import draw_subset_masks
+
+    rng = np.random.default_rng(seed)
+    true = rng.normal(size=(q, n)) * (rng.random((q, n)) < 0.1)
+    masks = draw_subset_masks(n, m, 0.5, seed)
+    losses = -(masks @ true.T) + 0.3 * rng.normal(size=(m, q))
+    return true, masks, losses
+
+
+def test_lds_replicates_without_resampling_give_the_point_lds_and_pair_methods():
+    from stride_nnsight.evaluation import lds, lds_replicates, paired_lds_ci
+
+    true, masks, losses = _planted_truth()
+    noise = np.random.default_rng(1).normal(size=true.shape)
+    reps = lds_replicates([true, noise], masks, losses, n_boot=3, resample_models=False, resample_queries=False)
+    assert reps.shape == (3, 2)
+    np.testing.assert_allclose(reps[:, 0], lds(true, masks, losses).mean_nan_as_zero)
+    np.testing.assert_allclose(reps[:, 1], lds(noise, masks, losses).mean_nan_as_zero)
+    diff, lo, hi = paired_lds_ci(true, noise, masks, losses)
+    assert diff == pytest.approx(reps[0, 0] - reps[0, 1]) and 0 < lo < diff < hi
+    # with 8 retrained models the models' own sampling error widens the interval
+    _, lo_q, hi_q = paired_lds_ci(true, noise, masks, losses, resample_models=False)
+    assert hi - lo > hi_q - lo_q
+    with pytest.raises(ValueError, match="shape of the first"):
+        lds_replicates([true, noise[:, :5]], masks, losses)
+
+
+def test_seed_to_seed_lds_recovers_the_reliability_of_one_seed():
+    from stride_nnsight.evaluation import seed_to_seed_lds
+
+    rng = np.random.default_rng(0)
+    m, q = 400, 6
+    effect = rng.normal(size=(m, 1, q))
+    losses = effect + rng.normal(size=(m, 2, q))  # equal effect and seed-noise variance: rho = 0.5
+    result = seed_to_seed_lds(losses)
+    assert abs(result.mean - 0.5) < 0.08 and result.n_seeds == 2 and result.n_queries == q
+    assert result.ci_low <= result.mean <= result.ci_high
+    quiet = effect + 0.1 * rng.normal(size=(m, 2, q))
+    assert seed_to_seed_lds(quiet).mean > 0.95
+    with pytest.raises(ValueError, match="n_seeds=2"):
+        seed_to_seed_lds(losses[:, 0])
+
+
+def test_a_second_seed_reuses_the_first_seeds_retrains(tmp_path):
+    from stride_nnsight.evaluation import retrain_ground_truth
+
+    calls = []
+
+    def train(indices, seed):
+        calls.append(seed)
+        return np.random.default_rng(seed).normal(size=3) + len(indices)
+
+    single = retrain_ground_truth(train, lambda m: m, n_train=10, n_models=4, seed=1, cache_dir=tmp_path / "one",
+                                  progress=False)
+    assert len(calls) == 4
+    calls.clear()
+    both = retrain_ground_truth(train, lambda m: m, n_train=10, n_models=4, seed=1, cache_dir=tmp_path / "two",
+                                progress=False, n_seeds=2, reuse_dir=tmp_path / "one")
+    assert len(calls) == 4 and set(calls).isdisjoint(set(single.train_seeds.reshape(-1).tolist()))
+    np.testing.assert_array_equal(both.losses[:, 0], single.losses)  # seed 0 taken over, not retrained
+    with pytest.raises(ValueError, match="other settings"):
+        retrain_ground_truth(train, lambda m: m, n_train=10, n_models=4, seed=2, cache_dir=tmp_path / "three",
+                             progress=False, n_seeds=2, reuse_dir=tmp_path / "one")

@@ -34,8 +34,9 @@ def test_fitting_lowers_fidelity_and_moves_parameters(tiny_model, tiny_tokenizer
     assert all(np.isfinite(history.total))
 
 
-def test_sampling_respects_membership(tiny_model, tiny_tokenizer, small_texts):
-    fitter = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16])
+@pytest.mark.parametrize("sampling", ["document", "membership"])
+def test_sampling_respects_membership(tiny_model, tiny_tokenizer, small_texts, sampling):
+    fitter = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], sampling=sampling)
     for _ in range(20):
         fid_ex, fid_ops, stab_ex, stab_ops, probe, probe_ops = fitter.sample_rows()
         for j, k in zip(fid_ex, fid_ops):
@@ -43,6 +44,71 @@ def test_sampling_respects_membership(tiny_model, tiny_tokenizer, small_texts):
         for j, k in zip(stab_ex, stab_ops):
             assert j not in fitter.design.members(int(k))
         assert len(set(probe_ops.tolist())) == len(probe_ops)
+
+
+def test_document_sampling_scores_each_document_under_all_its_subsets(tiny_model, tiny_tokenizer, small_texts):
+    fitter = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], sampling="document")  # batch 8, d = 2: 2 docs
+    assert fitter.args.documents_per_step() == 2 and fitter.args.fidelity_terms_per_step() == 4
+    seen = set()
+    for _ in range(30):
+        fid_ex, fid_ops, stab_ex, stab_ops, _, _ = fitter.sample_rows()
+        docs = fid_ex[::2]
+        assert len(set(docs.tolist())) == 2  # distinct documents within a step
+        assert fid_ex.tolist() == np.repeat(docs, 2).tolist() == stab_ex.tolist()
+        for j, ops in zip(docs, fid_ops.reshape(2, 2)):
+            assert sorted(ops.tolist()) == sorted(fitter.example_subsets[j].tolist())  # all of its subsets
+        for j, k in zip(stab_ex, stab_ops):
+            assert int(k) not in fitter.example_subsets[j]
+        seen.update(docs.tolist())
+    assert len(seen) == 16  # every document gets drawn
+    # the step rule counts passes over the memberships: n * d / (fidelity terms per step)
+    doc = dict(steps=None, sampling="document")
+    assert StrideArguments(**doc, fit_passes=3.0).fit_steps(2000) == 1500
+    assert StrideArguments(steps=None, fit_passes=3.0, sampling="membership").fit_steps(2000) == 1500
+    assert StrideArguments(**doc, subsets_per_example=3).documents_per_step() == 5
+    assert StrideArguments(**doc, subsets_per_example=3).fit_steps(1000) == 600  # 3 passes * 3000 / 15
+    assert StrideArguments(steps=None, subsets_per_example=3, sampling="membership").fit_steps(1000) == 563
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        StrideArguments(sampling="rows")
+
+
+def test_shared_rows_forward_runs_each_document_once():
+    from stride_nnsight.operators import shared_rows_forward
+
+    torch.manual_seed(0)
+    weight = torch.randn(5, 7)
+    calls = []
+
+    def forward(input_ids, attention_mask, edit=None, **kw):
+        calls.append((int(input_ids.shape[0]), edit is None, kw))
+        x = torch.nn.functional.one_hot(input_ids, 5).float() * attention_mask[..., None]
+        return x @ weight, x.sum(-1)
+
+    ids = torch.tensor([[1, 2, 3], [4, 0, 0], [1, 2, 3], [1, 2, 3], [4, 0, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]])
+    index = torch.tensor([7, 2, 7, 7, 2])
+    wrapped = shared_rows_forward(forward, index)
+    logits, z = wrapped(ids, mask, None)
+    full_logits, full_z = forward(ids, mask, None)
+    assert calls[0][0] == 2  # two distinct documents, one row each
+    torch.testing.assert_close(logits, full_logits)
+    torch.testing.assert_close(z, full_z)
+    calls.clear()
+    wrapped(ids, mask, lambda h: h)  # a steered call runs every row
+    wrapped(ids, mask, None, positions=torch.zeros(5, 1, dtype=torch.long))  # as does one with positions
+    assert [c[0] for c in calls] == [5, 5]
+    assert shared_rows_forward(forward, torch.arange(5)) is forward  # nothing shared: the forward itself
+
+
+@pytest.mark.parametrize("placement", ["logits", "residual"])
+def test_document_and_membership_fits_both_learn(tiny_model, tiny_tokenizer, small_texts, placement):
+    """Both samplings lower the fidelity loss."""
+    for sampling in ("document", "membership"):
+        fitter = make_fitter(tiny_model, tiny_tokenizer, small_texts[:16], placement, steps=40, sampling=sampling,
+                             linearity_weight=0.0)
+        history = fitter.run(progress=False)
+        first, last = np.mean(history.fidelity[:8]), np.mean(history.fidelity[-8:])
+        assert last < first - 0.05, (sampling, first, last)
 
 
 def test_loss_positions_are_drawn_among_candidates(tiny_model, tiny_tokenizer, small_texts):

@@ -122,10 +122,10 @@ def local_fits(tiny_model, small_texts):
     return out
 
 
-def assert_same_operators(a, b):
+def assert_same_operators(a, b, atol=1e-6):
     for (name, x), (name2, z) in zip(a.operators.state_dict().items(), b.operators.state_dict().items()):
         assert name == name2
-        torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(x, z, rtol=1e-5, atol=atol, msg=name)
 
 
 def record_calls(monkeypatch, name):
@@ -159,6 +159,23 @@ def test_remote_local_fit_and_attribute_match_local(tiny_model, small_texts, loc
     a_local = local.attribute(PROMPTS, COMPLETIONS, progress=False)
     torch.testing.assert_close(a_remote.scores, a_local.scores, rtol=1e-4, atol=1e-6)
     assert a_remote.provenance["remote"] == "local" and a_local.provenance["remote"] is False
+
+
+def test_remote_fit_with_document_sampling_matches_local(tiny_model, small_texts):
+    settings = {**SETTINGS, "placement": "logits", "sampling": "document", "activation_cache": False}
+    local = Stride(tiny_model, **settings).fit(train(small_texts), progress=False)
+    stride = Stride(tiny_model, remote="local", remote_steps_per_session=2, **settings)
+    stride.fit(train(small_texts), progress=False)
+    np.testing.assert_allclose(stride.history.total, local.history.total, rtol=1e-5, atol=1e-6)
+    # The losses agree exactly, but the logits coefficients only to float rounding from the second
+    # session on (with membership sampling they agree exactly; the cause of the rounding difference
+    # was not pinned down; it is not the shared forward). AdamW turns a rounding-level difference in
+    # a near-zero gradient into up to ~lr * |g| / (|g| + eps) of parameter change, so entries for
+    # vocabulary items with ~0 gradient agree to ~0.03 * lr; the measurements agree to 1e-5.
+    assert_same_operators(stride, local, atol=0.03 * stride.args.lr)
+    y_remote, _ = stride.measure(PROMPTS, COMPLETIONS, progress=False)
+    y_local, _ = local.measure(PROMPTS, COMPLETIONS, progress=False)
+    torch.testing.assert_close(y_remote, y_local, rtol=1e-5, atol=1e-6)
 
 
 def test_remote_fit_with_loss_positions_matches_local(tiny_model, small_texts):

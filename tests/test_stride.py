@@ -56,9 +56,17 @@ def test_load_refuses_other_model(fitted, tiny_tokenizer, tmp_path):
 
 def test_logits_placement_end_to_end(tiny_model, small_texts):
     stride = Stride(tiny_model, layer=0, placement="logits", **FAST).fit(small_texts[:24], progress=False)
-    attr = stride.attribute(["the cat"], [" sat"], progress=False)
-    assert attr.scores.shape == (1, 24) and attr.provenance["placement"] == "logits"
+    attr = stride.attribute(["the cat", "a dog"], [" sat", " ran"], progress=False)
+    assert attr.scores.shape == (2, 24) and attr.provenance["placement"] == "logits"
     assert stride.operators.coefficients.shape[-1] == stride.backend.vocab_size
+    # scores are held sparse and equal the dense recovery of the same measurements
+    from stride_nnsight.recovery import recover
+
+    args = stride.args
+    dense, _ = recover(attr.measurements.numpy(), stride.design.membership, args.lambda_rule, args.lambda_fraction,
+                       args.fit_intercept, progress=False, seed=args.seed)
+    assert attr.is_sparse and attr.nnz == int((dense != 0).sum())
+    torch.testing.assert_close(attr.scores, torch.from_numpy(dense))
 
 
 def test_from_pretrained_model_saved_to_disk(tiny_hf_model, tiny_tokenizer, small_texts, tmp_path):

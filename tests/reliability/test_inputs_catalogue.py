@@ -116,29 +116,36 @@ def test_designs_that_needed_no_repair_are_unchanged(n, K, d, seed):
                                   _dealt_without_repair(n, K, d, seed))
 
 
-def _fitter(tiny_model, tokenizer, n, K, d, seed=0):
+def _fitter(tiny_model, tokenizer, n, K, d, seed=0, sampling="document"):
     backend = resolve_backend(tiny_model)
     args = StrideArguments(n_subsets=K, subsets_per_example=d, layer=1, rank=2, steps=2, batch_size=16,
-                           linearity_operators=2, sketch_dim=2, seed=seed)
+                           linearity_operators=2, sketch_dim=2, seed=seed, sampling=sampling)
     torch.manual_seed(0)
     ops = SteeringOperators(K, 32, 2, 32, placement="residual", layer=1, hidden=4)
     return OperatorFitter(backend, ops, SubsetDesign(n, K, d, seed=seed), encode_texts(tokenizer, corpus(n), 64), args)
 
 
-def test_stability_rows_avoid_subsets_that_hold_every_example(tiny_model, tiny_tokenizer):
-    fitter = _fitter(tiny_model, tiny_tokenizer, n=2, K=3, d=2, seed=6)
+@pytest.mark.parametrize("sampling, rows", [("document", 4), ("membership", 8)])
+def test_stability_rows_avoid_subsets_that_hold_every_example(tiny_model, tiny_tokenizer, sampling, rows):
+    # document sampling: min(n=2, 16 // (2 * 2)) documents x d=2 stability rows each
+    fitter = _fitter(tiny_model, tiny_tokenizer, n=2, K=3, d=2, seed=6, sampling=sampling)
     full = [k for k in range(3) if len(fitter.design.members(k)) == 2]
     assert full  # 2 examples in 2 of 3 subsets: some subset must hold both
     for _ in range(10):
         _, _, stab_ex, stab_ops, _, _ = fitter.sample_rows()
-        assert len(stab_ex) == 8
+        assert len(stab_ex) == rows
         for j, k in zip(stab_ex, stab_ops):
             assert int(k) not in full and j not in fitter.design.members(int(k))
 
 
 def test_no_stability_rows_when_every_subset_holds_every_example(tiny_model, tiny_tokenizer):
     fitter = _fitter(tiny_model, tiny_tokenizer, n=5, K=3, d=3)
-    fid_ex, _, stab_ex, stab_ops, _, _ = fitter.sample_rows()
+    fid_ex, fid_ops, stab_ex, stab_ops, _, _ = fitter.sample_rows()
+    # document sampling: 16 // (2 * 3) = 2 documents, each under its 3 subsets, no stability rows
+    assert len(fid_ex) == 6 and len(stab_ex) == 0 and len(stab_ops) == 0
+    assert len(set(fid_ex.tolist())) == 2
+    membership = _fitter(tiny_model, tiny_tokenizer, n=5, K=3, d=3, sampling="membership")
+    fid_ex, _, stab_ex, stab_ops, _, _ = membership.sample_rows()
     assert len(fid_ex) == 8 and len(stab_ex) == 0 and len(stab_ops) == 0
 
 

@@ -1,0 +1,34 @@
+"""benchmarks.compare_settings' table: paired CIs over queries, and over queries and retrains."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def test_report_gives_both_paired_intervals():
+    from benchmarks.compare_settings import parse_variant, report
+    from stride_nnsight.evaluation import draw_subset_masks, lds, paired_lds_ci
+
+    rng = np.random.default_rng(0)
+    q, n, m = 12, 40, 10
+    true = rng.normal(size=(q, n)) * (rng.random((q, n)) < 0.15)
+    masks = draw_subset_masks(n, m, 0.5, 0)
+    truth = SimpleNamespace(masks=masks, losses=-(masks @ true.T) + 0.2 * rng.normal(size=(m, q)))
+    rows = []
+    for name, scores in (("defaults", true), ("noise", rng.normal(size=(q, n)))):
+        per_query = np.nan_to_num(lds(scores, truth.masks, truth.losses).per_query)
+        rows.append({"variant": name, "recall@10": 1.0, "lds": float(per_query.mean()), "scores": scores,
+                     "truth": truth, "per_query": per_query, "by_kind": {"fact": float(per_query.mean())},
+                     "fit_s": 1.0, "rows_per_doc": 24.0, "positions": None})
+    table = report(rows, n_boot=200)
+    assert "CI, queries + retrains resampled" in table
+    _, lo, hi = paired_lds_ci(rows[1]["scores"], true, truth.masks, truth.losses, n_boot=200)
+    assert f"[{lo:+.3f}, {hi:+.3f}]" in table.splitlines()[-1]
+    assert table.splitlines()[2].split("|")[6].strip() == "-"  # the baseline row has no difference to test
+    assert parse_variant('sampling="document",fit_passes=6') == {"sampling": "document", "fit_passes": 6}
