@@ -104,15 +104,16 @@ def run_demo(
     print(f"      {per_query:.2f}s ({1000 * per_query / len(facts):.0f} ms per query)", file=out)
 
     print(f"[4/4] top {top} training documents for {min(n_queries, len(facts))} queries "
-          "(* = planted source of the fact)\n", file=out)
+          "(* = planted source of the fact; ~ = score within the query's noise floor)\n", file=out)
     for fact in facts[:n_queries]:
         print(f"  {fact.prompt!r} -> {fact.completion!r}", file=out)
         table = attr.top_k(top, query=fact.id)
         for row in table.itertuples():
             mark = "*" if row.train_index in fact.source_ids else " "
+            quiet = "~" if getattr(row, "noise_ratio", float("inf")) <= 1.0 else " "
             text = " ".join(row.text.split())
             text = text if len(text) <= 70 else text[:67] + "..."
-            print(f"   {mark} #{row.rank} doc {row.train_index:4d}  {row.score:+.4f}  {text}", file=out)
+            print(f"   {mark} #{row.rank} doc {row.train_index:4d}  {row.score:+.4f}{quiet} {text}", file=out)
         print(file=out)
 
     hits = 0.0

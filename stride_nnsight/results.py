@@ -37,7 +37,7 @@ FIT_KEYS = ("method", "model_fingerprint", "layer", "hook", "placement", "n_subs
 # What was measured (the unit of the scores): parts must agree on these too.
 MEASURE_KEYS = ("metric", "patched")
 # Provenance entries holding one value per query row: concatenated by ``cat``.
-PER_QUERY_KEYS = ("lambdas", "base_metric")
+PER_QUERY_KEYS = ("lambdas", "base_metric", "noise_floor")
 
 _MISSING = object()
 ATTRIBUTION_KIND = "attribution"  # kind of the files Attribution.save writes (stride_nnsight.storage)
@@ -240,6 +240,17 @@ class Attribution:
                                            torch.from_numpy(np.asarray(m.data, dtype=np.float32)), size=m.shape,
                                            check_invariants=True)
 
+    @property
+    def noise_floor(self) -> Optional[Tensor]:
+        """Per query ``[n_queries]``: the largest absolute score the recovery gave the query's
+        measurements shuffled across the subsets (``provenance['noise_floor']``, from
+        ``Stride.attribute(..., null_permutations=)``; `stride_nnsight.recovery.noise_floor`),
+        or ``None`` when not computed. A score at or below it is indistinguishable from noise."""
+        floor = self.provenance.get("noise_floor")
+        if floor is None or len(floor) != self.n_queries:
+            return None
+        return torch.tensor([float("nan") if v is None else float(v) for v in floor], dtype=torch.float32)
+
     def _csr(self) -> sp.csr_matrix:
         return self._sparse if self._sparse is not None else _as_scores(sp.csr_matrix(self._dense.numpy()))[1]
 
@@ -332,13 +343,18 @@ class Attribution:
         duplicate = _first_duplicate(rows)
         if duplicate is not None:
             raise ValueError(f"row {duplicate[0]} is selected twice: each query can appear once in an Attribution")
+        provenance = dict(self.provenance)
+        for key in PER_QUERY_KEYS:  # one value per query row: keep the selected rows' values
+            values = provenance.get(key)
+            if isinstance(values, (list, tuple)) and len(values) == self.n_queries:
+                provenance[key] = [values[i] for i in rows]
         return Attribution(
             scores=self._rows(rows),
             query_ids=[self.query_ids[i] for i in rows],
             train_ids=self.train_ids,
             query_texts=None if self.query_texts is None else [self.query_texts[i] for i in rows],
             train_texts=self.train_texts,
-            provenance=dict(self.provenance),
+            provenance=provenance,
             measurements=None if self.measurements is None else self.measurements[rows],
         )
 
@@ -385,7 +401,8 @@ class Attribution:
         return [NON_FINITE if not f else OK if nz else ALL_ZERO for f, nz in zip(finite, nonzero)]
 
     # ----------------------------------------------------------------- ranking
-    def top_k(self, k: int = 10, *, query: Any = None, row: Any = None, opponents: bool = False):
+    def top_k(self, k: int = 10, *, query: Any = None, row: Any = None, opponents: bool = False,
+              above_noise: bool = False):
         """The ``k`` strongest proponents (or opponents) as a ``pandas.DataFrame``.
 
         Args:
@@ -394,10 +411,13 @@ class Attribution:
             row: the *position* of one query (int or numpy integer; negative counts from
                 the end). Give at most one of ``query`` / ``row``; neither ranks every query.
             opponents: rank the most negative scores instead of the most positive.
+            above_noise: list only scores whose magnitude exceeds the query's noise floor
+                (``noise_floor``; ``ValueError`` if it was not computed).
 
         Returns:
-            Columns ``query_id, rank, train_index, train_id, score`` (+ ``text`` when train
-            texts are known), best first within each query. Only strictly positive scores
+            Columns ``query_id, rank, train_index, train_id, score`` (+ ``noise_ratio``,
+            ``|score|`` over the query's noise floor, when ``noise_floor`` is known; + ``text``
+            when train texts are known), best first within each query. Only strictly positive scores
             are proponents (strictly negative ones opponents): a score of exactly 0 is never
             listed, so a query with fewer than ``k`` such scores gets fewer rows, and an
             all-zero query gets none (one ``UserWarning`` names every such query).
@@ -424,6 +444,10 @@ class Attribution:
             rows = [self._position(row)]
         else:
             rows = list(range(self.n_queries))
+        floor = self.noise_floor
+        if above_noise and floor is None:
+            raise ValueError("above_noise=True needs the queries' noise floor: attribute with "
+                             "stride.attribute(..., null_permutations=8) (the default)")
         status = self.row_status()
         invalid = [self.query_ids[q] for q in rows if status[q] == NON_FINITE]
         if invalid:
@@ -437,7 +461,7 @@ class Attribution:
             warnings.warn(f"{len(silent)} of {len(rows)} queries have no non-zero score (no signal): {_names(silent)}",
                           UserWarning, stacklevel=2)
         columns = ["query_id", "rank", "train_index", "train_id", "score"] + \
-            (["text"] if self.train_texts is not None else [])
+            (["noise_ratio"] if floor is not None else []) + (["text"] if self.train_texts is not None else [])
         records = []
         for q in rows:
             if status[q] != OK:
@@ -445,11 +469,21 @@ class Attribution:
             row_scores = self._row(q)
             signed = -row_scores if opponents else row_scores
             values, index = torch.topk(signed, min(k, self.n_train))
-            for rank, (v, j) in enumerate(zip(values.tolist(), index.tolist()), start=1):
+            rank = 0
+            for v, j in zip(values.tolist(), index.tolist()):
                 if not v > 0:
                     break
+                ratio = None
+                if floor is not None:
+                    f = float(floor[q])
+                    ratio = v / f if f > 0 else float("inf")
+                    if above_noise and not ratio > 1.0:
+                        continue
+                rank += 1
                 rec = {"query_id": self.query_ids[q], "rank": rank, "train_index": j,
                        "train_id": self.train_ids[j], "score": -v if opponents else v}
+                if floor is not None:
+                    rec["noise_ratio"] = ratio
                 if self.train_texts is not None:
                     rec["text"] = self.train_texts[j]
                 records.append(rec)

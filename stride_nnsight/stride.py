@@ -23,7 +23,7 @@ from .fitting import FitHistory, OperatorFitter
 from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, resolve_max_length
 from .measurement import Metric, measure
 from .operators import SteeringOperators
-from .recovery import recover
+from .recovery import noise_floor, recover
 from .results import Attribution, AttributionCache, check_unique_ids
 
 __all__ = ["Stride", "STATE_FILE", "PartialFitError", "attribute_layers", "find_state_file"]
@@ -452,6 +452,7 @@ class Stride:
         lambda_fraction: Optional[float] = None,
         progress: bool = True,
         allow_partial: bool = False,
+        null_permutations: int = 8,
     ) -> Attribution:
         """Attribute each ``prompt + completion`` to the training examples.
 
@@ -467,6 +468,11 @@ class Stride:
         metric *of the patched model*.
         ``allow_partial``: accept operators whose fit stopped early (``PartialFitError``
         otherwise); the provenance's ``steps_run`` / ``steps_planned`` show it.
+        ``null_permutations``: how many times each query's measurements are shuffled across the
+        subsets and recovered again to give its noise floor (``attr.noise_floor``; `top_k`
+        shows each score's ``noise_ratio`` and ``above_noise=True`` hides what noise alone
+        produces; `stride_nnsight.recovery.noise_floor`). Costs that many extra recoveries
+        (recovery is ~0.1 plain forward per query, `benchmarks/SCALING.md`); 0 skips it.
         """
         self._require_complete(allow_partial, "attribute")
         prompts = as_text_list(prompts, "prompts")
@@ -480,6 +486,12 @@ class Stride:
         y, base = self.measure(prompts, completions, metric=metric, intervention=intervention, progress=progress)
         scores, lambdas = recover(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
                                   args.fit_intercept, progress=progress, seed=args.seed, sparse=True)
+        if isinstance(null_permutations, bool) or not isinstance(null_permutations, int) or null_permutations < 0:
+            raise ValueError(f"null_permutations must be an int >= 0 (0: no noise floor), got {null_permutations!r}")
+        floor = None
+        if null_permutations:
+            floor = noise_floor(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
+                                args.fit_intercept, n_permutations=null_permutations, seed=args.seed).tolist()
         return Attribution(
             scores=scores,  # kept sparse: at most K non-zeros per query
 
@@ -490,7 +502,8 @@ class Stride:
             provenance=self.provenance(lambda_rule=args.lambda_rule, lambda_fraction=args.lambda_fraction,
                                        lambdas=lambdas.tolist(), metric=getattr(metric, "__name__", "custom")
                                        if metric is not None else "negative_completion_loss",
-                                       base_metric=base.tolist(), patched=intervention is not None),
+                                       base_metric=base.tolist(), patched=intervention is not None,
+                                       noise_floor=floor, null_permutations=null_permutations),
             measurements=y,
         )
 

@@ -64,9 +64,14 @@ def _rows(attr: "Attribution", q: int, k: int, opponents: bool, query_words: set
     for rec in table.itertuples():
         width = max(1.0, 100.0 * abs(float(rec.score)) / peak)
         text = attr.train_texts[rec.train_index] if attr.train_texts is not None else ""
+        ratio = getattr(rec, "noise_ratio", None)
+        quiet = ratio is not None and not ratio > 1.0
+        note = " <span class='note' title='at or below the query&#39;s noise floor'>(noise level)</span>" \
+            if quiet else ""
+        fade = " style='opacity:0.55'" if quiet else ""
         rows.append(
-            f"<tr class='{cls}-row'><td class='num'>{rec.rank}</td><td>{html.escape(str(rec.train_id))}</td>"
-            f"<td class='num'>{float(rec.score):+.4g}</td>"
+            f"<tr class='{cls}-row'{fade}><td class='num'>{rec.rank}</td>"
+            f"<td>{html.escape(str(rec.train_id))}</td><td class='num'>{float(rec.score):+.4g}{note}</td>"
             f"<td style='width:120px'><div class='bar {cls}' style='width:{width:.0f}%'></div></td>"
             f"<td>{_highlight(text, query_words, limit)}</td></tr>")
     return rows
@@ -87,7 +92,9 @@ def attribution_html(attr: "Attribution", k: int = 5, queries: Optional[Sequence
              f"<p><b>Attribution</b>: {attr.n_queries} queries x {attr.n_train} training documents; method "
              f"{html.escape(str(prov.get('method', '?')))}, metric {html.escape(str(prov.get('metric', '?')))}"
              f"{', sparse scores' if attr.is_sparse else ''}. Positive score: the document lowers the query's loss "
-             "(a proponent); bars are relative to the query's largest score.</p>"]
+             "(a proponent); bars are relative to the query's largest score"
+             + ("; rows marked (noise level) are within what the query's shuffled measurements produce "
+                "(attr.noise_floor)" if attr.noise_floor is not None else "") + ".</p>"]
     head = "<tr><th>#</th><th>train id</th><th>score</th><th></th><th>text (words shared with the query marked)</th></tr>"
     for q in shown:
         qtext = attr.query_texts[q] if attr.query_texts is not None else ""

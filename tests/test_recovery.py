@@ -236,3 +236,36 @@ def test_scaling_benchmark_quick_table(capsys):
         assert 0 <= r.ws_precision <= 1 and 0 <= r.ref_precision <= 1
         assert r.ws_rss_gb > 0 and r.rss_all_gb >= r.ws_rss_gb and r.ws_not_converged == 0
         assert math.isfinite(r.design_s)
+
+
+# ------------------------------------------------------------------------- noise floor
+def test_noise_floor_separates_planted_signal_from_noise():
+    """The figures quoted in `noise_floor`'s docstring: 30 queries with 3 planted sources each, 30
+    pure-noise queries; no noise query has a score above its floor, most sources do, no other
+    document does."""
+    import numpy as np
+    import pytest
+
+    from stride_nnsight.design import SubsetDesign
+    from stride_nnsight.recovery import noise_floor, recover
+
+    design = SubsetDesign(300, 128, 4, seed=0)
+    M = design.membership.toarray().astype(float)
+    rng = np.random.default_rng(1)
+    q = 60
+    w = np.zeros((q, 300))
+    for i in range(q // 2):
+        w[i, rng.choice(300, 3, replace=False)] = rng.uniform(0.5, 1.0, 3)
+    y = w @ M.T + 0.05 * rng.normal(size=(q, 128))
+    y[q // 2:] = rng.normal(size=(q // 2, 128))
+    scores, _ = recover(y, design.membership, progress=False)
+    floor = noise_floor(y, design.membership, n_permutations=8, seed=0)
+    assert floor.shape == (q,) and (floor > 0).all()
+    above = np.abs(scores) > floor[:, None]
+    assert above[q // 2:].sum() == 0  # nothing in a noise query clears its floor
+    sources = np.mean([above[i][w[i] > 0].mean() for i in range(q // 2)])
+    assert sources == pytest.approx(0.744, abs=0.01)  # as quoted
+    assert sum(above[i][w[i] == 0].sum() for i in range(q // 2)) == 0  # and no other document
+    np.testing.assert_array_equal(floor, noise_floor(y, design.membership, n_permutations=8, seed=0))
+    with pytest.raises(ValueError, match="n_permutations"):
+        noise_floor(y, design.membership, n_permutations=0)

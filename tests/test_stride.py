@@ -67,6 +67,24 @@ def test_logits_placement_end_to_end(tiny_model, small_texts):
                        args.fit_intercept, progress=False, seed=args.seed)
     assert attr.is_sparse and attr.nnz == int((dense != 0).sum())
     torch.testing.assert_close(attr.scores, torch.from_numpy(dense))
+    # every query carries its noise floor (8 shuffled recoveries by default)
+    from stride_nnsight.recovery import noise_floor
+
+    floor = noise_floor(attr.measurements.numpy(), stride.design.membership, args.lambda_rule, args.lambda_fraction,
+                        args.fit_intercept, n_permutations=8, seed=args.seed)
+    torch.testing.assert_close(attr.noise_floor, torch.from_numpy(floor).float())
+    assert attr.provenance["null_permutations"] == 8
+    table = attr.top_k(5)
+    assert "noise_ratio" in table.columns
+    kept = attr.top_k(5, above_noise=True)
+    assert set(kept.train_index) <= set(table.train_index) and (kept.noise_ratio > 1).all()
+    assert attr[[1]].provenance["noise_floor"] == [attr.provenance["noise_floor"][1]]  # rows keep their floors
+    bare = stride.attribute(["the cat"], [" sat"], progress=False, null_permutations=0)
+    assert bare.noise_floor is None and "noise_ratio" not in bare.top_k(3).columns
+    with pytest.raises(ValueError, match="null_permutations=8"):
+        bare.top_k(3, above_noise=True)
+    with pytest.raises(ValueError, match="null_permutations must be"):
+        stride.attribute(["the cat"], [" sat"], progress=False, null_permutations=-1)
 
 
 def test_from_pretrained_model_saved_to_disk(tiny_hf_model, tiny_tokenizer, small_texts, tmp_path):

@@ -34,3 +34,11 @@ def test_to_html_writes_a_standalone_page(tmp_path):
     assert (tmp_path / "r" / "report.html").read_text(encoding="utf-8") == page
     assert page.startswith("<!DOCTYPE html>") and page.count("class='pro-row'") == 1  # k=1
     assert "Provenance" in page and "negative_completion_loss" in page
+
+
+def test_rows_at_noise_level_are_marked():
+    attr = _attr()
+    attr.provenance["noise_floor"] = [0.3, 0.0]  # +0.5 clears it, +0.1 and -0.2 do not
+    page = attr._repr_html_()
+    assert page.count("(noise level)</span>") == 2 and "attr.noise_floor" in page
+    assert "(noise level)" not in _attr()._repr_html_()
