@@ -190,7 +190,7 @@ torch.manual_seed(0)
 hf_model = GPT2LMHeadModel(tiny_gpt2_config(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=64)).eval()
 model = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
 
-settings = dict(layer=1, placement="residual", n_subsets=8, subsets_per_example=2, rank=4, seed=0,
+settings = dict(layer=1, placement="logits", n_subsets=8, subsets_per_example=2, rank=4, seed=0,
                 steps=8, batch_size=6, linearity_operators=4, sketch_dim=3, basis_hidden=16, max_length=32)"""),
     ("md", """## Fit in sessions
 The work is cut into chunks, one session each. `remote_steps_per_session` caps a chunk;
@@ -263,15 +263,70 @@ attr = stride.attribute(prompts, completions)
 stride.save("stride-llama")                                 # operators are local after the fit
 ```
 
-Prefer the residual placement on NDIF. With the logits placement every operator owns an
-`r x vocabulary` matrix, and that matrix and its AdamW state travel in and out of every
-session (about 200 MB per copy for K=64, r=16 and a 50k vocabulary). See
-`docs/remote.md`."""),
+Which placement to use on NDIF: the logits placement scores far better (the residual
+placement's attribution was near random where it was measured: LDS 0.004 against 0.089 in the
+bundled benchmark's ablation), but every operator owns an `r x vocabulary` matrix, and that
+matrix and its AdamW state travel in and out of every session (about 200 MB per copy for K=64,
+r=16 and a 50k vocabulary). Prefer the logits placement with a smaller `K` or `rank` when the
+vocabulary allows, and compare against BM25 on your data. See `docs/remote.md`."""),
+]
+
+
+READING = [
+    ("md", """# Reading an attribution: noise floor, HTML view, report and the command line
+
+Every query gets scores, even one the training data did not shape. This notebook shows how to
+tell signal from noise (`noise_floor`, `top_k(above_noise=True)`), how an `Attribution` displays
+in a notebook, how to write a standalone HTML report, and the same workflow from the command
+line on a model saved to disk."""),
+    ("code", """import os, tempfile
+from pathlib import Path
+from stride_nnsight import Stride
+from stride_nnsight.toy import toy_language_model
+
+model, corpus = toy_language_model(seed=0, cache_dir=os.environ.get("STRIDE_NNSIGHT_CACHE", ".stride_cache"))
+stride = Stride(model, n_subsets=128, subsets_per_example=6, seed=0, steps=150).fit(corpus.documents, progress=False)
+facts = corpus.facts[:4]
+prompts = [f.prompt for f in facts] + ["The weather today is"]
+completions = [f.completion for f in facts] + [" sunny and warm"]
+attr = stride.attribute(prompts, completions, query_ids=[f.id for f in facts] + ["weather"], progress=False)
+attr  # in a notebook: each query's top proponents and opponents, scores as bars, shared words marked"""),
+    ("md", """## What noise looks like
+Each query's measurements are shuffled across the subsets 8 times and recovered again; the
+largest score those null recoveries give is the query's noise floor. `noise_ratio` is a score
+over that floor. The floor is conservative: a weaker second source can sit below it."""),
+    ("code", """print("noise floor per query:", [round(float(v), 3) for v in attr.noise_floor])
+print("non-zero scores per query:", [int((attr.sel(query=q) != 0).sum()) for q in attr.query_ids])
+attr.top_k(3, query="weather")[["rank", "train_id", "score", "noise_ratio"]]"""),
+    ("code", """above = attr.top_k(3, above_noise=True)
+above[["query_id", "rank", "train_id", "score", "noise_ratio"]]"""),
+    ("md", """## A report to share, and the command line
+`to_html` writes every query with its provenance. The CLI runs the same workflow on a model
+directory and a JSONL (or CSV, Parquet, `datasets`) file."""),
+    ("code", """import json
+from stride_nnsight.cli import main
+
+work = Path(tempfile.mkdtemp())
+attr.to_html(work / "report.html")
+model._module.save_pretrained(work / "model")
+model.tokenizer.save_pretrained(work / "model")
+(work / "train.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\\n" for i, t in enumerate(corpus.documents)))
+(work / "queries.jsonl").write_text("".join(json.dumps({"id": f.id, "prompt": f.prompt, "completion": f.completion}) + "\\n"
+                                            for f in facts))
+main(["fit", "--model", str(work / "model"), "--data", str(work / "train.jsonl"), "--out", str(work / "state"),
+      "--set", "n_subsets=128", "--set", "subsets_per_example=6", "--set", "steps=150", "--no-progress"])
+main(["attribute", "--state", str(work / "state"), "--model", str(work / "model"), "--queries",
+      str(work / "queries.jsonl"), "--out", str(work / "scores.json"), "--no-progress"])
+main(["report", "--scores", str(work / "scores.json"), "--out", str(work / "cli_report.html")])
+main(["info", str(work / "state")])"""),
+    ("code", """page = (work / "cli_report.html").read_text()
+all(f"data-query-id='{f.id}'" in page for f in facts)"""),
 ]
 
 
 def main() -> None:
     nbf.write(notebook(QUICKSTART), HERE / "01_quickstart.ipynb")
+    nbf.write(notebook(READING), HERE / "04_reading_attributions.ipynb")
     nbf.write(notebook(PATCHING), HERE / "02_activation_patching.ipynb")
     nbf.write(notebook(REMOTE), HERE / "03_remote_ndif.ipynb")
 
