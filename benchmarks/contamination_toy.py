@@ -66,7 +66,7 @@ def main() -> dict:
                                                 [c for _, c in items]).scores.numpy().max(axis=1),
     }
     print(f"toy setting: {len(corpus.documents)} documents, {len(present)} contained and {len(absent)} absent items")
-    print(f"| method | AUROC | TPR at 5% FPR |\n|---|---|---|")
+    print("| method | AUROC | TPR at 5% FPR |\n|---|---|---|")
     out = {}
     for name, s in methods.items():
         s = np.nan_to_num(np.asarray(s, dtype=float), posinf=1e9)
