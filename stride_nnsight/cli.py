@@ -78,7 +78,7 @@ def run_demo(
     sensible_threads(out)
     t0 = time.perf_counter()
     print(f"[1/4] tiny GPT-2 on the bundled corpus (cache: {cache_dir})", file=out)
-    model, corpus = toy_language_model(seed=seed, cache_dir=cache_dir)
+    model, corpus = toy_language_model(seed=seed, cache_dir=cache_dir, progress=True)
     print(f"      {len(corpus)} documents, {len(corpus.facts)} planted facts, "
           f"{sum(p.numel() for p in model._module.parameters()) / 1e6:.2f}M parameters "
           f"({time.perf_counter() - t0:.1f}s)", file=out)

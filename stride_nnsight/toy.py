@@ -405,6 +405,7 @@ def build_toy_model(
     seed: int = 0,
     corpus: ToyCorpus | None = None,
     cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, ToyCorpus]:
     """Train (or load from cache) the toy tokenizer and tiny GPT-2 on the whole corpus.
 
@@ -421,6 +422,7 @@ def build_toy_model(
             to ``cache_dir/f"toy-gpt2-seed{seed}"`` and loaded from there with
             ``from_pretrained`` next time (retrained if the directory was made from a
             different corpus or different training settings).
+        progress: show a progress bar over the training steps (when it trains).
 
     Returns:
         ``(model, tokenizer, corpus)``; the model is in eval mode on the CPU.
@@ -442,7 +444,7 @@ def build_toy_model(
     tokenizer.model_max_length = config.n_positions
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
-    train_causal_lm(model, tokenizer, corpus.documents, seed=seed, **DEFAULT_TRAIN_KWARGS)
+    train_causal_lm(model, tokenizer, corpus.documents, seed=seed, progress=progress, **DEFAULT_TRAIN_KWARGS)
 
     if path is not None:
         _save_atomically(path, model, tokenizer, meta)
@@ -473,9 +475,10 @@ def _save_atomically(path: Path, model, tokenizer, meta: dict) -> None:
 
 
 def toy_language_model(
-    seed: int = 0, cache_dir: str | os.PathLike | None = None
+    seed: int = 0, cache_dir: str | os.PathLike | None = None, progress: bool = False
 ) -> tuple["nnsight.TransformersModel", ToyCorpus]:
-    """`build_toy_model`, wrapped in an nnsight ``TransformersModel`` (text-generation).
+    """`build_toy_model`, wrapped in an nnsight ``TransformersModel`` (text-generation);
+    ``progress`` shows a progress bar while the model trains.
 
     The wrapper gets a *copy* of the tokenizer, which nnsight switches to left padding
     (its convention for decoders); the underlying HF model is ``wrapped._model``.
@@ -484,6 +487,6 @@ def toy_language_model(
 
     from nnsight import TransformersModel
 
-    model, tokenizer, corpus = build_toy_model(seed=seed, cache_dir=cache_dir)
+    model, tokenizer, corpus = build_toy_model(seed=seed, cache_dir=cache_dir, progress=progress)
     lm = TransformersModel(model, tokenizer=copy.deepcopy(tokenizer), task="text-generation")
     return lm, corpus

@@ -224,3 +224,20 @@ def test_toy_language_model(built, cache_dir):
     with torch.no_grad():
         ref = model(**ids).logits
     torch.testing.assert_close(logits, ref)
+
+
+def test_toy_training_shows_progress_when_asked(tmp_path, monkeypatch):
+    """The demo's first stage (training the toy model) shows a progress bar instead of nothing."""
+    import stride_nnsight.toy as toy
+
+    seen = {}
+
+    def fake_train(model, tokenizer, texts, **kw):
+        seen.update(kw)
+        return model.eval()
+
+    monkeypatch.setattr(toy, "train_causal_lm", fake_train)
+    toy.build_toy_model(seed=0, cache_dir=None, progress=True)
+    assert seen["progress"] is True
+    toy.build_toy_model(seed=0, cache_dir=None)
+    assert seen["progress"] is False
