@@ -227,9 +227,8 @@ def query_costs(backend: Any, texts: TokenBatch, cfg: CostConfig) -> dict[str, A
 
     queries = query_batch(texts, cfg.n_queries)
     layer = backend.check_layer(-2)
-    plain, _ = timed(lambda: [backend.forward(queries.rows(list(range(i, min(i + 16, len(queries))))).input_ids,
-                                              queries.rows(list(range(i, min(i + 16, len(queries))))).attention_mask,
-                                              layer) for i in range(0, len(queries), 16)])
+    chunks = [queries.rows(list(range(i, min(i + 16, len(queries))))) for i in range(0, len(queries), 16)]
+    plain, _ = timed(lambda: [backend.forward(c.input_ids, c.attention_mask, layer) for c in chunks])
     out: dict[str, Any] = {"n_queries": len(queries), "plain_per_query": plain / len(queries),
                            "query_tokens": float(queries.attention_mask.sum()) / len(queries)}
     design = SubsetDesign(len(texts), cfg.n_subsets, cfg.subsets_per_example, cfg.seed)

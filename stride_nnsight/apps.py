@@ -102,7 +102,7 @@ def contamination_scores(attr: Attribution, floor: Optional[Float[Tensor, "q"]] 
         raise ValueError(f"floor must have one value per query ({attr.n_queries}), got shape {tuple(floor.shape)}")
     out = torch.zeros(attr.n_queries)
     for q in range(attr.n_queries):
-        top = float(attr.sel(query=attr.query_ids[q]).max()) if attr.n_train else 0.0
+        top = float(attr._row(q).max()) if attr.n_train else 0.0
         if top > 0:
             out[q] = top / float(floor[q]) if float(floor[q]) > 0 else float("inf")
     return out

@@ -322,17 +322,8 @@ def lds(
         `LDSResult` with ``per_query [n_queries]``, ``mean``, ``ci_low``, ``ci_high``, ...
     """
     s = _as_scores(scores)
-    m = _as_masks(masks)
-    if isinstance(losses, torch.Tensor):
-        losses = losses.detach().cpu().to(torch.float64).numpy()
-    loss = np.asarray(losses, dtype=np.float64)
-    loss, n_seeds = _average_seeds(loss)
     n_queries, n_train = s.shape
-    if m.shape[1] != n_train:
-        raise ValueError(f"masks cover {m.shape[1]} training examples but scores have {n_train}")
-    if loss.shape != (m.shape[0], n_queries):
-        raise ValueError(f"losses (after averaging seeds) have shape {loss.shape}, expected "
-                         f"(n_models={m.shape[0]}, n_queries={n_queries})")
+    m, loss, n_seeds = _ground_truth_arrays(masks, losses, n_train, n_queries)
     predictions = m.astype(np.float64) @ s.T  # [m, q]
     per_query = spearman_per_query(predictions, -loss)
     finite = np.isfinite(per_query)
@@ -365,17 +356,20 @@ def _spearman_columns(p: np.ndarray, t: np.ndarray) -> np.ndarray:
     return r
 
 
-def _ground_truth_arrays(masks: Any, losses: Any, n_train: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+def _ground_truth_arrays(masks: Any, losses: Any, n_train: int,
+                         n_queries: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(masks [m, n] bool, losses [m, q] float64 averaged over seeds, n_seeds)``, checked
+    against the scores' shape ``[n_queries, n_train]``."""
     m = _as_masks(masks)
     if isinstance(losses, torch.Tensor):
         losses = losses.detach().cpu().to(torch.float64).numpy()
-    loss, _ = _average_seeds(np.asarray(losses, dtype=np.float64))
+    loss, n_seeds = _average_seeds(np.asarray(losses, dtype=np.float64))
     if m.shape[1] != n_train:
         raise ValueError(f"masks cover {m.shape[1]} training examples but scores have {n_train}")
     if loss.shape != (m.shape[0], n_queries):
         raise ValueError(f"losses (after averaging seeds) have shape {loss.shape}, expected "
                          f"(n_models={m.shape[0]}, n_queries={n_queries})")
-    return m, loss
+    return m, loss, n_seeds
 
 
 def lds_replicates(
@@ -400,7 +394,7 @@ def lds_replicates(
     q, n = mats[0].shape
     if any(x.shape != (q, n) for x in mats):
         raise ValueError(f"every score matrix must have the shape of the first, {(q, n)}")
-    m, loss = _ground_truth_arrays(masks, losses, n, q)
+    m, loss, _ = _ground_truth_arrays(masks, losses, n, q)
     preds = [m.astype(np.float64) @ x.T for x in mats]  # [m, q] each
     rng = np.random.default_rng(seed)
     out = np.empty((int(n_boot), len(mats)))
@@ -430,8 +424,7 @@ def paired_lds_ci(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     a, b = _as_scores(scores_a), _as_scores(scores_b)
-    m, loss = _ground_truth_arrays(masks, losses, a.shape[1], a.shape[0])
-    point = [np.nan_to_num(_spearman_columns(m.astype(np.float64) @ x.T, -loss), nan=0.0).mean() for x in (a, b)]
+    point = lds_replicates([a, b], masks, losses, n_boot=1, resample_models=False, resample_queries=False)[0]
     reps = lds_replicates([a, b], masks, losses, n_boot=n_boot, seed=seed, resample_models=resample_models)
     diff = reps[:, 0] - reps[:, 1]
     alpha = (1.0 - confidence) / 2.0

@@ -249,7 +249,6 @@ def noise_floor(
         shuffled = np.take_along_axis(y, np.argsort(rng.random(y.shape), axis=1), axis=1)
         scores, _ = recover(shuffled, membership, rule, fraction, fit_intercept, progress=False, seed=seed,
                             sparse=True)
-        scores = sp.csr_matrix(scores)
         top = np.zeros(y.shape[0])
         if scores.nnz:
             top = np.asarray(abs(scores).max(axis=1).todense()).reshape(-1)
