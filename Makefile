@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,eval]"
+	$(BIN)/python -m pip install -q -e ".[test,eval,docs]"
 	$(BIN)/python -m pip install -q --no-deps kronfluence==1.0.1
 	touch $(STAMP)
 

@@ -17,6 +17,10 @@ Benchmarks (``--bench``):
   and text queries, LDS from 32 retrained models), its model and ground truth from the
   benchmark cache (built on first use: slow).
 
+Besides ``StrideArguments`` settings a variant may set ``model_dtype`` (``"bfloat16"`` or
+``"float16"``): the frozen model is a copy cast to that dtype (the operators stay float32),
+e.g. ``"model_dtype='bfloat16'"`` for the half-precision check of a large-model run.
+
 These are *dev* benchmarks: settings chosen with this script are judged elsewhere on data they
 were not chosen on. Example::
 
@@ -92,7 +96,15 @@ def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000) -> list[
     kinds = np.asarray(bench["kinds"])
     for text in variants:
         changes = {**bench["stride_kwargs"], **parse_variant(text)}
-        lm = TransformersModel(bench["model"], tokenizer=copy.deepcopy(bench["tokenizer"]), task="text-generation")
+        model = bench["model"]
+        dtype = changes.pop("model_dtype", None)
+        if dtype is not None:
+            import torch
+
+            if dtype not in ("bfloat16", "float16"):
+                raise ValueError(f"model_dtype must be 'bfloat16' or 'float16', got {dtype!r}")
+            model = copy.deepcopy(model).to(getattr(torch, dtype))
+        lm = TransformersModel(model, tokenizer=copy.deepcopy(bench["tokenizer"]), task="text-generation")
         start = time.process_time()
         stride = Stride(lm, **changes).fit(bench["documents"], progress=False)
         fit_s = time.process_time() - start

@@ -250,6 +250,8 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
     w(f"- Gradient store for comparison: n x P x 4 bytes = {n} x {P:,} x 4 = {_bytes(4.0 * n * P)}.")
     w("")
 
+    L.extend(_cost_section(rows, [k for k in LABELS if k in rows], Q))
+
     # ---- targets
     w("## Targets")
     w("")
@@ -611,11 +613,51 @@ def _shortfalls(rows, ab_rows, lambdas, lam_m, a, n, Q) -> str:
 
 
 
+#: query counts of the end-to-end columns of the cost table
+END_TO_END_QUERIES = (1, 100, 10_000)
+
+
+def end_to_end_seconds(res, n_queries: int, batch_queries: int) -> float:
+    """Index time plus the time to answer ``n_queries`` new queries: the measured single-query
+    time for one, else ``n_queries`` times the per-query time of the measured batch of
+    ``batch_queries`` (a projection: it assumes the per-query cost of that batch holds)."""
+    index = res.index_s if math.isfinite(res.index_s) else 0.0
+    per_query = res.batch_s / batch_queries
+    if n_queries == 1 and math.isfinite(res.single_s):
+        return index + res.single_s
+    return index + n_queries * per_query
+
+
+def _cost_section(rows: dict, order: list[str], Q: int) -> list[str]:
+    """Costs like for like: every method's index time next to its query times and stored state,
+    and the end-to-end time of a workload (index included) for 1, 100 and 10,000 queries."""
+    if not rows:
+        return []
+    out = ["## Costs, like for like", "",
+           "Each method's one-off index next to its query times and what it stores. A method **with** an index "
+           "pays the index once and then the per-query time; used **without** keeping its index, every call pays "
+           "index + query (the *1 query* column). Gradient dot appears both ways (recomputing the training "
+           "gradients in every call, and with a stored gradient index). End to end = index + queries: the 1-query "
+           f"column uses the measured single-query time, the others the measured per-query time of the batch of "
+           f"{Q} (a projection from measured figures, not a separate run).", "",
+           "| method | index time | time / query (batch) | single query | stored state | end to end: "
+           + " | ".join(f"{q:,} {'query' if q == 1 else 'queries'}" for q in END_TO_END_QUERIES) + " |",
+           "|---|---|---|---|---|" + "---|" * len(END_TO_END_QUERIES)]
+    for name in order:
+        r = rows[name]["res"]
+        ends = " | ".join(_secs(end_to_end_seconds(r, q, Q)) for q in END_TO_END_QUERIES)
+        out.append(f"| {LABELS[name]} | {_secs(r.index_s)} | {_secs(r.batch_s / Q)} | {_secs(r.single_s)} | "
+                   f"{_bytes(r.state_bytes)} | {ends} |")
+    out.append("")
+    return out
+
+
 def _time_target_rows(sr, rows: dict, Q: int) -> list[str]:
     """Target-table rows: STRIDE's time per query (batch of ``Q``, and one new query) against
-    EK-FAC and gradient dot, measured in the same run."""
+    EK-FAC and gradient dot, with and without a stored gradient index, measured in the same run;
+    the index times stand next to them in the cost table."""
     out = []
-    for k in ("ekfac", "gradient_dot"):
+    for k in ("ekfac", "gradient_dot_store", "gradient_dot"):
         if k not in rows:
             continue
         o = rows[k]["res"]

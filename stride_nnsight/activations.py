@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import storage
+from . import distributed, storage
 from .inputs import TokenBatch
 from .storage import create_array, open_array, write_manifest
 
@@ -507,6 +507,32 @@ class ActivationCache:
         head = head_function(backend)
         fingerprint = backend.fingerprint() if fingerprint is None else fingerprint
         identity = cache_identity(texts, fingerprint, layer, dtype, backend.d_model)
+        rank, world = distributed.rank_and_world()
+        problem = None
+        if rank == 0:  # under torch.distributed rank 0 checks or creates the files, the others wait
+            try:
+                manifest = cls._open_or_create(directory, texts, identity, backend.d_model, dtype, overwrite,
+                                               progress)
+            except Exception as error:  # every rank raises it, none is left waiting
+                problem = error
+        if world > 1:
+            problem = distributed.broadcast_object(problem)
+        if problem is not None:
+            raise problem
+        if world > 1:
+            manifest = read_manifest(directory / MANIFEST_NAME)
+        if manifest["done"] < manifest["n_documents"]:
+            if world > 1 or any(directory.glob("progress-rank*.npy")):  # a sharded build, or one to finish
+                cls._fill_shared(backend, texts, layer, directory, manifest, head, int(batch_size), progress)
+            else:
+                cls._fill(backend, texts, layer, directory, manifest, head, int(batch_size), progress)
+        return cls(directory, head=head)
+
+    @classmethod
+    def _open_or_create(cls, directory: Path, texts: TokenBatch, identity: dict, d_model: int, dtype: str,
+                        overwrite: bool, progress: bool) -> dict:
+        """The manifest of the cache in ``directory`` after checking its identity, or of a new,
+        empty cache."""
         manifest = read_manifest(directory / MANIFEST_NAME) if not overwrite else None
         if manifest is not None:
             differences = _identity_differences(manifest["identity"], identity)
@@ -514,12 +540,9 @@ class ActivationCache:
                 raise ActivationCacheMismatchError(
                     f"the activation cache in {directory} was built for something else: {'; '.join(differences)}. "
                     "Use another cache_dir, or pass overwrite=True to delete it and build a new one")
-        else:
-            remove_files(directory)
-            manifest = cls._create(directory, texts, identity, backend.d_model, dtype, progress)
-        if manifest["done"] < manifest["n_documents"]:
-            cls._fill(backend, texts, layer, directory, manifest, head, int(batch_size), progress)
-        return cls(directory, head=head)
+            return manifest
+        remove_files(directory)
+        return cls._create(directory, texts, identity, d_model, dtype, progress)
 
     @staticmethod
     def _create(directory: Path, texts: TokenBatch, identity: dict, d_model: int, dtype: str,
@@ -558,6 +581,75 @@ class ActivationCache:
         """Order in which documents are computed: longest first (stable), so batches hold
         documents of similar length (little padding) and memory peaks at the first batch."""
         return np.argsort(-np.asarray(lengths), kind="stable")
+
+    @classmethod
+    def _fill_shared(cls, backend: Any, texts: TokenBatch, layer: int, directory: Path, manifest: dict,
+                     head: Callable, batch_size: int, progress: bool) -> None:
+        """`_fill` split over the ranks of a torch.distributed group: batch ``b`` of the processing
+        order goes to rank ``b % world``. Each rank marks its finished batches in its own progress
+        file (``progress-rank<r>-bs<batch_size>.npy``, one byte per batch), so an interrupted build
+        resumes with any number of processes; rank 0 completes the manifest when all are done."""
+        rank, world = distributed.rank_and_world()
+        n = manifest["n_documents"]
+        n_batches = -(-n // batch_size)
+        done = np.zeros(n_batches, dtype=bool)
+        done[: int(manifest["done"]) // batch_size] = True  # a single-process build's finished prefix
+        for path in directory.glob(f"progress-rank*-bs{batch_size}.npy"):
+            done |= np.asarray(open_array(path, (n_batches,), np.uint8)).astype(bool)
+        distributed.barrier()  # all ranks have read the progress before any writes to it
+        mine = [b for b in range(n_batches) if b % world == rank and not done[b]]
+        marks_path = directory / f"progress-rank{rank}-bs{batch_size}.npy"
+        if marks_path.is_file():
+            marks = open_array(marks_path, (n_batches,), np.uint8, writable=True)
+        else:
+            marks = create_array(marks_path, (n_batches,), np.uint8)
+            marks[:] = 0
+            marks.flush()
+        cls._fill_batches(backend, texts, layer, directory, manifest, head, batch_size, progress and rank == 0,
+                          [(b * batch_size, min(n, (b + 1) * batch_size)) for b in mine], marks, mine)
+        distributed.barrier()
+        if rank == 0:
+            manifest["done"] = n
+            write_manifest(directory / MANIFEST_NAME, manifest)
+            for path in directory.glob("progress-rank*.npy"):
+                path.unlink()
+        distributed.barrier()
+
+    @classmethod
+    def _fill_batches(cls, backend: Any, texts: TokenBatch, layer: int, directory: Path, manifest: dict,
+                      head: Callable, batch_size: int, progress: bool, spans: list[tuple[int, int]],
+                      marks: np.ndarray, batch_ids: list[int]) -> None:
+        """Compute and write the documents at processing-order positions ``spans``, marking batch
+        ``batch_ids[i]`` in ``marks`` once its rows are on disk."""
+        n, n_tokens, d, dtype = (manifest["n_documents"], manifest["n_tokens"], manifest["identity"]["d_model"],
+                                 manifest["identity"]["dtype"])
+        file_dtype = STORAGE_DTYPES[dtype]
+        offsets = np.array(open_array(directory / ARRAY_FILES["offsets"], (n + 1,), np.int64))
+        order = cls.processing_order(np.diff(offsets))
+        z_file = open_array(directory / ARRAY_FILES["z"], (n_tokens, d), file_dtype, writable=True)
+        h_file = open_array(directory / ARRAY_FILES["h"], (n_tokens, d), file_dtype, writable=True)
+        bar = tqdm(total=sum(hi - lo for lo, hi in spans), disable=not progress, desc="caching activations",
+                   unit="doc")
+        try:
+            for (lo_pos, hi_pos), b in zip(spans, batch_ids):
+                index = order[lo_pos:hi_pos]
+                batch = texts.rows(index).to(backend.device)
+                z, h, logits = read_activations(backend, batch.input_ids, batch.attention_mask, layer)
+                if lo_pos == 0:
+                    verify_head(head, h, logits, batch.attention_mask, backend.dtype)
+                z_rows, h_rows = to_storage(z, dtype), to_storage(h, dtype)
+                for row, doc in enumerate(index):
+                    lo, hi = int(offsets[doc]), int(offsets[doc + 1])
+                    z_file[lo:hi] = z_rows[row, : hi - lo]
+                    h_file[lo:hi] = h_rows[row, : hi - lo]
+                z_file.flush()
+                h_file.flush()
+                marks[b] = 1  # after the data: a crash redoes the batch
+                marks.flush()
+                bar.update(len(index))
+        finally:
+            bar.close()
+            del z_file, h_file
 
     @classmethod
     def _fill(cls, backend: Any, texts: TokenBatch, layer: int, directory: Path, manifest: dict,
@@ -631,6 +723,8 @@ class ActivationCache:
         z = self._padded(self._z, docs, width)[inverse_t]
         h = self._padded(self._h, docs, width)[inverse_t]
         device = torch.device("cpu") if device is None else torch.device(device)
+        if device.type == "cuda":  # page-locked host memory: the copies to the GPU run asynchronously
+            return z.pin_memory().to(device, non_blocking=True), h.pin_memory().to(device, non_blocking=True)
         return z.to(device), h.to(device)
 
     def tokens(self, index: Any) -> tuple[Tensor, Tensor]:

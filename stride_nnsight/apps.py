@@ -1,8 +1,11 @@
 """Downstream uses of an `Attribution`: choosing training data and flagging contamination.
 
 Both work from scores alone (any method's `Attribution`), so they compose with STRIDE, the
-baselines and `Attribution.cat`. What they buy on real data is not measured yet (see the
-project notes); the functions state exactly what they compute.
+baselines and `Attribution.cat`; the functions state exactly what they compute. What they buy
+is measured on the public benchmark by ``python -m benchmarks.data_selection`` (retraining on
+the selected half; `benchmarks/RESULTS-data-selection.md`) and ``python -m
+benchmarks.contamination`` (planted verbatim, paraphrased and absent items against loss,
+Min-K%, zlib and BM25; `benchmarks/RESULTS-contamination.md`).
 """
 
 from __future__ import annotations

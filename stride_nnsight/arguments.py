@@ -19,18 +19,20 @@ class StrideArguments:
     """Settings of a STRIDE run. Defaults were chosen on the bundled benchmark (see docs/method.md).
 
     Subset design:
-        n_subsets: ``K``, number of subsets / operators.
-        subsets_per_example: ``d``, subsets each training example belongs to.
+        * n_subsets: ``K``, number of subsets / operators.
+        * subsets_per_example: ``d``, subsets each training example belongs to.
+
     Operators:
-        layer: decoder block whose output is read (and, for ``"residual"``, steered);
+        * layer: decoder block whose output is read (and, for ``"residual"``, steered);
             negative values count from the end.
-        placement: ``"residual"`` (edit the residual stream), ``"logits"`` (edit the output
+        * placement: ``"residual"`` (edit the residual stream), ``"logits"`` (edit the output
             logits; state ``K x r x V``) or ``"head"`` (edit the output head's input, reaching the
             logits through the frozen head; state ``K x r x d_model``, local models only).
-        rank: ``r``, size of the shared basis.
-        basis_hidden: hidden width of the basis network.
+        * rank: ``r``, size of the shared basis.
+        * basis_hidden: hidden width of the basis network.
+
     Fitting:
-        sampling: how a step draws its loss terms. ``"membership"`` (default): one forward
+        * sampling: how a step draws its loss terms. ``"membership"`` (default): one forward
             row per term, fidelity rows drawn as (random subset, random member), stability rows
             as (random subset, random non-member). ``"document"``: draw
             ``max(1, batch_size // (2 d))`` documents and score each under all ``d`` operators of
@@ -40,26 +42,26 @@ class StrideArguments:
             term (logits and head placements), about 8x fewer forward rows at the defaults. Not
             yet the default: see docs/method.md ("Document sampling") for what it was measured to
             cost in quality;
-        steps: optimiser steps; ``None`` (default) scales them with the training set:
+        * steps: optimiser steps; ``None`` (default) scales them with the training set:
             ``fit_passes`` passes over the ``n * d`` (example, subset) memberships, i.e. with
             ``sampling="document"`` ``fit_passes`` visits of every document (see ``fit_steps``);
-        fit_passes: passes over the memberships when ``steps`` is ``None``;
-        batch_size: loss terms per step (half fidelity, half stability; with
+        * fit_passes: passes over the memberships when ``steps`` is ``None``;
+        * batch_size: loss terms per step (half fidelity, half stability; with
             ``sampling="document"`` rounded to whole documents of ``2 d`` terms, at least one);
-        lr: AdamW learning rate; weight_decay: AdamW weight decay;
-        fidelity_weight, stability_weight, linearity_weight: loss weights. The linearity loss
+        * lr: AdamW learning rate; weight_decay: AdamW weight decay;
+        * fidelity_weight, stability_weight, linearity_weight: loss weights. The linearity loss
             is off by default (``linearity_weight=0``): on two dev corpora and the public
             benchmark it changed LDS by -0.006, -0.001 and -0.002 (paired CIs include 0) while
             doubling the rows of every step
             (docs/method.md, "The linearity loss"); set it > 0 (e.g. 0.1) to use it;
-        linearity_operators: operators sampled per step for the linearity loss (when on);
-        sketch_dim: ``q``, width of the Johnson-Lindenstrauss sketch; ridge: ``gamma``;
-        loss_positions: token positions per row at which a step's losses are read, drawn at
+        * linearity_operators: operators sampled per step for the linearity loss (when on);
+        * sketch_dim: ``q``, width of the Johnson-Lindenstrauss sketch; ridge: ``gamma``;
+        * loss_positions: token positions per row at which a step's losses are read, drawn at
             random among the row's scored positions each step (an unbiased estimate of the
             row's mean loss); ``None`` reads every position. The vocabulary-wide work of a step
             (softmax, edit and their backward; with the activation cache also the output
             head) scales with it instead of with the document length;
-        max_length: tokens per training text, BOS included. ``None`` (default): what the
+        * max_length: tokens per training text, BOS included. ``None`` (default): what the
             corpus needs, up to the model's context: the longest training document, capped at
             the model's context length (``ModelBackend.context_length``). An int is used as
             given but clipped to the context (with a warning). Longer documents are truncated,
@@ -68,19 +70,21 @@ class StrideArguments:
             (with a warning). Memory: the tokenized corpus is kept as three int64 ``[n, T]``
             tensors (``T`` = the longest kept document), 24 bytes per cell, e.g. 10,000 documents
             x 512 tokens = 123 MB; each training step trims its rows to its own longest row;
-        checkpoint_every: steps between on-disk checkpoints (when a checkpoint dir is given);
-        activation_cache: ``"auto"`` (default), ``True`` or ``False``: run the frozen model once
+        * checkpoint_every: steps between on-disk checkpoints (when a checkpoint dir is given);
+        * activation_cache: ``"auto"`` (default), ``True`` or ``False``: run the frozen model once
             over the corpus and fit from its stored activations (the residual at ``layer`` and
             the final hidden state, ``2 * d_model`` values per token on disk) instead of one
             forward per step. Only the ``"logits"`` placement of a local model can use it;
             ``"auto"`` uses it when it can and the fit reads more rows than twice the corpus;
-        activation_cache_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``:
+        * activation_cache_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``:
             how the cache stores activations (half precision halves its size).
-    Measurement / recovery:
-        measure_batch_size: forward rows per chunk when measuring all K operators;
-        lambda_rule: ``"fraction"`` (lambda = lambda_fraction * lambda_max, per query) or
+
+    Measurement and recovery:
+        * measure_batch_size: forward rows per chunk when measuring all K operators;
+        * lambda_rule: ``"fraction"`` (lambda = lambda_fraction * lambda_max, per query) or
             ``"cv"`` (5-fold cross-validated Lasso per query);
-        lambda_fraction: see above; fit_intercept: let the Lasso absorb a shift common to all operators.
+        * lambda_fraction: see above; fit_intercept: let the Lasso absorb a shift common to all operators.
+
     seed: seeds the design, the operators' initialisation and the fitting's sampling.
     """
 

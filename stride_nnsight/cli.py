@@ -206,6 +206,11 @@ def fit_command(model: str, data: Path, out: Path, *, text_field: str = "text", 
     from . import storage
     from .stride import Stride
 
+    from .distributed import is_main_process
+
+    stdout = stdout or sys.stdout
+    if not is_main_process():  # under torchrun rank 0 reports and writes, the others compute
+        stdout = open(os.devnull, "w")
     settings = _settings(config, assignments)
     id_column = id_field or "id"
     table = storage.read_records(data, [text_field], optional=[id_column])
@@ -221,7 +226,8 @@ def fit_command(model: str, data: Path, out: Path, *, text_field: str = "text", 
     print(f"[2/3] fitting {stride} ({stride.args.fit_steps(len(texts))} steps; checkpoints in {ckpt}: rerun the "
           "same command to resume)", file=stdout or sys.stdout)
     stride.fit(texts, ids, checkpoint_dir=ckpt, overwrite=overwrite, progress=progress)
-    stride.save(out)
+    if is_main_process():
+        stride.save(out)
     print(f"[3/3] saved to {out}. Next: stride-nnsight attribute --state {out} --model {model} "
           "--queries queries.jsonl --out scores.json", file=stdout or sys.stdout)
     return stride
@@ -235,8 +241,12 @@ def attribute_command(state: Path, model: str, queries: Path, out: Path, *, prom
     ``out``: ``.json`` (an ``Attribution`` file, for ``report`` and ``Attribution.load``), or
     ``.csv`` / ``.parquet`` (one row per non-zero score: query_id, rank, train_id, score)."""
     from . import storage
+    from .distributed import is_main_process
     from .stride import Stride
 
+    stdout = stdout or sys.stdout
+    if not is_main_process():  # under torchrun rank 0 reports and writes, the others compute
+        stdout = open(os.devnull, "w")
     suffix = Path(out).suffix.lower()
     if suffix not in (".json", ".csv", ".parquet"):
         raise SystemExit(f"stride-nnsight: --out {out}: use .json (for `report`), .csv or .parquet")
@@ -247,6 +257,8 @@ def attribute_command(state: Path, model: str, queries: Path, out: Path, *, prom
         raise SystemExit(f"stride-nnsight: {queries} has no id column {id_field!r}")
     stride = Stride.load(state, load_model(model), strict=strict)
     attr = stride.attribute(table[prompt_field], table[completion_field], query_ids=ids, progress=progress)
+    if not is_main_process():
+        return attr
     if suffix == ".json":
         attr.save(out)
     else:
@@ -367,6 +379,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .storage import DataFileError
 
+    if args.command in ("fit", "attribute"):  # under torchrun: one process group, work split by rank
+        from .distributed import init_from_env
+
+        init_from_env()
     try:
         if args.command == "demo":
             run_demo(args.queries, args.top, args.cache_dir, args.steps, args.placement, args.seed, args.refit)

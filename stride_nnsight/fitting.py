@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import storage
+from . import distributed, storage
 from .activations import ActivationCache, head_function, read_activations
 from .arguments import StrideArguments
 from .backends.base import ModelBackend
@@ -357,6 +357,21 @@ class OperatorFitter:
         return positions, valid
 
     # --------------------------------------------------------------------- step
+    def _local_rows(self, n_fid: int, n_stab: int, n_probe: int) -> tuple[np.ndarray, int, int, int]:
+        """This rank's share of a step's rows (positions in the step's row order) and its counts
+        of fidelity, stability and probe rows: a strided slice of the fidelity and of the
+        stability rows; the probe rows (one loss over all of them) stay together on rank 0."""
+        rank, world = distributed.rank_and_world()
+        if world == 1:
+            return np.arange(n_fid + n_stab + n_probe), n_fid, n_stab, n_probe
+        if n_fid < world:
+            raise ValueError(f"a fit step has {n_fid} fidelity rows, fewer than the {world} processes: raise "
+                             "batch_size (it must give every process at least one row) or use fewer processes")
+        fid = np.arange(rank, n_fid, world)
+        stab = n_fid + np.arange(rank, n_stab, world)
+        probe = n_fid + n_stab + np.arange(n_probe) if rank == 0 else np.empty(0, dtype=np.int64)
+        return np.concatenate([fid, stab, probe]).astype(np.int64), len(fid), len(stab), len(probe)
+
     def train_step(self) -> dict[str, float]:
         args, backend, ops = self.args, self.backend, self.operators
         fid_ex, fid_ops, stab_ex, stab_ops, probe, probe_ops = self.sample_rows()
@@ -365,6 +380,17 @@ class OperatorFitter:
         op_ids = torch.from_numpy(np.concatenate([fid_ops, stab_ops, probe_ops]).astype(np.int64))
         batch = self.texts.rows(examples)
         positions, valid = self.sample_positions(batch, n_fid, n_stab, n_probe)
+        # data parallel (torch.distributed): every rank drew the same rows; it keeps its share
+        world = distributed.rank_and_world()[1]
+        all_counts = (n_fid, n_stab, n_probe)
+        if world > 1:
+            keep, n_fid, n_stab, n_probe = self._local_rows(n_fid, n_stab, n_probe)
+            examples, op_ids = examples[keep], op_ids[torch.from_numpy(keep)]
+            probe_ops = probe_ops[:n_probe]
+            fid_ex, stab_ex = fid_ex[keep[:n_fid]], stab_ex[keep[n_fid: n_fid + n_stab] - all_counts[0]]
+            batch = self.texts.rows(examples)
+            if positions is not None:
+                positions, valid = positions[torch.from_numpy(keep)], valid[torch.from_numpy(keep)]
         batch = batch.to(backend.device)
         op_ids = op_ids.to(backend.device)
         ops.train()
@@ -389,10 +415,24 @@ class OperatorFitter:
         error = nonfinite_loss_error(self.step + 1, {"total": loss, "fidelity": fidelity, "stability": stability,
                                                      "linearity": linearity},
                                      _loss_rows(fid_ex, stab_ex, probe, n_probe))
+        if world > 1:
+            # this rank's part of the single-process loss: row sums over the whole step's counts
+            w_f, w_s, w_l = args.fidelity_weight, args.stability_weight, args.linearity_weight
+            loss = w_f * fidelity.sum() / all_counts[0]
+            if all_counts[1]:
+                loss = loss + w_s * stability.sum() / all_counts[1]
+            if n_probe:
+                loss = loss + w_l * linearity
+            failed = distributed.all_reduce_sum(torch.tensor([float(error is not None)], device=loss.device))
+            if error is None and float(failed[0]) > 0:
+                error = FloatingPointError(f"non-finite STRIDE loss at fit step {self.step + 1} on another process; "
+                                           "the fit stopped before this step's update (see that process's error)")
         if error is not None:
             raise error
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            distributed.all_reduce_gradients(ops.parameters())
         bad = [name for name, p in ops.named_parameters()
                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         if bad:
@@ -400,12 +440,20 @@ class OperatorFitter:
                 f"non-finite gradient at fit step {self.step + 1} (operator parameters {', '.join(bad)}) although the "
                 "losses are finite; the fit stopped before this step's update. Lower lr=..., or check the model's "
                 "logits for overflow (e.g. fp16)")
-        record = {
-            "total": float(loss.detach()),
-            "fidelity": float(fidelity.detach().mean()),
-            "stability": float(stability.detach().mean()) if n_stab else 0.0,
-            "linearity": float(linearity.detach()),
-        }
+        if world > 1:  # the whole step's losses, as one process would record them
+            sums = distributed.all_reduce_sum(torch.stack([  # on the loss's device (NCCL needs GPU tensors)
+                loss.detach().float(), fidelity.detach().float().sum(), stability.detach().float().sum(),
+                linearity.detach().float() if n_probe else loss.new_zeros((), dtype=torch.float32)]))
+            record = {"total": float(sums[0]), "fidelity": float(sums[1]) / all_counts[0],
+                      "stability": float(sums[2]) / all_counts[1] if all_counts[1] else 0.0,
+                      "linearity": float(sums[3])}
+        else:
+            record = {
+                "total": float(loss.detach()),
+                "fidelity": float(fidelity.detach().mean()),
+                "stability": float(stability.detach().mean()) if n_stab else 0.0,
+                "linearity": float(linearity.detach()),
+            }
         with interrupts_deferred():  # update, step count and loss curve change together or not at all
             self.optimizer.step()
             self.step += 1
@@ -503,10 +551,17 @@ class OperatorFitter:
         holds a checkpoint of the same run (``CheckpointMismatchError`` if it holds another
         run's; ``overwrite=True`` discards it and starts over)."""
         directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.resume(directory, overwrite)
+        main = distributed.is_main_process()
+        if overwrite and directory is not None:
+            if main:
+                self.discard_checkpoint(directory)
+            distributed.barrier()
+        self.resume(directory, overwrite=False)
+        writes = directory if main else None  # under torch.distributed only rank 0 writes checkpoints
         initial = [p.detach().clone() for p in self.operators.parameters()]
         start = self.step
-        bar = tqdm(total=self.n_steps, initial=self.step, disable=not progress, desc="fitting STRIDE operators")
+        bar = tqdm(total=self.n_steps, initial=self.step, disable=not (progress and main),
+                   desc="fitting STRIDE operators")
         try:
             while self.step < self.n_steps:
                 before, sampler = self.step, self.generator.get_state()
@@ -518,17 +573,18 @@ class OperatorFitter:
                     raise
                 bar.update(1)
                 bar.set_postfix(fid=f"{record['fidelity']:.3f}", stab=f"{record['stability']:.4f}")
-                if directory is not None and self.step % self.args.checkpoint_every == 0:
-                    self.save_checkpoint(directory)
+                if writes is not None and self.step % self.args.checkpoint_every == 0:
+                    self.save_checkpoint(writes)
         except KeyboardInterrupt:
-            if directory is not None:
-                self.save_checkpoint(directory)
-                bar.write(f"interrupted at step {self.step}; progress saved to {directory}. Call fit() again to resume.")
+            if writes is not None:
+                self.save_checkpoint(writes)
+                bar.write(f"interrupted at step {self.step}; progress saved to {writes}. Call fit() again to resume.")
             raise
         finally:
             bar.close()
-        if directory is not None:
-            self.save_checkpoint(directory)
+        if writes is not None:
+            self.save_checkpoint(writes)
+        distributed.barrier()  # every rank returns once the final checkpoint is written
         if self.step > start and not any(
                 not torch.equal(a, b.detach()) for a, b in zip(initial, self.operators.parameters())):
             raise RuntimeError("fitting ran but no operator parameter changed: gradients are not reaching "

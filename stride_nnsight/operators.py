@@ -555,19 +555,25 @@ def run_training_steps(
     """Run ``S`` optimiser steps of STRIDE's losses on pre-sampled rows (model frozen).
 
     Args:
-        model, layers_path: the nnsight model and the path of its decoder blocks.
-        operators, optimizer: the operators (on the model's device) and their optimiser.
-        input_ids, attention_mask, loss_mask: ``[u, t]`` CPU tensors of the ``u`` distinct
-            training examples the steps use.
+        model (Any): the nnsight model (``TransformersModel`` / ``LanguageModel``).
+        layers_path: the path of its decoder blocks.
+        operators: the operators (on the model's device).
+        optimizer (torch.optim.Optimizer): their optimiser.
+        input_ids: ``[u, t]`` CPU tensor of the ``u`` distinct training examples the steps use.
+        attention_mask: ``[u, t]`` CPU tensor, the same examples' attention mask.
+        loss_mask: ``[u, t]`` CPU tensor, the same examples' loss mask.
         rows: ``[S, R]`` indices into those ``u`` examples, one row of the batch each:
             ``n_fidelity`` fidelity rows, ``n_stability`` stability rows, then the probe
             example repeated for the linearity rows.
         operator_ids: ``[S, R]`` the operator of every row.
         sketches: ``[S, p, q]`` rows of the sketched design for the ``p`` probe operators
             (``p = R - n_fidelity - n_stability``; ``p = 0`` switches the linearity loss off).
-        loss_weights: ``(fidelity, stability, linearity)``; ridge: ``gamma``.
-        positions, valid: ``[S, R, m]`` the logits positions each row's losses read and which
-            of them count (see `step_losses`); ``None``: every position.
+        loss_weights: ``(fidelity, stability, linearity)``.
+        ridge: ``gamma``.
+        positions: ``[S, R, m]`` the logits positions each row's losses read (see
+            `step_losses`); ``None``: every position.
+        valid: ``[S, R, m]`` which of those positions count (see `step_losses`); ``None``:
+            every position.
 
     Returns ``[S, 4]`` float64 CPU: total, fidelity, stability, linearity loss of each step.
     """

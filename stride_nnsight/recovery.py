@@ -169,7 +169,11 @@ def recover(
     Args:
         y: measurements ``[q, K]``, one row per query, one value per subset.
         membership: the design's ``M`` ``[K, n]`` (0/1, scipy sparse).
-        rule, fraction, fit_intercept, seed: the lambda rule (module docstring).
+        rule: the lambda rule, ``"fraction"`` or ``"cv"`` (module docstring).
+        fraction: the ``"fraction"`` rule's lambda as a fraction of each query's ``lambda_max``
+            (module docstring).
+        fit_intercept: fit the intercept ``c`` (module docstring).
+        seed: ``random_state`` of the ``"cv"`` rule's ``LassoCV``.
         progress: show a progress bar.
         sparse: return a ``scipy.sparse.csr_matrix`` ``[q, n]`` float32 (only the non-zero
             scores stored) instead of a dense ``np.ndarray``. The working-set solver builds it
@@ -224,6 +228,7 @@ def noise_floor(
     fit_intercept: bool = True,
     n_permutations: int = 8,
     seed: int = 0,
+    query_index: Optional[np.ndarray] = None,
 ) -> Float[np.ndarray, "q"]:
     """What the recovery returns from measurements that carry no information about the design.
 
@@ -235,18 +240,27 @@ def noise_floor(
     conservative calibration, not a test with a stated error rate: a strong signal inflates the
     shuffled measurements too, so weak true sources can fall below the floor. On synthetic
     designs (n=300, K=128, d=4; 30 queries with 3 planted sources, 30 pure-noise queries; the
-    test in ``tests/test_recovery.py``) no noise query had a score above its floor, and 74% of the
+    test in ``tests/test_recovery.py``) no noise query had a score above its floor, and 79% of the
     planted sources and no other document were above theirs. (A floor from the shuffled
     *residual* of each query's fit found every source but let 80% of the noise queries through:
     the Lasso's fit absorbs the largest noise, so the residual understates it.) Returns float64
-    ``[q]``."""
+    ``[q]``.
+
+    Query ``i``'s shuffles come from its own generator, seeded by ``(seed, query_index[i])``
+    (default ``query_index = 0..q-1``), so its floor does not depend on which other queries are
+    recovered with it: queries split over processes (`stride_nnsight.distributed`) get the
+    floors one process would give them."""
     y = np.asarray(y, dtype=np.float64)
     if int(n_permutations) < 1:
         raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
-    rng = np.random.default_rng(seed)
+    index = np.arange(y.shape[0]) if query_index is None else np.asarray(query_index, dtype=np.int64)
+    if index.shape != (y.shape[0],):
+        raise ValueError(f"query_index must hold one index per query ({y.shape[0]}), got shape {index.shape}")
+    rngs = [np.random.default_rng([int(seed), int(i)]) for i in index]
     floor = np.zeros(y.shape[0])
     for _ in range(int(n_permutations)):
-        shuffled = np.take_along_axis(y, np.argsort(rng.random(y.shape), axis=1), axis=1)
+        order = np.stack([rng.permutation(y.shape[1]) for rng in rngs]) if len(rngs) else np.zeros(y.shape, int)
+        shuffled = np.take_along_axis(y, order, axis=1)
         scores, _ = recover(shuffled, membership, rule, fraction, fit_intercept, progress=False, seed=seed,
                             sparse=True)
         top = np.zeros(y.shape[0])

@@ -415,12 +415,13 @@ class Attribution:
                 (``noise_floor``; ``ValueError`` if it was not computed).
 
         Returns:
-            Columns ``query_id, rank, train_index, train_id, score`` (+ ``noise_ratio``,
-            ``|score|`` over the query's noise floor, when ``noise_floor`` is known; + ``text``
-            when train texts are known), best first within each query. Only strictly positive scores
-            are proponents (strictly negative ones opponents): a score of exactly 0 is never
-            listed, so a query with fewer than ``k`` such scores gets fewer rows, and an
-            all-zero query gets none (one ``UserWarning`` names every such query).
+            table (pandas.DataFrame): Columns ``query_id, rank, train_index, train_id, score``
+                (+ ``noise_ratio``, ``|score|`` over the query's noise floor, when ``noise_floor``
+                is known; + ``text`` when train texts are known), best first within each query.
+                Only strictly positive scores are proponents (strictly negative ones opponents):
+                a score of exactly 0 is never listed, so a query with fewer than ``k`` such scores
+                gets fewer rows, and an all-zero query gets none (one ``UserWarning`` names every
+                such query).
 
         Raises:
             TypeError: both ``query`` and ``row`` given, or ``k`` / ``row`` not an integer.
@@ -632,6 +633,14 @@ class Attribution:
 
             storage.write_text(path, page)
         return page
+
+    def plot(self, row: Any = None, *, query: Any = None, **kwargs: Any):
+        """One query's score histogram and influence-vs-rank plot as a matplotlib Figure
+        (`stride_nnsight.plot.plot_attribution`; ``row``: position, default 0, or ``query``: id).
+        Needs matplotlib (``pip install 'stride-nnsight[plot]'``)."""
+        from .plot import plot_attribution
+
+        return plot_attribution(self, row, query=query, **kwargs)
 
     def __repr__(self) -> str:
         p = self.provenance

@@ -11,9 +11,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
-from . import __version__, storage
+from . import __version__, distributed, storage
 from .activations import ActivationCache, HeadMismatchError, cache_size_bytes, use_activation_cache
 from .arguments import StrideArguments
 from .backends import ModelBackend, resolve_backend
@@ -105,8 +107,15 @@ class Stride:
     Args:
         model: an nnsight ``TransformersModel`` / ``LanguageModel``, or a TransformerLens
             ``TransformerBridge``. It is used frozen (eval mode, no weight gradients).
-        layer, n_subsets, subsets_per_example, rank, placement, seed: the most used
-            settings; ``None`` keeps the value of ``args`` (or the default).
+        layer: decoder block whose output is read (and, for ``"residual"``, steered);
+            negative values count from the end. This and the five settings below are the
+            most used; ``None`` keeps the value of ``args`` (or the default); each is the
+            `StrideArguments` field of the same name.
+        n_subsets: ``K``, number of subsets / operators.
+        subsets_per_example: ``d``, subsets each training example belongs to.
+        rank: ``r``, size of the shared basis.
+        placement: ``"logits"``, ``"residual"`` or ``"head"``: where the edit is applied.
+        seed: seeds the design, the operators' initialisation and the fitting's sampling.
         args: a full ``StrideArguments``; keyword ``settings`` override single fields.
         tokenizer: only needed when the model object carries none.
         layers_path: nnsight models only: dotted path of the ``nn.ModuleList`` of decoder
@@ -364,8 +373,10 @@ class Stride:
             directory = Path(cache_dir)
         elif checkpoint_dir is not None:
             directory = Path(checkpoint_dir) / "activations"
-        else:
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stride-activations-")))
+        else:  # under torch.distributed every rank uses rank 0's temporary directory
+            temporary = stack.enter_context(tempfile.TemporaryDirectory(prefix="stride-activations-")) \
+                if distributed.is_main_process() else None
+            directory = Path(distributed.broadcast_object(temporary))
         directory.mkdir(parents=True, exist_ok=True)
         use, reason = use_activation_cache(
             setting, self.args.placement, remote=bool(self.remote), fit_rows=self.args.fit_steps(len(tokens)) * rows,
@@ -483,15 +494,11 @@ class Stride:
             check_unique_ids(list(query_ids), "query_ids", "positions", "query")  # before any measuring
         args = self.args.replace(**{k: v for k, v in {"lambda_rule": lambda_rule,
                                                        "lambda_fraction": lambda_fraction}.items() if v is not None})
-        y, base = self.measure(prompts, completions, metric=metric, intervention=intervention, progress=progress)
-        scores, lambdas = recover(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
-                                  args.fit_intercept, progress=progress, seed=args.seed, sparse=True)
         if isinstance(null_permutations, bool) or not isinstance(null_permutations, int) or null_permutations < 0:
             raise ValueError(f"null_permutations must be an int >= 0 (0: no noise floor), got {null_permutations!r}")
-        floor = None
-        if null_permutations:
-            floor = noise_floor(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
-                                args.fit_intercept, n_permutations=null_permutations, seed=args.seed).tolist()
+        y, base, scores, lambdas, floor = self._measure_and_recover(
+            prompts, completions, args, metric=metric, intervention=intervention, progress=progress,
+            null_permutations=null_permutations)
         return Attribution(
             scores=scores,  # kept sparse: at most K non-zeros per query
 
@@ -506,6 +513,48 @@ class Stride:
                                        noise_floor=floor, null_permutations=null_permutations),
             measurements=y,
         )
+
+    def _measure_and_recover(self, prompts: list[str], completions: list[str], args: StrideArguments, *,
+                             metric: Optional[Metric], intervention: Any, progress: bool,
+                             null_permutations: int) -> tuple[torch.Tensor, torch.Tensor, Any, np.ndarray, Any]:
+        """Measurements ``y [q, K]``, base metric ``[q]``, sparse scores ``[q, n]``, lambdas ``[q]``
+        and noise floor (list or ``None``) of the queries. Under torch.distributed (local models)
+        each rank measures and recovers its share of the queries (`distributed.local_indices`) and
+        the rows are gathered, in order, on every rank: the single-process result."""
+        rank, world = distributed.rank_and_world()
+        if world > 1 and len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: give one completion per "
+                             "prompt")
+        local = distributed.local_indices(len(prompts)) if world > 1 and not self.remote else \
+            np.arange(len(prompts), dtype=np.int64)
+        K = self.args.n_subsets
+        if len(local):
+            mine = world > 1 and not self.remote
+            y, base = self.measure([prompts[i] for i in local] if mine else prompts,
+                                   [completions[i] for i in local] if mine else completions, metric=metric,
+                                   intervention=intervention, progress=progress and rank == 0)
+            scores, lambdas = recover(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
+                                      args.fit_intercept, progress=progress and rank == 0, seed=args.seed,
+                                      sparse=True)
+            floor = noise_floor(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
+                                args.fit_intercept, n_permutations=null_permutations, seed=args.seed,
+                                query_index=local) if null_permutations else None
+        else:  # more processes than queries
+            y, base = torch.zeros(0, K), torch.zeros(0)
+            scores, lambdas = sp.csr_matrix((0, len(self.train_texts)), dtype=np.float32), np.zeros(0)
+            floor = np.zeros(0) if null_permutations else None
+        if world == 1 or self.remote:
+            return y, base, scores, lambdas, (floor.tolist() if floor is not None else None)
+        parts = distributed.all_gather_objects((local, y, base, scores, lambdas, floor))
+        q = len(prompts)
+        y = torch.stack(distributed.assemble_rows([(p[0], list(p[1])) for p in parts], q)) if q else y
+        base = torch.stack(distributed.assemble_rows([(p[0], list(p[2])) for p in parts], q)) if q else base
+        scores = sp.vstack(distributed.assemble_rows([(p[0], [p[3][i] for i in range(p[3].shape[0])])
+                                                      for p in parts], q), format="csr") if q else scores
+        lambdas = np.asarray(distributed.assemble_rows([(p[0], list(p[4])) for p in parts], q))
+        if null_permutations:
+            floor = np.asarray(distributed.assemble_rows([(p[0], list(p[5])) for p in parts], q))
+        return y, base, scores, lambdas, (floor.tolist() if floor is not None else None)
 
     # ----------------------------------------------------------------- steer
     def steer(self, operator: Any, scale: float = 1.0) -> Any:

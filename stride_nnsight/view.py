@@ -21,10 +21,12 @@ _WORD = re.compile(r"[\w']+", re.UNICODE)
 _STYLE = """
 .stride-attr{font-family:system-ui,-apple-system,Segoe UI,sans-serif;font-size:13px;max-width:1100px}
 .stride-attr h3{font-size:14px;margin:14px 0 4px}
-.stride-attr .query{background:#f4f6fa;padding:6px 8px;border-radius:4px;white-space:pre-wrap}
+.stride-attr div.query{background:#f4f6fa;padding:6px 8px;border-radius:4px;white-space:pre-wrap}
 .stride-attr table{border-collapse:collapse;width:100%;margin:4px 0 10px}
 .stride-attr td,.stride-attr th{border-bottom:1px solid #e3e6ec;padding:3px 6px;text-align:left;vertical-align:top}
+.stride-attr td:last-child{overflow-wrap:anywhere}
 .stride-attr td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.stride-attr .track{width:120px}
 .stride-attr .bar{height:10px;border-radius:2px}
 .stride-attr .pro{background:#2f7d4f}.stride-attr .opp{background:#b3403a}
 .stride-attr mark{background:#ffe58a;padding:0}
@@ -72,7 +74,7 @@ def _rows(attr: "Attribution", q: int, k: int, opponents: bool, query_words: set
         rows.append(
             f"<tr class='{cls}-row'{fade}><td class='num'>{rec.rank}</td>"
             f"<td>{html.escape(str(rec.train_id))}</td><td class='num'>{float(rec.score):+.4g}{note}</td>"
-            f"<td style='width:120px'><div class='bar {cls}' style='width:{width:.0f}%'></div></td>"
+            f"<td><div class='track'><div class='bar {cls}' style='width:{width:.0f}%'></div></div></td>"
             f"<td>{_highlight(text, query_words, limit)}</td></tr>")
     return rows
 

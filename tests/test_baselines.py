@@ -284,3 +284,49 @@ def test_missing_optional_dependency_names_the_extra():
 
     with pytest.raises(ImportError, match=r"stride-nnsight\[eval\]"):
         require("surely_not_an_installed_module_xyz", "surely-not")
+
+
+# --------------------------------------------------------------------------- membership
+def test_token_logprobs_match_a_plain_forward_per_text(setting):
+    lm, hf, tok, texts = setting
+    got = B.token_logprobs(lm, texts[:4], batch_size=3)
+    for text, row in zip(texts[:4], got):
+        ids = torch.tensor([[tok.bos_token_id] + tok(text)["input_ids"]])
+        logp = torch.log_softmax(hf(input_ids=ids).logits[0, :-1].float(), -1)
+        want = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+        assert row.shape == want.shape
+        assert torch.allclose(row, want, atol=1e-5)
+
+
+def test_membership_scores_are_the_stated_formulas(setting):
+    import zlib
+
+    lm, _, _, texts = setting
+    items = texts[:5]
+    logps = B.token_logprobs(lm, items)
+    got = B.membership_scores(lm, items, k=0.25)
+    assert set(got) == set(B.MEMBERSHIP_METHODS)
+    for i, (text, lp) in enumerate(zip(items, logps)):
+        nll = -lp.mean().item()
+        lowest = sorted(lp.tolist())[: math.ceil(0.25 * len(lp))]
+        assert got["loss"][i].item() == pytest.approx(-nll, rel=1e-5)
+        assert got["min_k"][i].item() == pytest.approx(sum(lowest) / len(lowest), rel=1e-5)
+        assert got["zlib"][i].item() == pytest.approx(-nll / len(zlib.compress(text.encode())), rel=1e-5)
+    # Min-K% with k = 1 is the mean log-probability: the loss score
+    assert torch.allclose(B.membership_scores(lm, items, ["min_k"], k=1.0)["min_k"], got["loss"], atol=1e-6)
+
+
+def test_membership_scores_rank_a_trained_text_above_an_unseen_one(setting):
+    lm, _, _, texts = setting
+    unseen = "The capital of Quarnith is Veldoria."  # the fact's words, never in this order
+    got = B.membership_scores(lm, [FACT, unseen])
+    for name, s in got.items():
+        assert s[0] > s[1], name
+
+
+def test_membership_scores_reject_bad_arguments(setting):
+    lm = setting[0]
+    with pytest.raises(ValueError, match="unknown membership methods"):
+        B.membership_scores(lm, ["a text"], ["perplexity"])
+    with pytest.raises(ValueError, match="fraction"):
+        B.membership_scores(lm, ["a text"], k=0.0)

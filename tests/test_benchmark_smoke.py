@@ -60,7 +60,8 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
     assert main(["--quick", "--cache-dir", str(cache), "--out", str(out), "--methods", ",".join(METHODS),
                  "--no-single"]) == 0
     text = out.read_text()
-    for heading in ("## Setting", "## Methods", "## Targets", "## Confirmation on fresh queries",
+    for heading in ("## Setting", "## Methods", "## Costs, like for like", "## Targets",
+                    "## Confirmation on fresh queries",
                     "## STRIDE ablations", "## Run"):
         assert heading in text
     assert "QUICK smoke configuration" in text
@@ -112,3 +113,58 @@ def test_noise_ceiling_reuses_seed_zero_and_reports_both_cis(tmp_path, capsys):
     assert len(pairs) == setting.config.n_models
     assert all(os.path.samefile(p, single / p.name) for p in pairs)  # seed 0 reused, not retrained
     assert len(list((single.parent / f"{single.name}-seeds2").glob("retrain_*_s1.npz"))) == setting.config.n_models
+
+
+@pytest.fixture(scope="module")
+def quick_cache(tmp_path_factory):
+    """One cache folder for the quick setting's model, shared by the tests below."""
+    return tmp_path_factory.mktemp("quick-bench-cache")
+
+
+def test_data_selection_quick_and_its_paired_interval(quick_cache, capsys):
+    """benchmarks.data_selection --quick: every method retrained, a report with paired CIs; the
+    interval resamples seeds and queries and contains the mean."""
+    import numpy as np
+
+    from benchmarks.data_selection import main as selection
+    from benchmarks.data_selection import paired_difference
+
+    a = np.array([[1.0, 2.0, 3.0], [2.0, 3.0, 4.0]])
+    m, lo, hi = paired_difference(a, a - 0.5)
+    assert m == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    m, lo, hi = paired_difference(a, np.zeros_like(a))
+    assert m == pytest.approx(2.5) and 1.0 <= lo < m < hi <= 4.0
+    with pytest.raises(ValueError, match="seeds, queries"):
+        paired_difference(a[0], a[0])
+
+    report = selection(["--quick", "--seeds", "1", "--methods", "random,STRIDE,BM25",
+                        "--cache-dir", str(quick_cache)])
+    for name in ("| random |", "| STRIDE |", "| BM25 |", "| STRIDE | random |", "| STRIDE | BM25 |"):
+        assert name in report
+    assert "nan" not in report
+    # retrains are cached by (selection, seed): a second run trains nothing
+    capsys.readouterr()
+    selection(["--quick", "--seeds", "1", "--methods", "random,BM25", "--cache-dir", str(quick_cache)])
+    assert len(list(quick_cache.glob("data-selection-*/sel-*.npz"))) == 3
+
+
+def test_contamination_corpus_and_quick_run(quick_cache):
+    """benchmarks.contamination: the corpus keeps, paraphrases or removes each fact by group, and
+    the quick run scores every method."""
+    from benchmarks.contamination import GROUPS, contaminated_corpus
+    from benchmarks.contamination import main as contamination
+    from benchmarks.setting import build_setting, quick_config
+
+    setting = build_setting(quick_config(), cache_dir=quick_cache, log=lambda m: None)
+    docs, items = contaminated_corpus(setting)
+    assert len(docs) == len(setting.documents) and {i["group"] for i in items} == set(GROUPS)
+    for item in items:
+        stated, answer = item["prompt"] + item["completion"], item["completion"].strip()
+        assert any(stated in d for d in docs) == (item["group"] == "verbatim")
+        assert any(answer in d for d in docs) == (item["group"] != "absent")
+    changed = sum(a != b for a, b in zip(docs, setting.documents))
+    assert changed == 2 * sum(i["group"] != "verbatim" for i in items)
+
+    report = contamination(["--quick", "--cache-dir", str(quick_cache)])
+    for name in ("STRIDE", "loss", "Min-K%", "zlib", "BM25"):
+        assert f"| {name}" in report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from benchmarks.report import lds_verdict
 
@@ -33,3 +34,23 @@ def test_picked_after_the_fact_gets_no_verdict_and_missing_ci_is_said():
     base = rng.normal(0.3, 0.2, 40)
     assert lds_verdict(_lds(base + 0.5), _lds(base), picked_after=True).startswith("– (picked on these queries")
     assert lds_verdict({"mean": 0.5}, _lds(base)) == "– (no paired CI)"
+
+
+def test_cost_table_end_to_end_is_index_plus_queries():
+    from types import SimpleNamespace
+
+    from benchmarks.report import _cost_section, end_to_end_seconds
+
+    indexed = SimpleNamespace(index_s=200.0, batch_s=8.0, single_s=0.5, state_bytes=1e6)   # 80 queries: 0.1 s each
+    unindexed = SimpleNamespace(index_s=0.0, batch_s=40.0, single_s=9.0, state_bytes=0)
+    assert end_to_end_seconds(indexed, 1, 80) == pytest.approx(200.5)              # measured single query
+    assert end_to_end_seconds(indexed, 100, 80) == pytest.approx(210.0)            # 200 + 100 x 0.1
+    assert end_to_end_seconds(indexed, 10_000, 80) == pytest.approx(1200.0)
+    assert end_to_end_seconds(unindexed, 100, 80) == pytest.approx(50.0)
+    loaded = SimpleNamespace(index_s=float("nan"), batch_s=8.0, single_s=float("nan"), state_bytes=0)
+    assert end_to_end_seconds(loaded, 1, 80) == pytest.approx(0.1)                 # no index time, no single time
+    lines = _cost_section({"stride": {"res": indexed}, "bm25": {"res": unindexed}}, ["bm25", "stride"], 80)
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert table[0].endswith("| end to end: 1 query | 100 queries | 10,000 queries |")
+    assert table[1].startswith("| BM25 |") and table[2].startswith("| **STRIDE (defaults)** |")
+    assert len(table) == 3

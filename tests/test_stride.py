@@ -131,3 +131,29 @@ def test_checkpointed_fit_resumes(tiny_model, small_texts, tmp_path):
     resumed = Stride(tiny_model, layer=1, **settings).fit(small_texts[:24], progress=False, checkpoint_dir=tmp_path)
     assert len(resumed.history) == 10
     torch.testing.assert_close(resumed.operators.coefficients, full.operators.coefficients, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_half_precision_model_keeps_float32_operators_and_close_scores(toy, dtype):
+    """A model loaded in bf16 (large models are): the operators stay float32 (their master
+    weights), fit and attribution run, and the scores track the float32 model's (same settings,
+    same seed) on the bundled planted facts."""
+    import copy
+
+    import numpy as np
+    from nnsight import TransformersModel
+
+    model, corpus = toy
+    facts = corpus.facts[:8]
+    prompts, completions = [f.prompt for f in facts], [f.completion for f in facts]
+    scores = {}
+    for name in ("float32", dtype):
+        hf = copy.deepcopy(model._module).to(getattr(torch, name))
+        lm = TransformersModel(hf, tokenizer=model.tokenizer, task="text-generation")
+        stride = Stride(lm, n_subsets=128, subsets_per_example=6, seed=0, steps=150).fit(corpus.documents,
+                                                                                        progress=False)
+        assert {p.dtype for p in stride.operators.parameters()} == {torch.float32}
+        scores[name] = stride.attribute(prompts, completions, progress=False).scores.numpy()
+    a, b = scores["float32"], scores[dtype]
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98   # measured 0.997
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75     # measured 1.0

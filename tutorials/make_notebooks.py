@@ -324,11 +324,113 @@ all(f"data-query-id='{f.id}'" in page for f in facts)"""),
 ]
 
 
+SELECTION = [
+    ("md", """# Choosing training data with attribution
+
+A target set of queries stands for a behaviour to improve. `select_documents` keeps the training
+documents that most support those queries under a budget; here we check, by retraining the toy
+model, that the selected half of the corpus teaches the target better than a random half, and
+what happens to queries nobody targeted. (On the public benchmark this is measured with several
+seeds against BM25 and EK-FAC selections: `benchmarks/RESULTS-data-selection.md`.)"""),
+    ("code", """import os
+import numpy as np
+import torch
+from transformers import GPT2LMHeadModel
+from stride_nnsight import Stride
+from stride_nnsight.apps import select_documents
+from stride_nnsight.toy import DEFAULT_TRAIN_KWARGS, completion_loss, tiny_gpt2_config, toy_language_model, train_causal_lm
+
+model, corpus = toy_language_model(seed=0, cache_dir=os.environ.get("STRIDE_NNSIGHT_CACHE", ".stride_cache"))
+stride = Stride(model, n_subsets=128, subsets_per_example=6, seed=0, steps=150).fit(corpus.documents, progress=False)
+targets, others = corpus.facts[:20], corpus.facts[20:]   # the behaviour to improve, and everything else
+attr = stride.attribute([f.prompt for f in targets], [f.completion for f in targets],
+                        query_ids=[f.id for f in targets], progress=False)
+attr"""),
+    ("md", """## Three selection rules
+`"total"` ranks documents by their summed positive score over the targets; `"per_query"` takes
+each target's strongest proponents in turn, so no target dominates the budget; `"mean_rank"`
+keeps the best mean rank. With a budget of half the corpus, how many of the targets' planted
+source documents does each keep (a random half keeps about 50%)?"""),
+    ("code", """budget = len(corpus.documents) // 2
+sources = {i for f in targets for i in f.source_ids}
+for rule in ("total", "per_query", "mean_rank"):
+    chosen = set(select_documents(attr, budget, rule=rule).tolist())
+    print(f"{rule:>9}: {len(chosen & sources)} of {len(sources)} target sources kept")
+random_half = np.random.default_rng(0).choice(len(corpus.documents), budget, replace=False)
+print(f"   random: {len(set(random_half.tolist()) & sources)} of {len(sources)}")"""),
+    ("md", """## Retrain on each half
+Same tokenizer, same recipe as the toy model, one training seed (the benchmark uses several and
+reports confidence intervals)."""),
+    ("code", """tokenizer = model.tokenizer
+
+def retrain(indices):
+    torch.manual_seed(0)
+    fresh = GPT2LMHeadModel(tiny_gpt2_config(tokenizer))
+    return train_causal_lm(fresh, tokenizer, [corpus.documents[i] for i in sorted(indices)], seed=0,
+                           **DEFAULT_TRAIN_KWARGS)
+
+def mean_loss(m, facts):
+    return float(completion_loss(m, tokenizer, [f.prompt for f in facts], [f.completion for f in facts])[0].mean())
+
+selected = retrain(select_documents(attr, budget, rule="total").tolist())
+rand = retrain(random_half.tolist())
+for name, m in (("STRIDE-selected half", selected), ("random half", rand)):
+    print(f"{name:>20}: target loss {mean_loss(m, targets):.2f} nats, other facts {mean_loss(m, others):.2f} nats")"""),
+    ("md", """The selected half lowers the target loss. Queries nobody targeted can pay for it: the
+selection spends the budget on the targets' proponents, so compare the second column before
+using a selection to train a model you care about."""),
+    ("code", """mean_loss(selected, targets) < mean_loss(rand, targets)"""),
+]
+
+
+CONTAMINATION = [
+    ("md", """# Contamination detection: which evaluation items did the corpus contain?
+
+Given evaluation items, `contamination_scores` reads each item's strongest proponent against
+its noise floor: an item copied into the corpus tends to have one strong, isolated source. The
+standard references need no attribution: the model's loss, Min-K% probability and zlib ratio
+on the item (`baselines.membership_scores`), and the best BM25 match in the corpus. On the toy
+model below and on the public benchmark (`benchmarks/RESULTS-contamination.md`) compare them
+before relying on any one."""),
+    ("code", """import os
+import numpy as np
+from sklearn.metrics import roc_auc_score
+from stride_nnsight import Stride, baselines
+from stride_nnsight.apps import contamination_scores
+from stride_nnsight.toy import toy_language_model
+
+model, corpus = toy_language_model(seed=0, cache_dir=os.environ.get("STRIDE_NNSIGHT_CACHE", ".stride_cache"))
+stride = Stride(model, n_subsets=128, subsets_per_example=6, seed=0, steps=150).fit(corpus.documents, progress=False)
+
+# contained items: planted facts; absent items: the same prompts with another fact's answer
+contained = [(f.prompt, f.completion) for f in corpus.facts[:20]]
+rng = np.random.default_rng(0)
+absent = [(f.prompt, corpus.facts[(f.id + 1 + int(rng.integers(19))) % 40].completion) for f in corpus.facts[:20]]
+items = contained + absent
+labels = np.array([1] * len(contained) + [0] * len(absent))
+prompts, completions = [p for p, _ in items], [c for _, c in items]"""),
+    ("code", """attr = stride.attribute(prompts, completions, progress=False)
+scores = {"STRIDE": contamination_scores(attr).numpy()}
+for name, s in baselines.membership_scores(model, [p + c for p, c in items]).items():
+    scores[name] = s.numpy()
+scores["BM25"] = baselines.bm25(corpus.documents, prompts, completions).scores.numpy().max(axis=1)
+for name, s in scores.items():
+    print(f"{name:>7}: AUROC {roc_auc_score(labels, np.nan_to_num(s, posinf=1e9)):.3f}")"""),
+    ("md", """Absent items here reuse known words in a new combination, so every method has something to
+go on; the benchmark adds paraphrased copies, which test whether a method sees past the exact
+wording. Items flagged by several methods are the ones to inspect by hand, for example with
+`attr.top_k(3, above_noise=True)`:"""),
+    ("code", """attr[: len(contained)].top_k(1, above_noise=True)[["query_id", "train_id", "score", "noise_ratio"]].head()"""),
+]
+
+
 def main() -> None:
     nbf.write(notebook(QUICKSTART), HERE / "01_quickstart.ipynb")
     nbf.write(notebook(READING), HERE / "04_reading_attributions.ipynb")
     nbf.write(notebook(PATCHING), HERE / "02_activation_patching.ipynb")
     nbf.write(notebook(REMOTE), HERE / "03_remote_ndif.ipynb")
+    nbf.write(notebook(SELECTION), HERE / "05_data_selection.ipynb")
+    nbf.write(notebook(CONTAMINATION), HERE / "06_contamination.ipynb")
 
 
 if __name__ == "__main__":

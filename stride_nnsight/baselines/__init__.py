@@ -1,6 +1,7 @@
 """Baselines that return the same `Attribution` as STRIDE (``scores [n_queries, n_train]``,
 positive = proponent): BM25, representation similarity, gradient dot/cosine (TracIn at one
-checkpoint), TRAK (one model) and EK-FAC (kronfluence). See docs/baselines.md.
+checkpoint), TRAK (one model) and EK-FAC (kronfluence). See docs/baselines.md. Contamination
+baselines from the model alone (loss, Min-K% probability, zlib ratio): `membership_scores`.
 
     from stride_nnsight import baselines
     attr = baselines.bm25(train_texts, prompts, completions)
@@ -10,6 +11,7 @@ checkpoint), TRAK (one model) and EK-FAC (kronfluence). See docs/baselines.md.
 from .ekfac import conv1d_to_linear, ekfac, linear_module_names
 from .gradients import GaussianProjection, example_gradients, gradient_similarity, trak
 from .lexical import bm25, word_tokenize
+from .membership import MEMBERSHIP_METHODS, membership_scores, token_logprobs
 from .representation import pooled_representations, representation_similarity
 
 __all__ = [
@@ -24,4 +26,7 @@ __all__ = [
     "ekfac",
     "conv1d_to_linear",
     "linear_module_names",
+    "membership_scores",
+    "token_logprobs",
+    "MEMBERSHIP_METHODS",
 ]

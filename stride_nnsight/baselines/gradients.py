@@ -164,7 +164,7 @@ def trak(
     """TRAK-style scores from one model: ``phi = R^T g`` (seeded Gaussian projection of the
     loss gradient to ``proj_dim``), then
 
-        ``scores = Phi_q (Phi^T Phi + lambda I)^-1 Phi^T``
+        scores = Phi_q (Phi^T Phi + lambda I)^-1 Phi^T
 
     with ``Phi [n, k]`` the training features. ``lambda = damping * mean_j ||phi_j||^2``
     (relative damping: the mean non-zero eigenvalue of ``Phi^T Phi`` when ``n <= k``);
