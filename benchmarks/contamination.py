@@ -165,19 +165,16 @@ def train_model(setting: Any, docs: list[str], log=print):
 def main(argv=None) -> str:
     from nnsight import TransformersModel
 
-    from benchmarks.setting import CACHE_DIR, FULL, QUICK, build_setting
+    from benchmarks.setting import add_script_arguments, script_setting
     from stride_nnsight import Stride, baselines
     from stride_nnsight.apps import contamination_scores
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--quick", action="store_true", help="the smoke-test setting (no report written)")
-    ap.add_argument("--cache-dir", default=None, help="benchmark cache (default benchmarks/cache)")
+    add_script_arguments(ap, OUT)
     a = ap.parse_args(argv)
-    print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     start = time.perf_counter()
-    config = QUICK if a.quick else FULL
-    setting = build_setting(config, cache_dir=Path(a.cache_dir or CACHE_DIR), log=lambda m: print(m, flush=True))
+    setting = script_setting(a)
+    config = setting.config
     docs, items = contaminated_corpus(setting)
     model, train_s = train_model(setting, docs)
     lm = TransformersModel(model, tokenizer=copy.deepcopy(setting.tokenizer), task="text-generation")

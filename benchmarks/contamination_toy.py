@@ -11,7 +11,8 @@ document. Scores compared by AUROC (contained = positive) and TPR at 5% FPR:
 * BM25: the largest BM25 score of the item's text against the training documents.
 
 Only a smoke-scale check on a toy corpus: the public-benchmark measurement with verbatim,
-paraphrased and absent items and Min-K% / zlib baselines is open work.
+paraphrased and absent items and the Min-K% / zlib baselines is ``python -m
+benchmarks.contamination`` (`benchmarks/RESULTS-contamination.md`).
 """
 
 from __future__ import annotations

@@ -114,19 +114,16 @@ def selections(setting: Any, lm: Any, budget: int, methods: list[str], log=print
 def main(argv=None) -> str:
     from nnsight import TransformersModel
 
-    from benchmarks.setting import CACHE_DIR, FULL, QUICK, build_setting, query_losses
+    from benchmarks.setting import add_script_arguments, query_losses, script_setting
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=4, help="training seeds per method")
-    ap.add_argument("--quick", action="store_true", help="the smoke-test setting (no report written)")
     ap.add_argument("--methods", default="random,STRIDE,STRIDE per_query,BM25,EK-FAC")
-    ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--cache-dir", default=None, help="benchmark cache (default benchmarks/cache)")
+    add_script_arguments(ap, OUT)
     a = ap.parse_args(argv)
-    print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     start = time.perf_counter()
-    config = QUICK if a.quick else FULL
-    setting = build_setting(config, cache_dir=Path(a.cache_dir or CACHE_DIR), log=lambda m: print(m, flush=True))
+    setting = script_setting(a)
+    config = setting.config
     held = setting.confirmation().corpus
     ml = getattr(config, "query_max_length", 64)
     eval_fns = {

@@ -480,5 +480,22 @@ def ground_truth(setting: BenchSetting, progress: bool = True):
     )
 
 
+def add_script_arguments(parser: Any, out: Path) -> None:
+    """The options every application benchmark script takes: ``--out``, ``--quick``, ``--cache-dir``."""
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--quick", action="store_true", help="the smoke-test setting (no report written)")
+    parser.add_argument("--cache-dir", default=None, help="benchmark cache (default benchmarks/cache)")
+
+
+def script_setting(args: Any) -> BenchSetting:
+    """The public benchmark's setting (``QUICK`` with ``--quick``) for a script's parsed ``args``,
+    after printing the machine's load and thread setting (timings mean little on a busy machine)."""
+    import os
+
+    print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    return build_setting(QUICK if args.quick else FULL, cache_dir=Path(args.cache_dir or CACHE_DIR),
+                         log=lambda m: print(m, flush=True))
+
+
 def quick_config(**changes: Any) -> BenchConfig:
     return replace(QUICK, **changes)

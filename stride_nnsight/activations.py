@@ -419,6 +419,25 @@ def use_activation_cache(setting: Any, placement: str, *, remote: bool = False, 
     return True, "activation cache used"
 
 
+def _write_batch(backend: Any, texts: TokenBatch, index: np.ndarray, layer: int, offsets: np.ndarray,
+                 files: tuple[np.ndarray, np.ndarray], dtype: str, verify: Optional[Callable]) -> Optional[float]:
+    """Run the frozen model on documents ``index`` and write their ``z`` and ``h`` rows into the
+    memory-mapped ``files`` (flushed). With ``verify`` (the head function) the batch first checks
+    that the head rebuilds the model's logits (`verify_head`) and returns its difference."""
+    batch = texts.rows(index).to(backend.device)
+    z, h, logits = read_activations(backend, batch.input_ids, batch.attention_mask, layer)
+    diff = verify_head(verify, h, logits, batch.attention_mask, backend.dtype) if verify is not None else None
+    z_file, h_file = files
+    z_rows, h_rows = to_storage(z, dtype), to_storage(h, dtype)
+    for row, doc in enumerate(index):
+        lo, hi = int(offsets[doc]), int(offsets[doc + 1])
+        z_file[lo:hi] = z_rows[row, : hi - lo]
+        h_file[lo:hi] = h_rows[row, : hi - lo]
+    z_file.flush()
+    h_file.flush()
+    return diff
+
+
 class ActivationCache:
     """``z_l`` and the final hidden state ``h`` of every training document's real tokens,
     memory-mapped from ``directory``; build it with `ActivationCache.build`.
@@ -633,17 +652,8 @@ class ActivationCache:
         try:
             for (lo_pos, hi_pos), b in zip(spans, batch_ids):
                 index = order[lo_pos:hi_pos]
-                batch = texts.rows(index).to(backend.device)
-                z, h, logits = read_activations(backend, batch.input_ids, batch.attention_mask, layer)
-                if lo_pos == 0:
-                    verify_head(head, h, logits, batch.attention_mask, backend.dtype)
-                z_rows, h_rows = to_storage(z, dtype), to_storage(h, dtype)
-                for row, doc in enumerate(index):
-                    lo, hi = int(offsets[doc]), int(offsets[doc + 1])
-                    z_file[lo:hi] = z_rows[row, : hi - lo]
-                    h_file[lo:hi] = h_rows[row, : hi - lo]
-                z_file.flush()
-                h_file.flush()
+                _write_batch(backend, texts, index, layer, offsets, (z_file, h_file), dtype,
+                             head if lo_pos == 0 else None)
                 marks[b] = 1  # after the data: a crash redoes the batch
                 marks.flush()
                 bar.update(len(index))
@@ -671,18 +681,10 @@ class ActivationCache:
         try:
             while start < n:
                 index = order[start: start + batch_size]
-                batch = texts.rows(index).to(backend.device)
-                z, h, logits = read_activations(backend, batch.input_ids, batch.attention_mask, layer)
+                diff = _write_batch(backend, texts, index, layer, offsets, (z_file, h_file), dtype,
+                                    None if verified else head)
                 if not verified:
-                    manifest["verified_diff"] = verify_head(head, h, logits, batch.attention_mask, backend.dtype)
-                    verified = True
-                z_rows, h_rows = to_storage(z, dtype), to_storage(h, dtype)
-                for row, doc in enumerate(index):
-                    lo, hi = int(offsets[doc]), int(offsets[doc + 1])
-                    z_file[lo:hi] = z_rows[row, : hi - lo]
-                    h_file[lo:hi] = h_rows[row, : hi - lo]
-                z_file.flush()
-                h_file.flush()
+                    manifest["verified_diff"], verified = diff, True
                 start += len(index)
                 manifest["done"] = start
                 write_manifest(directory / MANIFEST_NAME, manifest)  # after the data: a crash redoes a batch

@@ -46,7 +46,7 @@ from .operators import (READ_ONLY_PLACEMENTS, SteeringOperators, jl_projection, 
                         step_losses)
 
 __all__ = ["FitHistory", "OperatorFitter", "CHECKPOINT_NAME", "CheckpointMismatchError", "NOT_IN_RUN_IDENTITY",
-           "interrupts_deferred", "nonfinite_loss_error"]
+           "interrupts_deferred", "nonfinite_loss_error", "nonfinite_gradients", "optimizer_settings"]
 
 CHECKPOINT_NAME = "fit_checkpoint.json"  # manifest; the tensors sit beside it (stride_nnsight.storage)
 LEGACY_CHECKPOINT_NAME = "fit_checkpoint.pt"  # format 1 (stride-nnsight 0.1), read by storage without unpickling code
@@ -184,6 +184,25 @@ def nonfinite_loss_error(step: int, losses: Mapping[str, torch.Tensor],
     return error
 
 
+def nonfinite_gradients(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN or an infinity. One reduction per
+    parameter and one host sync in all: a gradient's sum is finite exactly when its entries are
+    (barring a float32 overflow of the sum itself, which would be a broken fit too)."""
+    named = [(name, p.grad) for name, p in module.named_parameters() if p.grad is not None]
+    if not named:
+        return []
+    finite = torch.isfinite(torch.stack([g.sum().float() for _, g in named])).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def optimizer_settings(args: StrideArguments) -> dict[str, Any]:
+    """AdamW's settings for the operators, local and remote alike: ``lr``, ``weight_decay`` and
+    ``fused=True`` (one kernel for the whole update instead of a dozen elementwise passes over the
+    ``K x r x V`` coefficients: 9x faster on a 16.8M-parameter update on one CPU thread; torch's
+    fused AdamW runs on CPU and CUDA)."""
+    return {"lr": args.lr, "weight_decay": args.weight_decay, "fused": True}
+
+
 def _loss_rows(fid_ex: np.ndarray, stab_ex: np.ndarray, probe: int, n_probe: int) -> dict[str, Any]:
     """Training-example indices behind each loss of one step (see `nonfinite_loss_error`)."""
     probe_rows = [probe] if n_probe else []
@@ -227,7 +246,7 @@ class OperatorFitter:
         projection = jl_projection(design.n_examples, args.sketch_dim, args.seed + 2).numpy()
         self.sketch = torch.from_numpy(np.asarray(membership @ projection, dtype=np.float32))  # [K, q]
         self.generator = torch.Generator().manual_seed(args.seed + 1)
-        self.optimizer = torch.optim.AdamW(operators.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(operators.parameters(), **optimizer_settings(args))
         self.history = FitHistory()
         self.step = 0
         self.n_steps = args.fit_steps(design.n_examples)  # the target step count
@@ -433,8 +452,7 @@ class OperatorFitter:
         loss.backward()
         if world > 1:
             distributed.all_reduce_gradients(ops.parameters())
-        bad = [name for name, p in ops.named_parameters()
-               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        bad = nonfinite_gradients(ops)
         if bad:
             raise FloatingPointError(
                 f"non-finite gradient at fit step {self.step + 1} (operator parameters {', '.join(bad)}) although the "

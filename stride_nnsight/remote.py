@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from . import operators as remote_module
 from . import storage
-from .fitting import FitHistory, OperatorFitter, interrupts_deferred, nonfinite_loss_error
+from .fitting import FitHistory, OperatorFitter, interrupts_deferred, nonfinite_loss_error, optimizer_settings
 from .inputs import TokenBatch
 from .operators import SteeringOperators, block_device, cpu_state, measure_queries, run_training_steps
 
@@ -263,7 +263,7 @@ def _open_session(model: Any, remote: Any, verbose: bool):
 
 
 def _fit_session(model, remote, verbose, operator_settings, layers_path, operator_state, optimizer_state,
-                 optimizer_settings, input_ids, attention_mask, loss_mask, rows, operator_ids, sketches,
+                 adamw_settings, input_ids, attention_mask, loss_mask, rows, operator_ids, sketches,
                  n_fidelity, n_stability, loss_weights, ridge, positions=None, valid=None) -> dict:
     """One fitting session. Everything inside the ``with`` runs on the server."""
     import nnsight
@@ -272,7 +272,7 @@ def _fit_session(model, remote, verbose, operator_settings, layers_path, operato
         operators = SteeringOperators(**operator_settings)
         operators.to(block_device(model, layers_path, operator_settings["layer"]))
         operators.load_state_dict(operator_state)
-        optimizer = torch.optim.AdamW(operators.parameters(), **optimizer_settings)
+        optimizer = torch.optim.AdamW(operators.parameters(), **adamw_settings)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         losses = run_training_steps(model, layers_path, operators, optimizer, input_ids, attention_mask, loss_mask,
@@ -463,7 +463,7 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
     initial = [p.detach().clone() for p in fitter.operators.parameters()]
     start_step = fitter.step
     operator_settings = _operator_settings(fitter.operators)
-    optimizer_settings = {"lr": args.lr, "weight_decay": args.weight_decay}
+    adamw_settings = optimizer_settings(args)
     loss_weights = (args.fidelity_weight, args.stability_weight, args.linearity_weight)
     bar = tqdm(total=total, initial=fitter.step, disable=not progress, desc="fitting STRIDE operators (remote)")
     try:
@@ -480,7 +480,7 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
                         stride.backend.model, stride.remote, settings.verbose, operator_settings, _layers_path(stride),
                         cpu_state(fitter.operators.state_dict()),
                         cpu_state(fitter.optimizer.state_dict()) if has_moments else None,
-                        optimizer_settings, payload["input_ids"], payload["attention_mask"], payload["loss_mask"],
+                        adamw_settings, payload["input_ids"], payload["attention_mask"], payload["loss_mask"],
                         payload["rows"], payload["operator_ids"], payload["sketches"], payload["n_fidelity"],
                         payload["n_stability"], loss_weights, args.ridge, payload["positions"], payload["valid"])
                 _check_small(result, "result")

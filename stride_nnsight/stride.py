@@ -306,6 +306,9 @@ class Stride:
         if train_ids is not None:
             check_unique_ids(list(train_ids), "train_ids", "positions", "training example")
         check_design_size(len(texts), self.args.n_subsets, self.args.subsets_per_example)  # before any work
+        if self.remote and distributed.rank_and_world()[1] > 1:
+            raise ValueError("a remote fit runs in NDIF sessions, not split over torch.distributed processes: run it "
+                             "from one process (without torchrun)")
         warn_if_underdetermined(len(texts), self.args.n_subsets)
         self.backend.freeze()  # no weight gradients, also if requires_grad was switched back on since Stride()
         self._check_finite_model()

@@ -308,6 +308,34 @@ def test_interrupted_build_resumes_to_identical_cache(backend, texts, tmp_path, 
     assert resumed.n_documents == len(texts)
 
 
+def test_sharded_build_left_half_done_is_finished_by_one_process(backend, texts, tmp_path, monkeypatch, cache):
+    """Rank 1 of 2 writes its batches (b % 2 == 1) and is then gone; one process finishes the
+    rest (its progress file says which) and the cache equals a single-process build."""
+    from stride_nnsight import distributed
+
+    real = activations.read_activations
+    calls = []
+    monkeypatch.setattr(activations, "read_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ActivationCache._open_or_create(tmp_path, texts, activations.cache_identity(
+        texts, backend.fingerprint(), LAYER, "float32", backend.d_model), backend.d_model, "float32", False, False)
+    with monkeypatch.context() as m:  # this process plays rank 1 of 2; collectives are no-ops
+        m.setattr(distributed, "rank_and_world", lambda: (1, 2))
+        m.setattr(distributed, "barrier", lambda: None)
+        m.setattr(distributed, "broadcast_object", lambda obj, src=0: obj)
+        with pytest.raises(ActivationCacheError, match="incomplete"):  # rank 0 would complete the manifest
+            ActivationCache.build(backend, texts, LAYER, tmp_path, batch_size=7, progress=False)
+    n_batches = -(-len(texts) // 7)
+    assert len(calls) == n_batches // 2  # batches 1, 3, 5
+    assert list(np.load(tmp_path / "progress-rank1-bs7.npy")) == [b % 2 for b in range(n_batches)]
+    calls.clear()
+    built = ActivationCache.build(backend, texts, LAYER, tmp_path, batch_size=7, progress=False)
+    assert len(calls) == n_batches - n_batches // 2  # only the batches nobody wrote
+    fresh = _arrays(cache.directory)
+    for name, values in _arrays(tmp_path).items():
+        assert np.array_equal(values, fresh[name]), name
+    assert built.n_documents == len(texts) and not list(tmp_path.glob("progress-rank*"))
+
+
 def test_identity_mismatch_names_what_differs(backend, texts, tiny_tokenizer, small_texts, tmp_path):
     ActivationCache.build(backend, texts, LAYER, tmp_path, progress=False)
     with pytest.raises(ActivationCacheMismatchError, match="layer: 1 in the cache vs 0 now"):

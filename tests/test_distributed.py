@@ -156,3 +156,23 @@ def test_torchrun_command_line_fit_and_attribute(job):
     assert att.returncode == 0, att.stderr[-4000:]
     attr = Attribution.load(root / "cli-scores.json")
     np.testing.assert_allclose(attr.scores.numpy(), job["attr"].scores.numpy(), atol=1e-4)
+
+
+def test_remote_fit_refused_under_several_processes(tiny_model, small_texts, monkeypatch):
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))
+    stride = Stride(tiny_model, remote="local", **{k: v for k, v in SETTINGS.items() if k != "checkpoint_every"})
+    with pytest.raises(ValueError, match="remote fit runs in NDIF sessions"):
+        stride.fit(small_texts[:40], progress=False)
+
+
+def test_helpers_in_one_process():
+    assert distributed.rank_and_world() == (0, 1) and distributed.is_main_process()
+    assert distributed.local_indices(7, 1, 3).tolist() == [1, 4]
+    assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
+    assert distributed.broadcast_object(5) == 5
+    t = torch.tensor([1.0, 2.0])
+    assert torch.equal(distributed.all_reduce_sum(t), t)
+    rows = distributed.assemble_rows([(np.array([0, 2]), ["a", "c"]), (np.array([1]), ["b"])], 3)
+    assert rows == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="not returned"):
+        distributed.assemble_rows([(np.array([0]), ["a"])], 2)
