@@ -270,6 +270,30 @@ def ekfac_cost(backend: Any, raw_texts: Sequence[str], texts: TokenBatch, cfg: C
 
 
 # ------------------------------------------------------------------------------ report
+def earlier_update(fitter: OperatorFitter) -> OperatorFitter:
+    """``fitter`` with the update as it was before 2026-12-02, for a same-process reference: torch's
+    default (unfused) AdamW and an elementwise finiteness check of every gradient entry."""
+    from stride_nnsight.fitting import optimizer_settings
+
+    settings = {k: v for k, v in optimizer_settings(fitter.args).items() if k != "fused"}
+    fitter.optimizer = torch.optim.AdamW(fitter.operators.parameters(), **settings)
+    step = fitter.train_step
+
+    def train_step():
+        import stride_nnsight.fitting as F
+
+        current = F.nonfinite_gradients
+        F.nonfinite_gradients = lambda module: [name for name, p in module.named_parameters()
+                                                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        try:
+            return step()
+        finally:
+            F.nonfinite_gradients = current
+
+    fitter.train_step = train_step
+    return fitter
+
+
 def run(cfg: CostConfig, cache_dir: str) -> dict[str, Any]:
     """Measure everything; returns the numbers (CPU seconds) and the settings behind them."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
@@ -292,6 +316,7 @@ def run(cfg: CostConfig, cache_dir: str) -> dict[str, Any]:
     with_probe = make_fitter(backend, texts, cfg, cache, linearity_weight=0.1)
     t_probe, _ = time_steps(with_probe, cfg.steps)
     t_head, _ = time_steps(make_fitter(backend, texts, cfg, cache, placement="head"), cfg.steps)
+    t_earlier, _ = time_steps(earlier_update(make_fitter(backend, texts, cfg, cache)), cfg.steps)
     steps_total = fitter.n_steps
     queries = query_costs(backend, texts, cfg)
     if cfg.ekfac:
@@ -301,7 +326,7 @@ def run(cfg: CostConfig, cache_dir: str) -> dict[str, Any]:
             "cache_bytes": cache.size_bytes, "plain": t_plain, "build": t_build,
             "step_uncached": t_uncached, "step_cached": t_cached, "forward_share_uncached": fwd_uncached,
             "forward_share_cached": fwd_cached, "step_cached_probe": t_probe, "step_cached_head": t_head,
-            "step_cached_document": t_document, "step_uncached_document": t_document_live,
+            "step_cached_document": t_document, "step_cached_earlier_update": t_earlier, "step_uncached_document": t_document_live,
             "steps_document": document.n_steps, "documents_per_step": document.args.documents_per_step(),
             "sampling": fitter.args.sampling,
             "linearity_weight": fitter.args.linearity_weight}
@@ -348,6 +373,10 @@ def report(r: dict[str, Any]) -> str:
         ("  same, placement 'head' (state K x r x d_model)", r["build"] + n * r["step_cached_head"],
          passes(r["build"] + n * r["step_cached_head"])),
     ]
+    if "step_cached_earlier_update" in r:
+        earlier = r["build"] + n * r["step_cached_earlier_update"]
+        rows.append(("  same, the update before 2026-12-02 (unfused AdamW, elementwise gradient checks)", earlier,
+                     passes(earlier)))
     width = max(len(name) for name, _, _ in rows)
     lines.append(f"{'measurement':<{width}}  {'CPU s':>10}  {'plain passes':>12}")
     for name, seconds, in_passes in rows:
@@ -403,9 +432,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--toolkit", choices=["nnsight", "transformer_lens"], help="default nnsight")
     parser.add_argument("--cache-dir", help="where the cache is written (default: a temporary directory)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--no-ekfac", action="store_true", help="skip the EK-FAC index-cost reference (~17 min)")
     ns = parser.parse_args(argv)
     changes = {k: v for k, v in {"n_documents": ns.documents, "mean_tokens": ns.tokens, "steps": ns.steps,
                                  "dtype": ns.dtype, "toolkit": ns.toolkit, "seed": ns.seed}.items() if v is not None}
+    if ns.no_ekfac:
+        changes["ekfac"] = False
     cfg = quick_config(**changes) if ns.quick else CostConfig(**changes)
     if ns.cache_dir:
         result = run(cfg, ns.cache_dir)

@@ -168,3 +168,14 @@ def test_contamination_corpus_and_quick_run(quick_cache):
     report = contamination(["--quick", "--cache-dir", str(quick_cache)])
     for name in ("STRIDE", "loss", "Min-K%", "zlib", "BM25"):
         assert f"| {name}" in report
+
+
+def test_ekfac_damping_dev_split_alternates_within_each_kind():
+    import numpy as np
+
+    from benchmarks.ekfac_damping import GRID, dev_split
+
+    kinds = np.array(["fact", "fact", "text", "fact", "text", "text", "fact"])
+    dev = dev_split(kinds)
+    assert dev.tolist() == [True, False, True, True, False, True, False]
+    assert None in GRID and len(set(GRID)) == len(GRID)
