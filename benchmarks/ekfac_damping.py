@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OUT = Path(__file__).resolve().parent / "RESULTS-ekfac-damping.md"
-GRID: tuple[Optional[float], ...] = (None, 1e-6, 1e-4, 1e-2, 1e-1, 1.0)
+GRID: tuple[Optional[float], ...] = (None, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-2, 1.0)
 
 
 def dev_split(kinds: np.ndarray) -> np.ndarray:
