@@ -89,6 +89,20 @@ def public_bench() -> dict[str, Any]:
             "stride_kwargs": {"max_length": FULL.max_length}}
 
 
+def public_script(argv, doc: str, out: Path) -> tuple[Any, dict[str, Any], Any]:
+    """Shared start of the public-benchmark diagnostic scripts: parse ``--out``, print the load,
+    build the bench. Returns ``(args, bench, model)`` with ``model`` an nnsight wrapper of it."""
+    from nnsight import TransformersModel
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", default=str(out))
+    args = ap.parse_args(argv)
+    print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    bench = public_bench()
+    lm = TransformersModel(bench["model"], tokenizer=copy.deepcopy(bench["tokenizer"]), task="text-generation")
+    return args, bench, lm
+
+
 def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000) -> list[dict[str, Any]]:
     from nnsight import TransformersModel
 

@@ -14,8 +14,6 @@ and scores, ~1.5 min each on one thread) and one STRIDE fit (~4 min).
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
 import sys
 import time
@@ -40,22 +38,15 @@ def dev_split(kinds: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> str:
-    from nnsight import TransformersModel
-
-    from benchmarks.compare_settings import public_bench
+    from benchmarks.compare_settings import public_script
     from stride_nnsight import Stride, baselines
     from stride_nnsight.evaluation import lds, paired_lds_ci
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(OUT))
-    a = ap.parse_args(argv)
-    print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     start = time.perf_counter()
-    b = public_bench()
+    a, b, lm = public_script(argv, __doc__, OUT)
     truth, kinds = b["truth"], np.asarray(b["kinds"])
     dev = dev_split(kinds)
     losses = np.asarray(truth.losses)
-    lm = TransformersModel(b["model"], tokenizer=copy.deepcopy(b["tokenizer"]), task="text-generation")
 
     def per_query(scores: np.ndarray) -> np.ndarray:
         return np.nan_to_num(np.asarray(lds(scores, truth.masks, losses, n_boot=10).per_query, dtype=float))

@@ -21,8 +21,6 @@ all queries and for the text queries alone, and fact recall@10. Writes
 
 from __future__ import annotations
 
-import argparse
-import copy
 import os
 import sys
 import time
@@ -93,20 +91,13 @@ def variants(y: np.ndarray, membership, lasso: np.ndarray) -> dict[str, Callable
 
 
 def main(argv=None) -> str:
-    from nnsight import TransformersModel
-
-    from benchmarks.compare_settings import public_bench
+    from benchmarks.compare_settings import public_script
     from stride_nnsight import Stride
     from stride_nnsight.evaluation import fact_tracing, lds, paired_lds_ci
     from stride_nnsight.recovery import recover
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(OUT))
-    a = ap.parse_args(argv)
-    print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     start = time.perf_counter()
-    b = public_bench()
-    lm = TransformersModel(b["model"], tokenizer=copy.deepcopy(b["tokenizer"]), task="text-generation")
+    a, b, lm = public_script(argv, __doc__, OUT)
     stride = Stride(lm, **b["stride_kwargs"]).fit(b["documents"], progress=False)
     y = stride.measure(b["prompts"], b["completions"], progress=False)[0].numpy().astype(np.float64)
     membership = stride.design.membership
