@@ -199,18 +199,23 @@ def _settings(config: Optional[Path], assignments: Sequence[str]) -> dict:
     return settings
 
 
+def _report_stream(stdout):
+    """Where a command prints its report: ``stdout`` (default ``sys.stdout``) on rank 0, nowhere on
+    the other ranks under torchrun (they compute, rank 0 reports and writes)."""
+    from .distributed import is_main_process
+
+    return (stdout or sys.stdout) if is_main_process() else open(os.devnull, "w")
+
+
 def fit_command(model: str, data: Path, out: Path, *, text_field: str = "text", id_field: Optional[str] = None,
                 config: Optional[Path] = None, assignments: Sequence[str] = (), checkpoint_dir: Optional[Path] = None,
                 overwrite: bool = False, progress: bool = True, stdout=None):
     """``stride-nnsight fit``: fit STRIDE on the texts of ``data`` and save the state to ``out``."""
     from . import storage
+    from .distributed import is_main_process
     from .stride import Stride
 
-    from .distributed import is_main_process
-
-    stdout = stdout or sys.stdout
-    if not is_main_process():  # under torchrun rank 0 reports and writes, the others compute
-        stdout = open(os.devnull, "w")
+    stdout = _report_stream(stdout)
     settings = _settings(config, assignments)
     id_column = id_field or "id"
     table = storage.read_records(data, [text_field], optional=[id_column])
@@ -244,9 +249,7 @@ def attribute_command(state: Path, model: str, queries: Path, out: Path, *, prom
     from .distributed import is_main_process
     from .stride import Stride
 
-    stdout = stdout or sys.stdout
-    if not is_main_process():  # under torchrun rank 0 reports and writes, the others compute
-        stdout = open(os.devnull, "w")
+    stdout = _report_stream(stdout)
     suffix = Path(out).suffix.lower()
     if suffix not in (".json", ".csv", ".parquet"):
         raise SystemExit(f"stride-nnsight: --out {out}: use .json (for `report`), .csv or .parquet")

@@ -198,8 +198,9 @@ def nonfinite_gradients(module: torch.nn.Module) -> list[str]:
 def optimizer_settings(args: StrideArguments) -> dict[str, Any]:
     """AdamW's settings for the operators, local and remote alike: ``lr``, ``weight_decay`` and
     ``fused=True`` (one kernel for the whole update instead of a dozen elementwise passes over the
-    ``K x r x V`` coefficients: 9x faster on a 16.8M-parameter update on one CPU thread; torch's
-    fused AdamW runs on CPU and CUDA)."""
+    ``K x r x V`` coefficients; torch's fused AdamW runs on CPU and CUDA). With the one-reduction
+    gradient check (`nonfinite_gradients`) it cut the default cached fit from 29.0 to 18.2 plain
+    passes over the corpus (`benchmarks/RESULTS-fit-cost.md`, run 3, same process)."""
     return {"lr": args.lr, "weight_decay": args.weight_decay, "fused": True}
 
 

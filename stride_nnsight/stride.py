@@ -548,15 +548,14 @@ class Stride:
             floor = np.zeros(0) if null_permutations else None
         if world == 1 or self.remote:
             return y, base, scores, lambdas, (floor.tolist() if floor is not None else None)
-        parts = distributed.all_gather_objects((local, y, base, scores, lambdas, floor))
+        # one gather of per-query rows (measurements, base, scores, lambda, floor), put back in order
+        rows = [(y[i], base[i], scores[i], lambdas[i], None if floor is None else floor[i]) for i in range(len(local))]
         q = len(prompts)
-        y = torch.stack(distributed.assemble_rows([(p[0], list(p[1])) for p in parts], q)) if q else y
-        base = torch.stack(distributed.assemble_rows([(p[0], list(p[2])) for p in parts], q)) if q else base
-        scores = sp.vstack(distributed.assemble_rows([(p[0], [p[3][i] for i in range(p[3].shape[0])])
-                                                      for p in parts], q), format="csr") if q else scores
-        lambdas = np.asarray(distributed.assemble_rows([(p[0], list(p[4])) for p in parts], q))
-        if null_permutations:
-            floor = np.asarray(distributed.assemble_rows([(p[0], list(p[5])) for p in parts], q))
+        gathered = distributed.assemble_rows(distributed.all_gather_objects((local, rows)), q)
+        if q:
+            ys, bases, score_rows, lams, floors = zip(*gathered)
+            y, base, scores = torch.stack(ys), torch.stack(bases), sp.vstack(score_rows, format="csr")
+            lambdas, floor = np.asarray(lams), (np.asarray(floors) if null_permutations else None)
         return y, base, scores, lambdas, (floor.tolist() if floor is not None else None)
 
     # ----------------------------------------------------------------- steer
