@@ -607,6 +607,19 @@ def _shortfalls(rows, ab_rows, lambdas, lam_m, a, n, Q) -> str:
                 + f" {LABELS[other]} computes the n training gradients once per call and shares them across the "
                 f"batch, so its per-query cost falls with the batch size; for one new query it takes "
                 f"{_secs(o.single_s)} against STRIDE's {_secs(sr.single_s)}.")
+    if "gradient_dot_store" in rows:
+        o = rows["gradient_dot_store"]["res"]
+        slow_batch = (o.batch_s / Q) < 10 * (sr.batch_s / Q)
+        slow_single = math.isfinite(o.single_s) and math.isfinite(sr.single_s) and o.single_s < 10 * sr.single_s
+        if slow_batch or slow_single:
+            lines.append(
+                f"- **Time per query vs {LABELS['gradient_dot_store']}.** STRIDE {_secs(sr.batch_s / Q)} vs "
+                f"{_secs(o.batch_s / Q)} per query in a batch of {Q}, {_secs(sr.single_s)} vs {_secs(o.single_s)} "
+                "for one new query: not 10x lower. With every training gradient stored, a query costs one "
+                "gradient and one product with the store, as cheap as STRIDE's K measurements; the price is the "
+                f"store itself ({_bytes(o.state_bytes)} against STRIDE's {_bytes(sr.state_bytes)}), which grows as "
+                "n x P. STRIDE's index (the fit) took "
+                f"{_secs(sr.index_s)} against {_secs(o.index_s)} for computing the store.")
     if len(lines) == 2:
         lines.append("- Every target is met on these queries (the next section re-checks them on fresh ones).")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
-from .operators import PLACEMENTS
+from .operators import OPERATOR_DTYPES, PLACEMENTS
 
 __all__ = ["StrideArguments", "LAMBDA_RULES", "SAMPLINGS"]
 
@@ -77,7 +77,12 @@ class StrideArguments:
             forward per step. Only the ``"logits"`` placement of a local model can use it;
             ``"auto"`` uses it when it can and the fit reads more rows than twice the corpus;
         * activation_cache_dtype: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``:
-            how the cache stores activations (half precision halves its size).
+            how the cache stores activations (half precision halves its size);
+        * operator_dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``: the dtype the
+            operators' edit is computed in while fitting (under ``torch.autocast``). Their
+            parameters and AdamW state stay float32 (master weights); measurement always reads
+            them in float32. Half precision speeds up the edit's matmuls on GPUs; on CPU it
+            mostly saves nothing.
 
     Measurement and recovery:
         * measure_batch_size: forward rows per chunk when measuring all K operators;
@@ -111,6 +116,7 @@ class StrideArguments:
     checkpoint_every: int = 100
     activation_cache: Union[bool, str] = "auto"
     activation_cache_dtype: str = "float32"
+    operator_dtype: str = "float32"
     measure_batch_size: int = 256
     lambda_rule: str = "fraction"
     lambda_fraction: float = 0.3
@@ -151,6 +157,9 @@ class StrideArguments:
         if self.activation_cache_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError("activation_cache_dtype must be 'float32', 'float16' or 'bfloat16', got "
                              f"{self.activation_cache_dtype!r}")
+        if self.operator_dtype not in OPERATOR_DTYPES:
+            raise ValueError(f"operator_dtype must be one of {OPERATOR_DTYPES} (the dtype the operators' edit is "
+                             f"computed in; their weights stay float32), got {self.operator_dtype!r}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if self.lambda_rule not in LAMBDA_RULES:

@@ -42,8 +42,8 @@ from .arguments import StrideArguments
 from .backends.base import ModelBackend
 from .design import SubsetDesign
 from .inputs import TokenBatch
-from .operators import (READ_ONLY_PLACEMENTS, SteeringOperators, jl_projection, loss_candidates, shared_rows_forward,
-                        step_losses)
+from .operators import (READ_ONLY_PLACEMENTS, SteeringOperators, jl_projection, loss_candidates, module_device,
+                        shared_rows_forward, step_losses)
 
 __all__ = ["FitHistory", "OperatorFitter", "CHECKPOINT_NAME", "CheckpointMismatchError", "NOT_IN_RUN_IDENTITY",
            "interrupts_deferred", "nonfinite_loss_error", "nonfinite_gradients", "optimizer_settings"]
@@ -411,14 +411,15 @@ class OperatorFitter:
             batch = self.texts.rows(examples)
             if positions is not None:
                 positions, valid = positions[torch.from_numpy(keep)], valid[torch.from_numpy(keep)]
-        batch = batch.to(backend.device)
-        op_ids = op_ids.to(backend.device)
+        batch = batch.to(backend.device)                 # the model's input device
+        op_device = module_device(ops)                   # the steered block's device
+        op_ids = op_ids.to(op_device)
         ops.train()
 
         sketch = self.sketch[torch.from_numpy(probe_ops)] if n_probe else None
 
         if self.activations is not None:  # the frozen model's activations, read from disk
-            forward = self.activations.forward_for(examples, device=backend.device)
+            forward = self.activations.forward_for(examples, device=op_device)
         else:
             def live(input_ids, attention_mask, edit, head_input=False):
                 if head_input:  # head placement: the output head's input, read in the same single forward

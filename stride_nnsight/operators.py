@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 PLACEMENTS = ("residual", "logits", "head")
+#: dtypes the operators' edit can be computed in (their parameters stay float32: master weights)
+OPERATOR_DTYPES = ("float32", "bfloat16", "float16")
 #: placements whose edit does not change the blocks after ``layer`` (fit from one unsteered forward)
 READ_ONLY_PLACEMENTS = ("logits", "head")
 
@@ -65,6 +67,9 @@ class SteeringOperators(torch.nn.Module):
         placement: ``"residual"``, ``"logits"`` or ``"head"``.
         layer: index of the decoder block whose output is read (and edited).
         hidden: width of the basis network's hidden layer.
+        compute_dtype: one of `OPERATOR_DTYPES`: the dtype `delta` computes the edit in (under
+            ``torch.autocast``; the parameters stay float32, so the optimiser updates float32
+            master weights). Measurement functions read the parameters in float32.
     """
 
     def __init__(
@@ -76,10 +81,14 @@ class SteeringOperators(torch.nn.Module):
         placement: str = "residual",
         layer: int = 0,
         hidden: int = 64,
+        compute_dtype: str = "float32",
     ) -> None:
         super(SteeringOperators, self).__init__()
         if placement not in PLACEMENTS:
             raise ValueError("placement must be one of %s, got %r" % (PLACEMENTS, placement))
+        if compute_dtype not in OPERATOR_DTYPES:
+            raise ValueError("compute_dtype must be one of %s, got %r" % (OPERATOR_DTYPES, compute_dtype))
+        self.compute_dtype = str(compute_dtype)
         self.n_operators = int(n_operators)
         self.d_model = int(d_model)
         self.rank = int(rank)
@@ -119,11 +128,18 @@ class SteeringOperators(torch.nn.Module):
         keep = (operator >= 0).to(a.dtype)[:, None, None]
         return a[operator.clamp(min=0)] * keep
 
+    def autocast(self, device: torch.device):
+        """``torch.autocast`` to `compute_dtype` on ``device`` (a no-op for float32)."""
+        return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, self.compute_dtype),
+                              enabled=self.compute_dtype != "float32")
+
     def delta(self, z: torch.Tensor, operator) -> torch.Tensor:
-        """The edit ``B(z) @ a_k``: ``z [b, t, d] -> [b, t, out]``."""
+        """The edit ``B(z) @ a_k``: ``z [b, t, d] -> [b, t, out]``, on the operators' device, in
+        `compute_dtype` (float32 by default)."""
         coef = self.operator_weights(operator, z.shape[0])
-        basis = self.basis(z.to(coef.dtype))
-        return torch.bmm(basis, coef)
+        with self.autocast(coef.device):
+            basis = self.basis(z.to(device=coef.device, dtype=coef.dtype))
+            return torch.bmm(basis, coef)
 
     def forward(self, z: torch.Tensor, operator, target: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Apply ``operator``.
@@ -134,12 +150,14 @@ class SteeringOperators(torch.nn.Module):
         ``target [b, t, d]``; returns ``target + B(z) a_k`` (to be put through the head).
         """
         base = z if target is None else target
-        return base + self.delta(z, operator).to(base.dtype)
+        return base + self.delta(z, operator).to(device=base.device, dtype=base.dtype)
 
     def all_logit_deltas(self, z: torch.Tensor) -> torch.Tensor:
         """Edits of every operator at once (logits placement): ``z [p, d] -> [K, p, V]``."""
-        basis = self.basis(z.to(self.coefficients.dtype))
-        return torch.einsum("pr,kro->kpo", basis, self.coefficients)
+        coef = self.coefficients
+        with self.autocast(coef.device):
+            basis = self.basis(z.to(device=coef.device, dtype=coef.dtype))
+            return torch.einsum("pr,kro->kpo", basis, coef)
 
     def settings(self) -> dict:
         return {
@@ -150,6 +168,7 @@ class SteeringOperators(torch.nn.Module):
             "placement": self.placement,
             "layer": self.layer,
             "hidden": self.basis.hidden,
+            "compute_dtype": self.compute_dtype,
         }
 
 
@@ -251,7 +270,7 @@ def head_measurements(operators: SteeringOperators, head, z: torch.Tensor, h: to
         counts = scored.sum(1).clamp(min=1).to(torch.float32)              # [b]
         h_p = h[:, :-1].to(device)[rows, cols].to(coef.dtype)             # [P, d]
         basis = operators.basis(z[:, :-1].to(device)[rows, cols].to(coef.dtype))   # [P, r]
-        base_logits = head(h_p).float()
+        base_logits = head(h_p).to(device).float()
         base_nll = torch.logsumexp(base_logits, -1) - base_logits.gather(-1, targets[:, None]).squeeze(-1)
         base = -torch.zeros(n_rows, device=device).index_add(0, rows, base_nll) / counts
         K, n_pos, vocab = operators.n_operators, int(rows.shape[0]), int(base_logits.shape[-1])
@@ -260,7 +279,7 @@ def head_measurements(operators: SteeringOperators, head, z: torch.Tensor, h: to
         for k0 in range(0, K, k_chunk):
             a = coef[k0: k0 + k_chunk]                                      # [k, r, d]
             edited = h_p.unsqueeze(0) + torch.einsum("pr,krd->kpd", basis, a)
-            logits = head(edited).float()                                   # [k, P, V]
+            logits = head(edited).to(device).float()                        # [k, P, V]
             nll[k0: k0 + a.shape[0]] = torch.logsumexp(logits, -1) - logits.gather(
                 -1, targets.view(1, -1, 1).expand(a.shape[0], -1, 1)).squeeze(-1)
         per_row = torch.zeros(K, n_rows, device=device).index_add(1, rows, nll) / counts   # [K, b]

@@ -191,8 +191,12 @@ class Stride:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.args.seed)
             ops = SteeringOperators(self.args.n_subsets, self.backend.d_model, self.args.rank, out_dim,
-                                    placement=self.args.placement, layer=self.layer, hidden=self.args.basis_hidden)
-        return ops.to(self.backend.device)
+                                    placement=self.args.placement, layer=self.layer, hidden=self.args.basis_hidden,
+                                    compute_dtype=self.args.operator_dtype)
+        # on the steered block's device: for a model dispatched over several devices
+        # (device_map="auto") that is not the input device; edits are moved where they are added.
+        # A remote fit places them on the server (next to the deployed model's block) instead.
+        return ops.to(self.backend.device if self.remote else self.backend.layer_device(self.layer))
 
     # ------------------------------------------------------------ model guard
     def _take_fingerprint(self) -> None:

@@ -235,6 +235,39 @@ def test_trak_tiny_damping_recovers_the_closed_form(setting):
     assert got.provenance["proj_dim"] == 128 and got.provenance["n_parameters"] == 32
 
 
+def test_trak_ensemble_is_the_mean_of_its_models(setting):
+    """An ensemble of models: the mean of each model's TRAK scores, model m projected with
+    seed + m; the kernel solve is invariant to the features' scale (what lets a sweep slice
+    one wide projection)."""
+    import copy
+
+    from nnsight import TransformersModel
+
+    lm, hf, tok, texts = setting
+    other = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lm2 = TransformersModel(other, tokenizer=tok, task="text-generation")
+    params = ["transformer.h.1.*"]
+    kw = dict(proj_dim=64, damping=1e-2, params=params)
+    both = B.trak([lm, lm2], texts, PROMPTS, COMPLETIONS, seed=5, **kw)
+    one = B.trak(lm, texts, PROMPTS, COMPLETIONS, seed=5, **kw)
+    two = B.trak(lm2, texts, PROMPTS, COMPLETIONS, seed=6, **kw)
+    torch.testing.assert_close(both.scores, (one.scores + two.scores) / 2, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(one.scores, two.scores)  # the members really differ
+    assert both.provenance["n_models"] == 2 and len(both.provenance["damping_absolute"]) == 2
+    phi = B.trak_features(lm, texts=texts, proj_dim=64, seed=5, params=params)
+    phi_q = B.trak_features(lm, prompts=PROMPTS, completions=COMPLETIONS, proj_dim=64, seed=5, params=params)
+    scores, lam = B.trak_scores(phi_q, phi, 1e-2)
+    torch.testing.assert_close(scores.float(), one.scores, rtol=1e-5, atol=1e-7)
+    scaled, lam3 = B.trak_scores(3 * phi_q, 3 * phi, 1e-2)
+    torch.testing.assert_close(scaled, scores, rtol=1e-8, atol=1e-10)  # scale-invariant
+    assert lam3 == pytest.approx(9 * lam)
+    with pytest.raises(ValueError, match="at least one model"):
+        B.trak([], texts, PROMPTS, COMPLETIONS)
+
+
 # ----------------------------------------------------------------------------------- EK-FAC
 def test_conv1d_to_linear_gives_identical_logits(setting):
     from transformers.pytorch_utils import Conv1D

@@ -147,3 +147,34 @@ def test_operator_module_is_remote_safe():
                 assert len(node.args) == 2, "use explicit super(Cls, self)"
             continue
         assert roots <= ALLOWED_REMOTE_IMPORTS, f"non-whitelisted import {roots}"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_operators_keep_float32_master_weights(dtype):
+    """operator_dtype: the edit is computed in half precision under autocast, the parameters
+    (what AdamW updates) stay float32 and receive float32 gradients; the edit equals the
+    float32 edit up to the half format's rounding."""
+    torch.manual_seed(0)
+    ops = SteeringOperators(4, 16, 3, 16, placement="residual", compute_dtype=dtype)
+    ref = SteeringOperators(4, 16, 3, 16, placement="residual")
+    ref.load_state_dict(ops.state_dict())
+    coefficients = torch.randn(4, 3, 16)
+    with torch.no_grad():
+        for o in (ops, ref):
+            o.coefficients.copy_(coefficients)
+    z = torch.randn(2, 5, 16)
+    ids = torch.tensor([1, 3])
+    with torch.no_grad():
+        half = ops.delta(z, ids)
+        full = ref.delta(z, ids)
+    assert half.dtype == getattr(torch, dtype) and full.dtype == torch.float32
+    assert float((half.float() - full).abs().max()) <= 0.05 * float(full.abs().max())
+    assert float((half.float() - full).abs().max()) > 0  # the half-precision path really ran
+    out = ops(z, ids)
+    assert out.dtype == torch.float32  # the edit is added in the activation's dtype
+    out.square().sum().backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in ops.parameters())
+    assert ops.settings()["compute_dtype"] == dtype
+    with pytest.raises(ValueError, match="compute_dtype"):
+        SteeringOperators(4, 16, 3, 16, compute_dtype="int8")

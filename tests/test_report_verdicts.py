@@ -54,3 +54,24 @@ def test_cost_table_end_to_end_is_index_plus_queries():
     assert table[0].endswith("| end to end: 1 query | 100 queries | 10,000 queries |")
     assert table[1].startswith("| BM25 |") and table[2].startswith("| **STRIDE (defaults)** |")
     assert len(table) == 3
+
+
+def test_shortfalls_name_the_stored_gradient_index_when_it_is_as_fast():
+    """A stored-gradient index that answers queries within 10x of STRIDE is listed among the
+    shortfalls with both per-query times, both states and both index times; a 10x slower one is not."""
+    from types import SimpleNamespace
+
+    from benchmarks.report import _shortfalls
+
+    def entry(index_s, batch_s, single_s, state_bytes):
+        return {"res": SimpleNamespace(index_s=index_s, batch_s=batch_s, single_s=single_s, state_bytes=state_bytes),
+                "m": {"lds": {"mean": 0.4}}}
+
+    stride = entry(58.0, 80 * 0.0177, 0.028, 33.6e6)
+    rows = {"stride": stride, "gradient_dot_store": entry(15.0, 80 * 0.0196, 0.13, 1.91e9)}
+    text = _shortfalls(rows, [], {}, {}, {}, 2000, 80)
+    line = next(ln for ln in text.splitlines() if "stored gradients" in ln)
+    assert "not 10x lower" in line and "17.7 ms" in line and "19.6 ms" in line
+    assert "1.91 GB" in line and "33.60 MB" in line and "58" in line and "15" in line
+    rows["gradient_dot_store"] = entry(15.0, 80 * 0.5, 5.0, 1.91e9)
+    assert "stored gradients" not in _shortfalls(rows, [], {}, {}, {}, 2000, 80)

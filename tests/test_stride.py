@@ -157,3 +157,60 @@ def test_half_precision_model_keeps_float32_operators_and_close_scores(toy, dtyp
     a, b = scores["float32"], scores[dtype]
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98   # measured 0.997
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75     # measured 1.0
+
+
+def test_model_dispatched_with_device_map_matches_plain_model(tiny_hf_model, tiny_tokenizer, small_texts, tmp_path):
+    """A model loaded with a device_map (accelerate dispatch; here one block offloaded to disk,
+    so its weights are on ``meta`` at rest and its hook moves them in for each forward) fits and
+    attributes exactly like the same model loaded plainly; the operators sit on the steered
+    block's execution device."""
+    from nnsight import TransformersModel
+    from transformers import AutoModelForCausalLM
+
+    tiny_hf_model.save_pretrained(tmp_path / "m")
+    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu",
+                  "transformer.h.0": "cpu", "transformer.h.1": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=device_map,
+                                              offload_folder=str(tmp_path / "offload"), local_files_only=True)
+    assert all(p.device.type == "meta" for p in hf.transformer.h[1].parameters())  # really offloaded
+    dispatched = Stride(TransformersModel(hf, tokenizer=tiny_tokenizer, task="text-generation"), layer=1, **FAST)
+    assert dispatched.backend.layer_device(1) == torch.device("cpu")  # from the block's accelerate hook
+    plain = Stride(TransformersModel(tiny_hf_model, tokenizer=tiny_tokenizer, task="text-generation"), layer=1, **FAST)
+    got, want = (s.fit(small_texts[:24], progress=False).attribute(["the cat"], [" sat"], progress=False)
+                 for s in (dispatched, plain))
+    torch.testing.assert_close(got.scores, want.scores)
+    torch.testing.assert_close(got.measurements, want.measurements)
+
+
+def test_layer_device_follows_the_steered_block(tiny_model):
+    """Operators go where the steered block runs: its weights' device, else (offloaded
+    weights on meta) its accelerate hook's execution device, else the model's device."""
+    from types import SimpleNamespace
+
+    backend = Stride(tiny_model, layer=1, **FAST).backend
+    assert backend.layer_device(1) == backend.device == torch.device("cpu")
+    block = backend.block_module(1)
+    meta_block = torch.nn.Linear(2, 2, device="meta")
+    meta_block._hf_hook = SimpleNamespace(execution_device="cuda:1")
+    backend.block_module = lambda layer: meta_block if layer == 1 else block
+    assert backend.layer_device(1) == torch.device("cuda", 1)   # no CUDA needed to resolve it
+    assert backend.layer_device(-1) == torch.device("cuda", 1)  # negative layers resolve first
+    meta_block._hf_hook = SimpleNamespace(execution_device=0)
+    assert backend.layer_device(1) == torch.device("cuda", 0)
+    del meta_block._hf_hook
+    assert backend.layer_device(1) == backend.device
+
+
+def test_half_precision_operator_fit(tiny_model, small_texts):
+    """operator_dtype="bfloat16": parameters and saved state stay float32; the scores follow
+    the float32 fit's closely (same seed and design)."""
+    args = dict(FAST, placement="logits", steps=30)
+    full = Stride(tiny_model, layer=1, **args).fit(small_texts[:24], progress=False)
+    half = Stride(tiny_model, layer=1, operator_dtype="bfloat16", **args).fit(small_texts[:24], progress=False)
+    assert all(p.dtype == torch.float32 for p in half.operators.parameters())
+    assert half.operators.compute_dtype == "bfloat16" and half.args.operator_dtype == "bfloat16"
+    a, b = (s.operators.coefficients.detach().flatten() for s in (full, half))
+    assert not torch.equal(a, b)  # the fits differ (rounding), but only slightly:
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.98
+    with pytest.raises(ValueError, match="operator_dtype"):
+        StrideArguments(operator_dtype="half")

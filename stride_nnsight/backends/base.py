@@ -68,6 +68,30 @@ class ModelBackend:
                 return p.device
         return torch.device("cpu")
 
+    def block_module(self, layer: int) -> torch.nn.Module:
+        """The ``nn.Module`` of decoder block ``layer`` (subclasses know where the blocks are)."""
+        raise NotImplementedError
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Device where decoder block ``layer`` runs: where the operators steering it live.
+
+        Equal to `device` for a model on one device. For a model dispatched over several
+        devices (``from_pretrained(..., device_map="auto")``) it is the device of that block's
+        weights, or, for a block whose weights are offloaded (``meta`` at rest), the execution
+        device of its accelerate hook."""
+        try:
+            module = self.block_module(self.check_layer(int(layer)))
+        except NotImplementedError:
+            return self.device
+        hook = getattr(module, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        for p in module.parameters():
+            if p.device.type != "meta":
+                return p.device
+        if execution is not None:
+            return torch.device(execution) if not isinstance(execution, int) else torch.device("cuda", execution)
+        return self.device
+
     @property
     def dtype(self) -> torch.dtype:
         for p in self.torch_module.parameters():

@@ -112,6 +112,10 @@ class NNsightBackend(ModelBackend):
                 "run on a server that has them"
             )
 
+    def block_module(self, layer: int) -> torch.nn.Module:
+        """The ``nn.Module`` of decoder block ``layer`` (outside a trace)."""
+        return reduce(getattr, self.layers_path.split("."), self.torch_module)[layer]
+
     def block(self, layer: int):
         """The envoy of decoder block ``layer`` (usable inside a trace)."""
         return reduce(getattr, self.layers_path.split("."), self.model)[layer]

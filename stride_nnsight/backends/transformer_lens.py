@@ -278,6 +278,10 @@ class TransformerLensBackend(ModelBackend):
                 stacklevel=3,
             )
 
+    def block_module(self, layer: int) -> torch.nn.Module:
+        """The bridge's decoder block ``layer`` (``blocks[layer]``)."""
+        return self.model.blocks[layer]
+
     def hook_name(self, layer: int) -> str:
         return resid_post_hook_name(layer)
 

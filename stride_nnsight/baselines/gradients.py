@@ -17,7 +17,7 @@ from torch import Tensor
 from ..results import Attribution
 from ._common import ModelHandle, base_provenance, check_inputs, iter_loss_gradients, loss_gradients, select_parameters
 
-__all__ = ["gradient_similarity", "trak", "example_gradients", "GaussianProjection"]
+__all__ = ["gradient_similarity", "trak", "trak_features", "trak_scores", "example_gradients", "GaussianProjection"]
 
 
 def example_gradients(
@@ -144,6 +144,57 @@ def _trak_features(handle, batch, named, projection, batch_size, progress, desc)
     return torch.cat(feats).double()
 
 
+def trak_features(
+    model: Any,
+    *,
+    texts: Optional[Sequence[str]] = None,
+    prompts: Optional[Sequence[str]] = None,
+    completions: Optional[Sequence[str]] = None,
+    proj_dim: int = 512,
+    seed: int = 0,
+    params: Any = "all",
+    max_length: int = 64,
+    batch_size: int = 32,
+    tokenizer: Any = None,
+    progress: bool = False,
+) -> Tensor:
+    """TRAK features ``phi = R^T g`` ``[n, proj_dim]`` (float64, CPU) of ``texts`` (training loss)
+    or of ``prompts`` + ``completions`` (query loss), with ``R`` the seeded `GaussianProjection`.
+    The columns of ``R`` are i.i.d., so the first ``k`` columns of these features are themselves
+    features under a valid ``k``-dimensional Gaussian projection (not the one ``proj_dim=k``
+    draws): one feature pass serves a sweep over smaller sizes (`trak_scores` is invariant to
+    the features' overall scale)."""
+    handle = ModelHandle(model, tokenizer)
+    named = select_parameters(handle.module, params)
+    n_params = int(sum(p.numel() for _, p in named))
+    projection = GaussianProjection(n_params, proj_dim, seed, handle.device, [p.numel() for _, p in named])
+    if texts is not None:
+        batch, desc = handle.encode_train(list(texts), max_length), "train gradients"
+    elif prompts is not None and completions is not None:
+        batch, desc = handle.encode_queries(list(prompts), list(completions), max_length), "query gradients"
+    else:
+        raise ValueError("pass texts=... or prompts=... and completions=...")
+    return _trak_features(handle, batch, named, projection, batch_size, progress, desc)
+
+
+def trak_scores(phi_q: Tensor, phi: Tensor, damping: float) -> tuple[Tensor, float]:
+    """``scores = Phi_q (Phi^T Phi + lambda I)^-1 Phi^T`` ``[q, n]`` (float64) from query
+    features ``phi_q [q, k]`` and training features ``phi [n, k]``, with ``lambda = damping *
+    mean_j ||phi_j||^2`` (relative damping). Returns ``(scores, lambda)``."""
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    phi_q, phi = phi_q.double(), phi.double()
+    gram = phi.T @ phi
+    lam = float(damping) * float((phi * phi).sum(1).mean())
+    gram.diagonal().add_(lam)
+    try:
+        factor = torch.linalg.cholesky(gram)
+        weights = torch.cholesky_solve(phi.T, factor)  # (Phi^T Phi + lam I)^-1 Phi^T  [k, n]
+    except RuntimeError:  # singular (damping 0 and n < k): least squares via the pseudo-inverse
+        weights = torch.linalg.pinv(gram, hermitian=True) @ phi.T
+    return phi_q @ weights, lam
+
+
 def trak(
     model: Any,
     train_texts: Any,
@@ -161,48 +212,47 @@ def trak(
     tokenizer: Any = None,
     progress: bool = False,
 ) -> Attribution:
-    """TRAK-style scores from one model: ``phi = R^T g`` (seeded Gaussian projection of the
-    loss gradient to ``proj_dim``), then
+    """TRAK-style scores: ``phi = R^T g`` (seeded Gaussian projection of the loss gradient to
+    ``proj_dim``, `trak_features`), then per model
 
-        scores = Phi_q (Phi^T Phi + lambda I)^-1 Phi^T
+        scores_m = Phi_q (Phi^T Phi + lambda I)^-1 Phi^T
 
-    with ``Phi [n, k]`` the training features. ``lambda = damping * mean_j ||phi_j||^2``
-    (relative damping: the mean non-zero eigenvalue of ``Phi^T Phi`` when ``n <= k``);
-    the absolute value is in the provenance. Positive = proponent.
+    with ``Phi [n, k]`` the training features and ``lambda = damping * mean_j ||phi_j||^2``
+    (relative damping: the mean non-zero eigenvalue of ``Phi^T Phi`` when ``n <= k``;
+    `trak_scores`). ``model`` may be one model or a sequence of independently trained models
+    of the same architecture (an ensemble, as in TRAK): the scores are the mean of the
+    per-model scores, model ``m`` projected with seed ``seed + m``. The absolute lambdas are
+    in the provenance. Positive = proponent.
 
-    Simplifications against TRAK (Park et al. 2023): one model (no ensemble over
-    independently trained checkpoints), loss gradients instead of the margin
+    Simplifications against TRAK (Park et al. 2023): loss gradients instead of the margin
     ``log p/(1-p)`` gradients, no ``Q = diag(1 - p)`` reweighting, no sparsification.
     """
     train, prompts, completions, qids, tids = check_inputs(train_texts, prompts, completions, query_ids, train_ids)
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
-    handle = ModelHandle(model, tokenizer)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models:
+        raise ValueError("trak needs at least one model")
+    total: Optional[Tensor] = None
+    lams = []
+    common = dict(proj_dim=proj_dim, params=params, max_length=max_length, batch_size=batch_size,
+                  tokenizer=tokenizer, progress=progress)
+    for m, one in enumerate(models):
+        phi_q = trak_features(one, prompts=prompts, completions=completions, seed=seed + m, **common)
+        phi = trak_features(one, texts=train, seed=seed + m, **common)
+        scores, lam = trak_scores(phi_q, phi, damping)
+        total = scores if total is None else total + scores
+        lams.append(lam)
+    handle = ModelHandle(models[0], tokenizer)
     named = select_parameters(handle.module, params)
-    n_params = int(sum(p.numel() for _, p in named))
-    projection = GaussianProjection(n_params, proj_dim, seed, handle.device, [p.numel() for _, p in named])
-    queries = handle.encode_queries(prompts, completions, max_length)
-    texts = handle.encode_train(train, max_length)
-    phi_q = _trak_features(handle, queries, named, projection, batch_size, progress, "query gradients")
-    phi = _trak_features(handle, texts, named, projection, batch_size, progress, "train gradients")
-    del projection
-    gram = phi.T @ phi
-    lam = float(damping) * float((phi * phi).sum(1).mean())
-    gram.diagonal().add_(lam)
-    try:
-        factor = torch.linalg.cholesky(gram)
-        weights = torch.cholesky_solve(phi.T, factor)  # (Phi^T Phi + lam I)^-1 Phi^T  [k, n]
-    except RuntimeError:  # singular (damping 0 and n < k): least squares via the pseudo-inverse
-        weights = torch.linalg.pinv(gram, hermitian=True) @ phi.T
-    scores = phi_q @ weights
     return Attribution(
-        scores=scores.float(),
+        scores=(total / len(models)).float(),
         query_ids=qids,
         train_ids=tids,
         query_texts=[p + c for p, c in zip(prompts, completions)],
         train_texts=train,
         provenance=base_provenance("trak", handle.backend, proj_dim=proj_dim, damping=damping,
-                                   damping_absolute=lam, seed=seed, n_models=1,
-                                   projection="gaussian N(0, 1/proj_dim)",
+                                   damping_absolute=lams[0] if len(lams) == 1 else lams, seed=seed,
+                                   n_models=len(models), projection="gaussian N(0, 1/proj_dim)",
                                    **_gradient_settings(handle, named, params, max_length)),
     )
