@@ -238,6 +238,10 @@ def build_heldout_corpus(config: HeldoutConfig) -> Corpus:
     return Corpus(documents=documents, kinds=kinds, queries=queries, text_source="kjv+stdlib", facts=facts)
 
 
+#: the EK-FAC row whose damping was chosen on the public benchmark's dev queries
+EKFAC_TUNED_LABEL = "EK-FAC, damping tuned on public dev queries"
+
+
 def build_heldout(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR, log=print) -> BenchSetting:
     """The held-out setting (corpus, tokenizer, trained model), cached like `build_setting`."""
     return build_setting(config, cache_dir, log=log)
@@ -275,8 +279,13 @@ def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, An
                                                           ("n_subsets", "subsets_per_example", "layer", "placement",
                                                            "rank", "linearity_weight", "fit_passes")},
                                            "steps": res.extra["steps"], "cache_used": stride.cache_used}
+    from .methods import EKFAC_TUNED_DAMPING
+
     for name, fn in (("EK-FAC (kronfluence)", lambda p, c: baselines.ekfac(setting.language_model(), docs, p, c,
                                                                              max_length=context)),
+                     (EKFAC_TUNED_LABEL, lambda p, c: baselines.ekfac(setting.language_model(), docs, p, c,
+                                                                      max_length=context,
+                                                                      damping=EKFAC_TUNED_DAMPING)),
                      ("BM25", lambda p, c: baselines.bm25(docs, p, c))):
         log(f"  {name} ...")
         from kronfluence.analyzer import Analyzer
@@ -301,11 +310,56 @@ def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, An
         m["by_kind"] = _kind_means(m["per_query"], kinds)
         m["recall@10"] = fact_tracing(m["scores"][facts], sources, ks=(10,))["recall@10"]
     out["kinds"] = kinds
+    out["paired"] = paired_differences(out, truth, kinds)
     return out
 
 
+KIND_SELECTIONS = ("all", "fact", "scripture", "docs")
+
+
+def paired_differences(out: dict[str, Any], truth: Any, kinds: np.ndarray) -> dict[str, dict[str, list[float]]]:
+    """STRIDE minus each baseline, per query kind: ``{baseline: {kind: [difference, low, high]}}``
+    with the paired 95% bootstrap interval resampling queries *and* retrained models."""
+    from stride_nnsight.evaluation import paired_lds_ci
+
+    stride = out["methods"]["STRIDE (defaults)"]
+    losses = np.asarray(truth.losses)
+    result: dict[str, dict[str, list[float]]] = {}
+    for name, m in out["methods"].items():
+        if m is stride:
+            continue
+        result[name] = {}
+        for kind in KIND_SELECTIONS:
+            sel = np.ones(len(kinds), bool) if kind == "all" else kinds == kind
+            result[name][kind] = list(paired_lds_ci(stride["scores"][sel], m["scores"][sel], truth.masks,
+                                                    losses[..., sel], n_boot=1000))
+    return result
+
+
+def _verdict(low: float, high: float) -> str:
+    return "above" if low > 0 else ("below" if high < 0 else "level")
+
+
+def headline(out: dict[str, Any]) -> list[str]:
+    """The held-out figures as `benchmarks/RESULTS.md` leads with them: LDS per kind, recall,
+    costs, and STRIDE's paired differences (a markdown fragment without a title)."""
+    lines = ["| method | LDS all | facts | scripture | docs | fact recall@10 | index s | per query s (batch) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in out["methods"].items():
+        bk = m["by_kind"]
+        lines.append(f"| {name} | {m['lds']:.3f} | {bk.get('fact', float('nan')):.3f} | "
+                     f"{bk.get('scripture', float('nan')):.3f} | {bk.get('docs', float('nan')):.3f} | "
+                     f"{m['recall@10']:.3f} | {m['index_s']:.0f} | {m['per_query_s']:.4f} |")
+    lines += ["", "STRIDE minus each baseline (paired 95% CI resampling queries and retrained models):", "",
+              "| baseline | all | facts | scripture | docs |", "|---|---|---|---|---|"]
+    for name, cells in out.get("paired", {}).items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {_verdict(lo, hi)}" for d, lo, hi in
+            (cells[k] for k in KIND_SELECTIONS)) + " |")
+    return lines
+
+
 def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]) -> str:
-    from stride_nnsight.evaluation import bootstrap_ci
 
     c = setting.config
     kinds = out["kinds"]
@@ -349,21 +403,17 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
                      f"{bk.get('scripture', float('nan')):.3f} | {bk.get('docs', float('nan')):.3f} | "
                      f"{m['recall@10']:.3f} | {m['index_s']:.1f} | {m['per_query_s']:.4f} | {m['single_s']:.3f} |")
     stride = out["methods"]["STRIDE (defaults)"]
-    lines += ["", "Paired differences, STRIDE minus each baseline (95% CI over queries):", ""]
+    lines += ["", "Paired differences, STRIDE minus each baseline (95% CI, bootstrap over queries and retrained "
+              "models, 1000 resamples):", ""]
     lines += ["| baseline | all | facts | scripture | docs |", "|---|---|---|---|---|"]
-    for name, m in out["methods"].items():
-        if m is stride:
-            continue
-        cells = []
-        for sel in (np.ones(len(kinds), bool), kinds == "fact", kinds == "scripture", kinds == "docs"):
-            d = stride["per_query"][sel] - m["per_query"][sel]
-            lo, hi = bootstrap_ci(d, 0.95, 1000, 0)
-            verdict = "above" if lo > 0 else ("below" if hi < 0 else "level")
-            cells.append(f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, cells in out["paired"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {_verdict(lo, hi)}" for d, lo, hi in
+            (cells[k] for k in KIND_SELECTIONS)) + " |")
     lines += ["", f"STRIDE settings: {stride['provenance']}; {stride['steps']} fit steps; activation cache used: "
               f"{stride['cache_used']}. EK-FAC: kronfluence defaults of `stride_nnsight.baselines.ekfac` "
-              f"(heuristic damping, no sweep) with max_length={c.max_length}. Index = one-off work per corpus "
+              f"(heuristic damping) with max_length={c.max_length}, and the same with the damping chosen on the "
+              "public benchmark's dev queries (`benchmarks/RESULTS-ekfac-damping.md`; nothing tuned here). Index = one-off work per corpus "
               "(STRIDE: the fit, activation cache included; EK-FAC: kronfluence's factor fit, timed inside its call "
               "and subtracted from the query time; BM25: none); times are wall seconds with one thread.",
               "", "Setup wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."]
@@ -387,7 +437,8 @@ def save_results(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, 
 
     path = _results_path(setting)
     arrays = {"kinds": np.asarray(out["kinds"])}
-    meta: dict[str, Any] = {"n_models": out["n_models"], "seconds": seconds, "methods": {}}
+    meta: dict[str, Any] = {"n_models": out["n_models"], "seconds": seconds, "methods": {},
+                            "paired": out.get("paired", {}), "code_version": _code_version()}
     for i, (name, m) in enumerate(out["methods"].items()):
         arrays[f"scores_{i}"] = m["scores"]
         arrays[f"per_query_{i}"] = m["per_query"]
@@ -398,15 +449,39 @@ def save_results(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, 
 
 
 def load_results(setting: BenchSetting) -> tuple[dict[str, Any], dict[str, float]]:
+    return _load_results_file(_results_path(setting))
+
+
+def _load_results_file(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
     import json
 
-    with np.load(_results_path(setting), allow_pickle=False) as data:
+    with np.load(path, allow_pickle=False) as data:
         meta = json.loads(str(data["meta"]))
-        out: dict[str, Any] = {"n_models": meta["n_models"], "kinds": data["kinds"], "methods": {}}
+        out: dict[str, Any] = {"n_models": meta["n_models"], "kinds": data["kinds"], "methods": {},
+                               "paired": meta.get("paired", {}), "code_version": meta.get("code_version")}
         for name, m in meta["methods"].items():
             i = m.pop("index")
             out["methods"][name] = {**m, "scores": data[f"scores_{i}"], "per_query": data[f"per_query_{i}"]}
     return out, meta["seconds"]
+
+
+def saved_results(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR) -> Optional[dict[str, Any]]:
+    """The last saved held-out results of any code version (newest first), without training
+    anything: ``None`` when there are none. Adds ``code_version`` (the code that computed
+    them) and ``config`` to the returned ``out``."""
+    corpus = build_heldout_corpus(config)
+    setting = BenchSetting(config, corpus, None, None, 0.0, Path(cache_dir))  # type: ignore[arg-type]
+    found = sorted(Path(cache_dir).glob(f"heldout-results-{setting.key}-code*.npz"),
+                   key=lambda f: f.stat().st_mtime, reverse=True)
+    if not found:
+        return None
+    current = _results_path(setting)
+    path = current if current in found else found[0]
+    out, _ = _load_results_file(path)
+    out.setdefault("code_version", None)
+    out["code_version"] = out["code_version"] or path.stem.rsplit("-code", 1)[-1]
+    out["config"] = config
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:

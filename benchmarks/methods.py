@@ -41,8 +41,12 @@ import torch
 
 __all__ = ["MethodResult", "PeakRSS", "run_baseline", "run_stride", "BASELINES", "dir_bytes"]
 
+#: EK-FAC's damping chosen on the dev half of the public benchmark's queries
+#: (`python -m benchmarks.ekfac_damping`, benchmarks/RESULTS-ekfac-damping.md)
+EKFAC_TUNED_DAMPING = 1e-9
+
 BASELINES = ("random", "bm25", "representation", "gradient_dot", "gradient_cosine", "gradient_dot_store",
-             "trak", "ekfac")
+             "trak", "ekfac", "ekfac_tuned")
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -221,12 +225,13 @@ def run_baseline(name: str, setting, lm, single: bool = True, log=print) -> Meth
         res.notes.append("index = training-feature pass (timed inside the call and subtracted); projection "
                          "matrix generation and the kernel solve stay in the query time")
         res.extra["proj_dim"] = proj_dim
-    elif name == "ekfac":
+    elif name in ("ekfac", "ekfac_tuned"):
         from kronfluence.analyzer import Analyzer
 
+        damping = EKFAC_TUNED_DAMPING if name == "ekfac_tuned" else None  # None: kronfluence's heuristic
         record = []
         with _time_calls(Analyzer, "fit_all_factors", record):
-            fn = lambda p, c: baselines.ekfac(lm, docs, p, c)  # noqa: E731
+            fn = lambda p, c: baselines.ekfac(lm, docs, p, c, damping=damping)  # noqa: E731
             _run_indexed(res, fn, record, call, single_call if single else None)
         res.state_bytes = _ekfac_factor_bytes(setting.model)
         res.state_note = ("EK-FAC factors (eigenbases + eigenvalues of the tracked Linear layers); query time "

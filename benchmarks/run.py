@@ -654,7 +654,14 @@ def run(plan: Plan) -> Path:
     stages["total_s"] = time.perf_counter() - t_start
 
     _log(f"[6/6] writing {plan.out}")
-    text = report.render(plan=plan, setting=setting, gt=gt, gt_info=gt_info, methods=methods,
+    heldout_out = None
+    if not plan.quick:  # the held-out benchmark's last saved results lead the report
+        from .heldout import saved_results
+
+        heldout_out = saved_results(cache_dir=plan.cache_dir)
+        if heldout_out is None:
+            _log("  no saved held-out results: run `python -m benchmarks.heldout` for the report's headline")
+    text = report.render(plan=plan, setting=setting, gt=gt, gt_info=gt_info, methods=methods, heldout=heldout_out,
                          ablations=ablations, lambdas=lambdas, stages=stages, confirmation=confirmation,
                          default_args=_stride_args(plan).to_dict(),
                          base_args=_ablation_base(plan).to_dict())

@@ -336,3 +336,15 @@ def test_compatibility_mode_warns_and_centres(setting, batch):
     calls = []
     tl.forward(ids, mask, 1, lambda h: calls.append(1) or h)
     assert len(calls) == 1
+
+
+def test_vmap_per_example_gradients_through_the_bridge(setting):
+    """The gradient baselines' batched path (torch.func.vmap over a padded chunk) runs through a
+    TransformerBridge and gives the one-at-a-time gradients, which equal nnsight's."""
+    from stride_nnsight import baselines as B
+
+    texts = ["the cat sat on the mat", "a dog ran", "birds sing in the green tree today"]
+    loop = B.example_gradients(setting["bridge"], texts=texts, tokenizer=setting["tok"])
+    batched = B.example_gradients(setting["bridge"], texts=texts, tokenizer=setting["tok"], per_example="vmap")
+    torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-6)
+    assert float(loop.abs().max()) > 0

@@ -363,3 +363,20 @@ def test_membership_scores_reject_bad_arguments(setting):
         B.membership_scores(lm, ["a text"], ["perplexity"])
     with pytest.raises(ValueError, match="fraction"):
         B.membership_scores(lm, ["a text"], k=0.0)
+
+
+def test_vmap_per_example_gradients_equal_the_loop(setting):
+    """per_example="vmap" (a padded chunk under torch.func.vmap) gives the one-at-a-time
+    gradients: rows of different lengths in one chunk, every parameter, queries and texts."""
+    lm, _, _, texts = setting
+    for kw in (dict(texts=texts), dict(prompts=PROMPTS, completions=COMPLETIONS)):
+        loop = B.example_gradients(lm, batch_size=5, **kw)
+        batched = B.example_gradients(lm, batch_size=5, per_example="vmap", **kw)
+        assert batched.shape == loop.shape
+        torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-6)
+    got = B.gradient_similarity(lm, texts, PROMPTS, COMPLETIONS, per_example="vmap")
+    assert got.provenance["per_example"] == "vmap"
+    torch.testing.assert_close(got.scores, B.gradient_similarity(lm, texts, PROMPTS, COMPLETIONS).scores,
+                               rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="per_example"):
+        B.example_gradients(lm, texts=texts, per_example="batched")

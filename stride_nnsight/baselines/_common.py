@@ -73,6 +73,11 @@ def base_provenance(method: str, backend: Optional[ModelBackend] = None, **setti
 
 
 # ------------------------------------------------------------------------ the model
+#: how per-example gradients are taken: one example at a time (``"loop"``), or a padded chunk at
+#: once under ``torch.func.vmap`` (``"vmap"``; the same numbers, see `iter_loss_gradients`)
+PER_EXAMPLE_MODES = ("loop", "vmap")
+
+
 class ModelHandle:
     """The torch side of a backend, for gradient work in plain torch.
 
@@ -81,7 +86,11 @@ class ModelHandle:
     dtype); ``logits(ids, mask)`` runs it and returns ``[b, t, V]``.
     """
 
-    def __init__(self, model: Any, tokenizer: Any = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any = None, per_example: str = "loop") -> None:
+        if per_example not in PER_EXAMPLE_MODES:
+            raise ValueError(f"per_example must be one of {PER_EXAMPLE_MODES} (how per-example gradients are "
+                             f"taken), got {per_example!r}")
+        self.per_example = per_example
         self.backend: ModelBackend = resolve_backend(model, tokenizer=tokenizer) if tokenizer is not None \
             else resolve_backend(model)
         module = self.backend.torch_module
@@ -183,11 +192,19 @@ def iter_loss_gradients(
     """Per-example gradients of the mean NLL over each row's scored tokens.
 
     Yields ``(rows, G)`` with ``G [len(rows), P]`` float32 on the model's device
-    (parameters flattened and concatenated in ``named_params`` order). Each example runs
-    alone, trimmed to its own length (no padding), so gradients are exact.
+    (parameters flattened and concatenated in ``named_params`` order). With
+    ``handle.per_example == "loop"`` each example runs alone, trimmed to its own length (no
+    padding). With ``"vmap"`` a chunk of ``chunk`` examples runs at once under
+    ``torch.func.vmap(torch.func.grad(...))``, right-padded to the chunk's longest row with an
+    all-ones attention mask: in a causal LM a token never sees the padding after it and its
+    position ids are unchanged, and the loss masks the padding out, so the gradients are the
+    same up to float rounding (tested).
     """
     tensors = [p for _, p in named_params]
     n = len(batch)
+    if handle.per_example == "vmap":
+        yield from _vmap_loss_gradients(handle, batch, named_params, chunk, progress, desc)
+        return
     bar = tqdm(total=n, disable=not progress, desc=desc, unit="ex")
     with eval_mode(handle.module), gradients_on(tensors), torch.enable_grad():
         for start in range(0, n, chunk):
@@ -204,6 +221,34 @@ def iter_loss_gradients(
                 ]))
                 bar.update(1)
             yield rows, torch.stack(out)
+    bar.close()
+
+
+def _vmap_loss_gradients(handle: ModelHandle, batch: TokenBatch, named_params: list[tuple[str, Tensor]],
+                         chunk: int, progress: bool, desc: str) -> Iterator[tuple[list[int], Tensor]]:
+    """`iter_loss_gradients` for ``per_example="vmap"``."""
+    from torch.func import functional_call, grad, vmap
+
+    names = [name for name, _ in named_params]
+    params = {name: p.detach() for name, p in named_params}
+    module = handle.module
+
+    def loss(p: dict, ids: Tensor, loss_mask: Tensor) -> Tensor:
+        ones = torch.ones(1, ids.shape[0], dtype=torch.long, device=ids.device)   # unbatched: no data-dependent branch
+        out = functional_call(module, p, (ids[None],), {"attention_mask": ones})
+        logits = out if isinstance(out, Tensor) else out[0] if isinstance(out, tuple) else out.logits
+        return token_nll(logits, ids[None], loss_mask[None])[0]
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+    n = len(batch)
+    bar = tqdm(total=n, disable=not progress, desc=desc, unit="ex")
+    with eval_mode(module):
+        for start in range(0, n, chunk):
+            rows = list(range(start, min(start + chunk, n)))
+            sub = batch.rows(rows).to(handle.device)   # right-padded to the chunk's longest row
+            grads = per_example(params, sub.input_ids, sub.loss_mask)
+            yield rows, torch.cat([grads[name].reshape(len(rows), -1).float() for name in names], dim=1)
+            bar.update(len(rows))
     bar.close()
 
 
