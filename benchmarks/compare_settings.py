@@ -13,6 +13,10 @@ Benchmarks (``--bench``):
 * ``gate``: the suite's quality-gate corpus (``tests/test_quality_gate.py``: 150 planted-fact
   documents of 65-122 tokens, 24 fact queries, LDS from 8 retrained models); ``gate1`` is the
   same recipe with corpus seed 1.
+* ``heldout-dev``: the held-out benchmark's dev twin (``benchmarks.heldout.HELDOUT_DEV``: 520
+  documents of scripture, docstrings and planted facts from other books and modules than the
+  held-out benchmark, a 4-layer width-128 GPT-2, 56 queries, LDS from 20 retrained models);
+  build its retrains first with ``python -m benchmarks.heldout --dev --ground-truth-only``.
 * ``public``: the bundled public benchmark (``benchmarks.setting.FULL``: 2,000 documents, 80 fact
   and text queries, LDS from 32 retrained models), its model and ground truth from the
   benchmark cache (built on first use: slow).
@@ -87,6 +91,19 @@ def public_bench() -> dict[str, Any]:
             "truth": truth, "kinds": [q.kind for q in queries],
             "sources": [list(q.relevant) for q in queries if q.kind == "fact"],
             "stride_kwargs": {"max_length": FULL.max_length}}
+
+
+def heldout_dev_bench() -> dict[str, Any]:
+    from benchmarks.heldout import HELDOUT_DEV, build_heldout
+    from benchmarks.setting import ground_truth
+
+    setting = build_heldout(HELDOUT_DEV, log=lambda m: print(m, flush=True))
+    truth = ground_truth(setting, progress=True)
+    queries = setting.corpus.queries
+    return {"model": setting.model, "tokenizer": setting.tokenizer, "documents": setting.documents,
+            "prompts": [q.prompt for q in queries], "completions": [q.completion for q in queries],
+            "truth": truth, "kinds": [q.kind for q in queries],
+            "sources": [list(q.relevant) for q in queries if q.kind == "fact"], "stride_kwargs": {}}
 
 
 def public_script(argv, doc: str, out: Path) -> tuple[Any, dict[str, Any], Any]:
@@ -173,12 +190,17 @@ def report(rows: list[dict[str, Any]], n_boot: int = 1000) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare_settings", description=__doc__.split("\n")[0])
-    p.add_argument("--bench", choices=("gate", "gate1", "public"), default="gate")
+    p.add_argument("--bench", choices=("gate", "gate1", "public", "heldout-dev"), default="gate")
     p.add_argument("variants", nargs="*", help="key=value[,key=value] changes to the defaults, one per variant")
     a = p.parse_args(argv)
     print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     import test_quality_gate as gate
-    bench = public_bench() if a.bench == "public" else gate_bench(gate.CORPUS_SEED + (a.bench == "gate1"))
+    if a.bench == "public":
+        bench = public_bench()
+    elif a.bench == "heldout-dev":
+        bench = heldout_dev_bench()
+    else:
+        bench = gate_bench(gate.CORPUS_SEED + (a.bench == "gate1"))
     rows = run(bench, [""] + list(a.variants))
     print(f"bench {a.bench}: {len(bench['documents'])} documents, {len(bench['prompts'])} queries, "
           f"{bench['truth'].n_models} retrained models")

@@ -548,10 +548,17 @@ def _shortfalls(rows, ab_rows, lambdas, lam_m, a, n, Q) -> str:
     short_lds = bars and s_lds < max(bars)
     if short_lds:
         best = max(ab_rows, key=lambda r: r[3]["lds"]["mean"]) if ab_rows else None
+        def below(key: str) -> str:
+            other = rows[key]["m"]["lds"]
+            ci = _paired_ci(s["m"]["lds"], other)
+            where = "" if ci is None else (f"; paired 95% CI of STRIDE minus it [{ci[0]:+.3f}, {ci[1]:+.3f}]: "
+                                           + ("below" if ci[1] < 0 else "level, the point estimate behind"))
+            return f"{LABELS[key]} ({other['mean']:.3f}{where})"
+
         msg = (f"- **Attribution quality.** With the library defaults STRIDE's LDS is {s_lds:.3f}"
-               + (f", below {LABELS[bar_name]} ({grad[bar_name]['m']['lds']['mean']:.3f})" if bar_name else "")
-               + (f" and BM25 ({rows['bm25']['m']['lds']['mean']:.3f})"
-                  if "bm25" in rows and rows["bm25"]["m"]["lds"]["mean"] > s_lds else "") + ".")
+               + (f", below {below(bar_name)}" if bar_name and grad[bar_name]["m"]["lds"]["mean"] > s_lds else "")
+               + (f" and {below('bm25')}" if "bm25" in rows and rows["bm25"]["m"]["lds"]["mean"] > s_lds else "")
+               + ".")
         if best is not None and best[2] is not s["res"]:
             b = best[3]
             reach = [LABELS[k].strip("*") for k in ("bm25", "representation", bar_name)

@@ -103,3 +103,20 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     assert main(["--quick", "--report-only", "--cache-dir", str(tmp_path)]) == 0  # from the saved results
     assert (tmp_path / "RESULTS-heldout.md").read_text().split("Setup wall time")[0].split("\n", 3)[3] == \
         text.split("Setup wall time")[0].split("\n", 3)[3]
+
+
+def test_dev_twin_shares_nothing_with_the_heldout_corpus(corpus):
+    """The dev twin (for choosing settings) reads other books and other modules, with its own
+    seeds: no training document or query of the held-out benchmark appears in it."""
+    from benchmarks.heldout import HELDOUT, HELDOUT_BOOKS, HELDOUT_DEV, STDLIB_MODULES, build_heldout_corpus
+    from benchmarks.setting import KJV_BOOKS
+
+    dev = build_heldout_corpus(HELDOUT_DEV)
+    assert not set(HELDOUT_DEV.books) & (set(HELDOUT_BOOKS) | set(KJV_BOOKS))
+    assert not set(HELDOUT_DEV.modules) & set(STDLIB_MODULES)
+    assert len(dev.documents) == len(corpus.documents) and not set(dev.documents) & set(corpus.documents)
+    assert not {q.prompt for q in dev.queries} & {q.prompt for q in corpus.queries}
+    kinds = np.asarray(dev.kinds)
+    assert {k: int((kinds == k).sum()) for k in ("scripture", "docs", "fact")} == {
+        "scripture": HELDOUT.n_text_docs // 2, "docs": HELDOUT.n_text_docs // 2, "fact": 2 * HELDOUT.n_facts}
+    assert HELDOUT_DEV.gt_seed != HELDOUT.gt_seed and HELDOUT_DEV.corpus_seed != HELDOUT.corpus_seed
