@@ -229,7 +229,9 @@ def _worker_setting(config_dict: dict, cache_dir: str, threads: int):
     if _WORKER_SETTING is None or _WORKER_KEY != key:
         _WORKER_KEY = key
         _set_threads(threads)
-        if "n_positions" in config_dict:  # the held-out benchmark's config
+        if "books" in config_dict:  # the held-out benchmark's dev twin
+            from .heldout import HeldoutDevConfig as config_class
+        elif "n_positions" in config_dict:  # the held-out benchmark's config
             from .heldout import HeldoutConfig as config_class
         else:
             config_class = BenchConfig
