@@ -265,6 +265,7 @@ def build_heldout_corpus(config: HeldoutConfig) -> Corpus:
 
 #: the EK-FAC row whose damping was chosen on the public benchmark's dev queries
 EKFAC_TUNED_LABEL = "EK-FAC, damping tuned on public dev queries"
+EKFAC_HEAD_LABEL = "EK-FAC, output head tracked (chosen on public dev queries)"
 
 
 def build_heldout(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR, log=print) -> BenchSetting:
@@ -304,13 +305,16 @@ def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, An
                                                           ("n_subsets", "subsets_per_example", "layer", "placement",
                                                            "rank", "linearity_weight", "fit_passes")},
                                            "steps": res.extra["steps"], "cache_used": stride.cache_used}
-    from .methods import EKFAC_TUNED_DAMPING
+    from .methods import EKFAC_HEAD_DAMPING, EKFAC_HEAD_MODULES, EKFAC_TUNED_DAMPING
 
     for name, fn in (("EK-FAC (kronfluence)", lambda p, c: baselines.ekfac(setting.language_model(), docs, p, c,
                                                                              max_length=context)),
                      (EKFAC_TUNED_LABEL, lambda p, c: baselines.ekfac(setting.language_model(), docs, p, c,
                                                                       max_length=context,
                                                                       damping=EKFAC_TUNED_DAMPING)),
+                     (EKFAC_HEAD_LABEL, lambda p, c: baselines.ekfac(setting.language_model(), docs, p, c,
+                                                                     max_length=context, damping=EKFAC_HEAD_DAMPING,
+                                                                     modules=list(EKFAC_HEAD_MODULES))),
                      ("BM25", lambda p, c: baselines.bm25(docs, p, c))):
         log(f"  {name} ...")
         from kronfluence.analyzer import Analyzer
@@ -438,7 +442,9 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
     lines += ["", f"STRIDE settings: {stride['provenance']}; {stride['steps']} fit steps; activation cache used: "
               f"{stride['cache_used']}. EK-FAC: kronfluence defaults of `stride_nnsight.baselines.ekfac` "
               f"(heuristic damping) with max_length={c.max_length}, and the same with the damping chosen on the "
-              "public benchmark's dev queries (`benchmarks/RESULTS-ekfac-damping.md`; nothing tuned here). Index = one-off work per corpus "
+              "public benchmark's dev queries (`benchmarks/RESULTS-ekfac-damping.md`), and with every nn.Linear tracked, "
+              "the output head included, at the damping chosen for that on the same dev queries "
+              "(`benchmarks/RESULTS-ekfac-head.md`); nothing tuned here. Index = one-off work per corpus "
               "(STRIDE: the fit, activation cache included; EK-FAC: kronfluence's factor fit, timed inside its call "
               "and subtracted from the query time; BM25: none); times are wall seconds with one thread.",
               "", "Setup wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."]

@@ -44,9 +44,14 @@ __all__ = ["MethodResult", "PeakRSS", "run_baseline", "run_stride", "BASELINES",
 #: EK-FAC's damping chosen on the dev half of the public benchmark's queries
 #: (`python -m benchmarks.ekfac_damping`, benchmarks/RESULTS-ekfac-damping.md)
 EKFAC_TUNED_DAMPING = 1e-9
+#: EK-FAC with every nn.Linear tracked, the output head (tied to the embedding) included; kronfluence's
+#: heuristic damping was the best of the grid on the dev half with the head tracked
+#: (`python -m benchmarks.ekfac_damping --head`, benchmarks/RESULTS-ekfac-head.md)
+EKFAC_HEAD_MODULES = ("*",)
+EKFAC_HEAD_DAMPING = None
 
 BASELINES = ("random", "bm25", "representation", "gradient_dot", "gradient_cosine", "gradient_dot_store",
-             "trak", "ekfac", "ekfac_tuned")
+             "trak", "ekfac", "ekfac_tuned", "ekfac_head")
 
 
 # ------------------------------------------------------------------------------ measuring
@@ -225,17 +230,20 @@ def run_baseline(name: str, setting, lm, single: bool = True, log=print) -> Meth
         res.notes.append("index = training-feature pass (timed inside the call and subtracted); projection "
                          "matrix generation and the kernel solve stay in the query time")
         res.extra["proj_dim"] = proj_dim
-    elif name in ("ekfac", "ekfac_tuned"):
+    elif name in ("ekfac", "ekfac_tuned", "ekfac_head"):
         from kronfluence.analyzer import Analyzer
 
-        damping = EKFAC_TUNED_DAMPING if name == "ekfac_tuned" else None  # None: kronfluence's heuristic
+        # None: kronfluence's heuristic damping
+        damping = {"ekfac_tuned": EKFAC_TUNED_DAMPING, "ekfac_head": EKFAC_HEAD_DAMPING}.get(name)
+        modules = list(EKFAC_HEAD_MODULES) if name == "ekfac_head" else None
         record = []
         with _time_calls(Analyzer, "fit_all_factors", record):
-            fn = lambda p, c: baselines.ekfac(lm, docs, p, c, damping=damping)  # noqa: E731
+            fn = lambda p, c: baselines.ekfac(lm, docs, p, c, damping=damping, modules=modules)  # noqa: E731
             _run_indexed(res, fn, record, call, single_call if single else None)
-        res.state_bytes = _ekfac_factor_bytes(setting.model)
-        res.state_note = ("EK-FAC factors (eigenbases + eigenvalues of the tracked Linear layers); query time "
-                          "still recomputes all n training gradients")
+        res.state_bytes = _ekfac_factor_bytes(setting.model, head=name == "ekfac_head")
+        res.state_note = ("EK-FAC factors (eigenbases + eigenvalues of the tracked Linear layers"
+                          + (", the output head included" if name == "ekfac_head" else "")
+                          + "); query time still recomputes all n training gradients")
         res.notes.append("index = kronfluence fit_all_factors (timed inside the call and subtracted)")
     else:
         raise ValueError(f"unknown baseline {name!r}")
@@ -244,11 +252,13 @@ def run_baseline(name: str, setting, lm, single: bool = True, log=print) -> Meth
     return res
 
 
-def _ekfac_factor_bytes(model: torch.nn.Module) -> int:
-    """float32 bytes of EK-FAC factors for every nn.Linear/Conv1D but the head: per layer
-    ``in^2 + out^2`` (eigenbases) ``+ in*out`` (corrected eigenvalues) ``+ in + out``."""
+def _ekfac_factor_bytes(model: torch.nn.Module, head: bool = False) -> int:
+    """float32 bytes of EK-FAC factors for every nn.Linear/Conv1D (the output head only with
+    ``head=True``): per layer ``in^2 + out^2`` (eigenbases) ``+ in*out`` (corrected eigenvalues)
+    ``+ in + out``."""
     total = 0
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = None if head else out_head
     for m in model.modules():
         if m is head:
             continue

@@ -25,9 +25,10 @@ LABELS = {
     "trak": "TRAK (1 model)",
     "ekfac": "EK-FAC (kronfluence)",
     "ekfac_tuned": "EK-FAC, damping tuned on the dev half",
+    "ekfac_head": "EK-FAC, output head tracked (chosen on the dev half)",
     "stride": "**STRIDE (defaults)**",
 }
-GRADIENT_METHODS = ("gradient_dot", "gradient_cosine", "trak", "ekfac", "ekfac_tuned")
+GRADIENT_METHODS = ("gradient_dot", "gradient_cosine", "trak", "ekfac", "ekfac_tuned", "ekfac_head")
 _SHORT = {"n_subsets": "K", "subsets_per_example": "d"}
 
 
@@ -251,6 +252,10 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
         note = r.state_note + ("" if not r.notes else "; " + "; ".join(r.notes))
         w(f"- {LABELS[name].strip('*')}: {note}.")
     w(f"- Gradient store for comparison: n x P x 4 bytes = {n} x {P:,} x 4 = {_bytes(4.0 * n * P)}.")
+    if "trak" in rows:
+        w("- TRAK here is the untuned single-model row (512 projections, damping 1e-3). TRAK with its ensemble "
+          "size, projection size and damping chosen on half of these queries, judged on the other half: "
+          "`benchmarks/RESULTS-trak-tuning.md`.")
     w("")
 
     L.extend(_cost_section(rows, [k for k in LABELS if k in rows], Q))
@@ -309,7 +314,8 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
             for k in ("stride", "bm25", "ekfac", "gradient_dot") if k in rows) + ".")
         w("")
         x = sr.extra
-        w(f"STRIDE default fit: {x.get('steps')} steps, fidelity NLL {_f(x.get('fidelity_start'))} -> "
+        used_k = (x.get("args") or {}).get("n_subsets")
+        w(f"STRIDE default fit: {x.get('steps')} steps" + (f", K={used_k} subsets" if used_k else "") + f", fidelity NLL {_f(x.get('fidelity_start'))} -> "
           f"{_f(x.get('fidelity_end'))} nats, stability KL at the end {_f(x.get('stability_end'), 4)}, "
           f"linearity penalty {_f(x.get('linearity_end'), 5)}; {100 * x.get('nonzero_frac', 0):.1f}% of the scores "
           f"are non-zero. Settings: `{_short_args(default_args)}`.")
@@ -487,7 +493,10 @@ def _short_args(a: dict) -> str:
     parts = []
     for k in keys:
         if k == "steps" and k in a and a[k] is None:
-            parts.append(f"steps=auto ({a.get('fit_passes')} passes over the memberships)")
+            parts.append(f"steps=auto ({a.get('fit_passes')} passes over the memberships, at least "
+                         f"{a.get('min_operator_rows')} fidelity terms per operator)")
+        elif k == "n_subsets" and k in a and a[k] is None:
+            parts.append("n_subsets=auto (min(512, n d / 2))")
         elif k in a:
             parts.append(f"{k}={a[k]}")
     return ", ".join(parts)
@@ -654,7 +663,8 @@ def _heldout_section(out: dict) -> list[str]:
              f"{int((kinds == 'docs').sum())} documentation continuations) and its own ground truth "
              f"({out['n_models']} retrains on random halves, new masks and training seeds, `gt_seed={c.gt_seed}`). "
              "STRIDE runs with the library defaults; EK-FAC with kronfluence's heuristic damping and with the "
-             "damping chosen on the public benchmark's dev queries. Times: wall seconds, one thread.",
+             "damping chosen on the public benchmark's dev queries, and with the output head tracked too (settings "
+             "chosen on the same dev queries). Times: wall seconds, one thread.",
              ""]
     lines += headline(out)
     lines += ["", f"Computed by code version {version}" + (

@@ -100,7 +100,7 @@ def steps_sweep(defaults) -> tuple[int, ...]:
 #: defaults, and the report shows both.
 #: Its recovery setting is pinned too (the library default then): the lambda rule is ablated
 #: separately, on the measurements of the default fit.
-ABLATION_BASE: dict = {"subsets_per_example": 8, "steps": 400, "lambda_fraction": 0.05}
+ABLATION_BASE: dict = {"n_subsets": 256, "rank": 16, "subsets_per_example": 8, "steps": 400, "lambda_fraction": 0.05}
 
 #: --quick: tiny STRIDE and a reduced ablation set (exercises every code path).
 QUICK_STRIDE = {"n_subsets": 32, "subsets_per_example": 4, "steps": 30, "rank": 4, "batch_size": 16,
@@ -542,7 +542,8 @@ def stage_lambda(plan: Plan, setting, stride_res) -> dict[str, Any]:
     if y is None:
         return {}
     a = _stride_args(plan)
-    membership = SubsetDesign(len(setting.documents), a.n_subsets, a.subsets_per_example, a.seed).membership
+    membership = SubsetDesign(len(setting.documents), a.subsets_for(len(setting.documents)), a.subsets_per_example,
+                              a.seed).membership
     t0 = time.perf_counter()
     recover(np.asarray(y, dtype=np.float64), membership, a.lambda_rule, a.lambda_fraction, a.fit_intercept,
             progress=False, seed=a.seed)

@@ -54,9 +54,9 @@ CHECKPOINT_KIND = "fit_checkpoint"
 CHECKPOINT_KEYS = ("step", "operators", "optimizer", "generator", "history", "design")
 
 #: ``StrideArguments`` fields left out of a fit's run identity: they do not change the fitted
-#: operators. ``steps`` / ``fit_passes`` only say where to stop (a fit resumed with more steps
+#: operators. ``steps`` / ``fit_passes`` / ``min_operator_rows`` only say where to stop (a fit resumed with more steps
 #: continues the same trajectory); the rest are used after fitting or only schedule I/O.
-NOT_IN_RUN_IDENTITY: tuple[str, ...] = ("steps", "fit_passes", "checkpoint_every", "measure_batch_size",
+NOT_IN_RUN_IDENTITY: tuple[str, ...] = ("steps", "fit_passes", "min_operator_rows", "checkpoint_every", "measure_batch_size",
                                         "lambda_rule", "lambda_fraction", "fit_intercept",
                                         "activation_cache", "activation_cache_dtype")
 # (whether the activation cache is used, and in which dtype, enters the identity as "forward":

@@ -111,9 +111,10 @@ class Stride:
             negative values count from the end. This and the five settings below are the
             most used; ``None`` keeps the value of ``args`` (or the default); each is the
             `StrideArguments` field of the same name.
-        n_subsets: ``K``, number of subsets / operators.
+        n_subsets: ``K``, number of subsets / operators; default: chosen from the training set
+            at fit time, ``min(512, n d // 2)`` (`StrideArguments.subsets_for`).
         subsets_per_example: ``d``, subsets each training example belongs to.
-        rank: ``r``, size of the shared basis.
+        rank: ``r``, size of the shared basis (default 8).
         placement: ``"logits"``, ``"residual"`` or ``"head"``: where the edit is applied.
         seed: seeds the design, the operators' initialisation and the fitting's sampling.
         args: a full ``StrideArguments``; keyword ``settings`` override single fields.
@@ -152,6 +153,7 @@ class Stride:
         self.remote_settings = RemoteSettings.pop_from(settings)  # takes the remote_* keywords out
         changes.update(settings)
         self.args = (args or StrideArguments()).replace(**changes)
+        self._auto_subsets = self.args.n_subsets is None  # resolved from the training set by fit()
         self.model = model
         backend_options = {k: v for k, v in {"tokenizer": tokenizer, "layers_path": layers_path}.items()
                            if v is not None}
@@ -309,6 +311,9 @@ class Stride:
             raise ValueError(f"train_ids has {len(train_ids)} entries but there are {len(texts)} texts")
         if train_ids is not None:
             check_unique_ids(list(train_ids), "train_ids", "positions", "training example")
+        if self._auto_subsets:  # n_subsets=None: K from the training set (StrideArguments.subsets_for)
+            self.args = self.args.replace(n_subsets=StrideArguments.auto_subsets(len(texts),
+                                                                                 self.args.subsets_per_example))
         check_design_size(len(texts), self.args.n_subsets, self.args.subsets_per_example)  # before any work
         if self.remote and distributed.rank_and_world()[1] > 1:
             raise ValueError("a remote fit runs in NDIF sessions, not split over torch.distributed processes: run it "
@@ -693,7 +698,7 @@ class Stride:
                      f"{self.steps_planned} steps)"
         a = self.args
         return (f"Stride(backend={self.backend.name}, hook={self.hook_name!r}, placement={a.placement!r}, "
-                f"K={a.n_subsets}, d={a.subsets_per_example}, rank={a.rank}, {status})")
+                f"K={'auto' if a.n_subsets is None else a.n_subsets}, d={a.subsets_per_example}, rank={a.rank}, {status})")
 
 
 def attribute_layers(strides: Sequence[Stride], prompts: Sequence[str], completions: Sequence[str],

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -66,8 +68,11 @@ def test_document_sampling_scores_each_document_under_all_its_subsets(tiny_model
     assert StrideArguments(**doc, fit_passes=3.0).fit_steps(2000) == 1500
     assert StrideArguments(steps=None, fit_passes=3.0, sampling="membership").fit_steps(2000) == 1500
     assert StrideArguments(**doc, subsets_per_example=3).documents_per_step() == 5
-    assert StrideArguments(**doc, subsets_per_example=3).fit_steps(1000) == 600  # 3 passes * 3000 / 15
-    assert StrideArguments(steps=None, subsets_per_example=3, sampling="membership").fit_steps(1000) == 563
+    three = dict(subsets_per_example=3, n_subsets=256)  # 3000 / 256 > 8 members: the passes bind
+    assert StrideArguments(**doc, **three).fit_steps(1000) == 600  # 3 passes * 3000 / 15
+    assert StrideArguments(steps=None, sampling="membership", **three).fit_steps(1000) == 563
+    # default K = 512 at n=1000, d=3: 5.9 members per subset, so the 24-terms-per-operator floor binds
+    assert StrideArguments(**doc, subsets_per_example=3).fit_steps(1000) == math.ceil(24 * 512 / 15)
     with pytest.raises(ValueError, match="sampling must be one of"):
         StrideArguments(sampling="rows")
 

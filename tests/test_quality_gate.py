@@ -11,10 +11,9 @@ An end-to-end check that fails when generalisation regresses, not only when code
 * Model: a 2-layer GPT-2 (width 48, context 128) trained on the whole corpus with
   `train_causal_lm` (8 epochs, batch 8, lr 1e-2), which learns the facts only partially
   (mean fact completion loss 6.21 -> 3.66 nats), so attribution has something real to find.
-* STRIDE: ``Stride(model)`` with every default (K=256, d=4, layer -2, logits placement,
-  rank 16, steps=None -> 113 steps with fit_passes=3, linearity loss off, max_length=None,
-  lambda fraction 0.3).
-  Nothing is lowered: n * d = 600 >= K.
+* STRIDE: ``Stride(model)`` with every default (K = min(512, n d / 2) = 300, d=4, layer -2,
+  logits placement, rank 8, steps=None -> 450 steps: 3 passes would give 113, the floor of
+  24 fidelity terms per operator binds; linearity loss off, max_length=None, lambda fraction 0.3).
 * Ground truth: 8 models retrained from scratch on random 50% subsets
   (`retrain_ground_truth`, mask seed 1, same recipe as the full model); a query's loss is
   its fact's completion loss.
@@ -24,16 +23,17 @@ average about 1.0-2.0, OMP_NUM_THREADS=1):
 
 * recall@10 of the source documents: 1.000 (recall@1 0.750); chance 10/150 = 0.067.
   Gate ``RECALL_GATE = 0.85`` (measured - 0.15; 12.75x chance).
-* LDS (nan queries counted as 0): 0.469 (95% CI 0.330-0.598) with the linearity loss on (the
-  earlier default), 0.474 without it (today's default; `python -m benchmarks.compare_settings`);
-  chance: random scores give
+* LDS (nan queries counted as 0): 0.444 with today's defaults (2026-12-03, `python -m
+  benchmarks.compare_settings --bench gate`; recall@10 1.000; K=256, rank 16 at the same step
+  rule: 0.443). With the earlier defaults (K=256, rank 16, 113 steps): 0.469 (95% CI
+  0.330-0.598) with the linearity loss on, 0.474 without it; chance: random scores give
   0.003 +- 0.066 (mean +- sd of 20 draws); scores that put 1 on exactly the source
   documents give 0.589. Gate ``LDS_GATE = 0.30`` (measured - ~0.17; chance + 4.5 sd).
 * With another corpus seed (1) the same recipe gave recall@10 1.000 and LDS 0.498.
 * Negative controls (`test_gate_rejects_broken_attributions`): shuffled document columns give
   recall@10 0.120 and LDS -0.100; zeroed operators give all-zero scores, i.e. chance recall
   (0.067) and an undefined (nan -> 0) LDS: both fail both gates.
-* Wall time of this file: about 60-75 s single-threaded (training ~9 s, the fit ~20 s, the
+* Wall time of this file: about 60-75 s single-threaded (training ~9 s, the fit ~15-20 s, the
   8 retrains ~35 s), more on a busier machine.
 
 Whole documents matter here: the same fit with ``max_length=64`` instead of the default

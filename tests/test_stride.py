@@ -28,6 +28,19 @@ def test_fit_and_attribute_shapes_and_provenance(fitted):
     assert "Stride(" in repr(fitted) and "fitted on 24" in repr(fitted)
 
 
+def test_default_subsets_are_chosen_from_the_training_set(tiny_model, small_texts, tmp_path):
+    fast = {k: v for k, v in FAST.items() if k != "n_subsets"}
+    stride = Stride(tiny_model, layer=1, placement="residual", **{**fast, "steps": 2})
+    assert stride.args.n_subsets is None and "K=auto" in repr(stride)
+    stride.fit(small_texts[:12], progress=False)
+    assert stride.args.n_subsets == 12 == stride.design.n_subsets == stride.operators.n_operators  # 12 x d=2 // 2
+    assert stride.attribute(["the cat"], [" sat"], progress=False).provenance["n_subsets"] == 12
+    stride.fit(small_texts[:20], progress=False)  # a refit on another corpus chooses again
+    assert stride.design.n_subsets == 20
+    stride.save(tmp_path / "state")  # the saved settings hold the K that was used
+    assert Stride.load(tmp_path / "state", tiny_model).args.n_subsets == 20
+
+
 def test_save_load_roundtrip(fitted, tiny_model, tmp_path):
     before = fitted.attribute(["the cat sat"], [" on the mat."], progress=False)
     fitted.save(tmp_path / "state")

@@ -44,8 +44,8 @@ def messages(record, fragment: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- design size
-def test_forty_documents_with_defaults_refused_before_any_work(tiny_model, small_texts):
-    stride = Stride(tiny_model, layer=1)  # defaults: K=256, d=4
+def test_forty_documents_with_too_many_subsets_refused_before_any_work(tiny_model, small_texts):
+    stride = Stride(tiny_model, layer=1, n_subsets=256)  # K=256, d=4 (the default K would fit)
     with pytest.raises(ValueError) as err:
         stride.fit(small_texts)  # 40 texts
     assert str(err.value) == ("K=256 subsets but 40 training examples x d=4 = 160 memberships: each subset needs "
@@ -62,12 +62,18 @@ def test_subset_design_refuses_fewer_memberships_than_subsets():
     check_design_size(64, 256, 4)  # n * d == K: allowed
 
 
-def test_seventy_documents_with_defaults_fit_and_no_subset_is_empty(tiny_model, tiny_tokenizer):
+def test_seventy_documents_fit_and_no_subset_is_empty(tiny_model, tiny_tokenizer):
     texts = corpus(70, seed=1)
-    stride = Stride(tiny_model, layer=1, steps=2).fit(texts, progress=False)
+    stride = Stride(tiny_model, layer=1, n_subsets=256, steps=2).fit(texts, progress=False)
     assert len(stride.history) == 2
     sizes = stride.design.subset_sizes()
     assert sizes.shape == (256,) and sizes.min() >= 1 and sizes.sum() == 70 * 4
+
+
+def test_small_corpora_with_default_subsets_fit(tiny_model, small_texts):
+    stride = Stride(tiny_model, layer=1, steps=2).fit(small_texts, progress=False)  # 40 texts, d=4
+    sizes = stride.design.subset_sizes()
+    assert stride.args.n_subsets == 80 and sizes.shape == (80,) and sizes.min() >= 1 and sizes.sum() == 40 * 4
 
 
 def test_design_whose_redraw_emptied_a_subset_now_fits(tiny_model):
