@@ -388,3 +388,12 @@ def test_works_when_the_whole_package_is_registered_by_value(tiny_model, small_t
     assert server.requests == 2
     np.testing.assert_allclose(stride.history.total, local_fits["residual"][0].history.total[:2], rtol=1e-5, atol=1e-6)
     assert "stride_nnsight.operators" not in _PICKLE_BY_VALUE_MODULES  # the driver cleans up after itself
+
+
+def test_remote_fit_chooses_the_default_subsets_from_the_corpus(tiny_model, small_texts):
+    settings = {k: v for k, v in SETTINGS.items() if k != "n_subsets"}  # n_subsets=None: K from the corpus
+    stride = Stride(tiny_model, remote="local", remote_steps_per_session=3, **settings).fit(small_texts[:10],
+                                                                                           progress=False)
+    assert stride.args.n_subsets == 10 == stride.operators.n_operators  # min(512, 10 x d=2 // 2)
+    attr = stride.attribute(PROMPTS[:1], COMPLETIONS[:1], progress=False)
+    assert attr.measurements.shape == (1, 10) and attr.provenance["n_subsets"] == 10
