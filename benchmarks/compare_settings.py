@@ -84,13 +84,16 @@ def public_bench() -> dict[str, Any]:
     from benchmarks.setting import FULL, build_setting, ground_truth
 
     setting = build_setting(FULL, log=lambda m: print(m, flush=True))
-    truth = ground_truth(setting, progress=True)
+    return _setting_bench(setting, ground_truth(setting, progress=True), {"max_length": FULL.max_length})
+
+
+def _setting_bench(setting, truth, stride_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark setting (`benchmarks.setting.BenchSetting`) in the form `compare` reads."""
     queries = setting.corpus.queries
     return {"model": setting.model, "tokenizer": setting.tokenizer, "documents": setting.documents,
             "prompts": [q.prompt for q in queries], "completions": [q.completion for q in queries],
             "truth": truth, "kinds": [q.kind for q in queries],
-            "sources": [list(q.relevant) for q in queries if q.kind == "fact"],
-            "stride_kwargs": {"max_length": FULL.max_length}}
+            "sources": [list(q.relevant) for q in queries if q.kind == "fact"], "stride_kwargs": stride_kwargs}
 
 
 def heldout_dev_bench() -> dict[str, Any]:
@@ -98,12 +101,7 @@ def heldout_dev_bench() -> dict[str, Any]:
     from benchmarks.setting import ground_truth
 
     setting = build_heldout(HELDOUT_DEV, log=lambda m: print(m, flush=True))
-    truth = ground_truth(setting, progress=True)
-    queries = setting.corpus.queries
-    return {"model": setting.model, "tokenizer": setting.tokenizer, "documents": setting.documents,
-            "prompts": [q.prompt for q in queries], "completions": [q.completion for q in queries],
-            "truth": truth, "kinds": [q.kind for q in queries],
-            "sources": [list(q.relevant) for q in queries if q.kind == "fact"], "stride_kwargs": {}}
+    return _setting_bench(setting, ground_truth(setting, progress=True), {})
 
 
 def public_script(argv, doc: str, out: Path) -> tuple[Any, dict[str, Any], Any]:
