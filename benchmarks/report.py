@@ -315,7 +315,8 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
         w("")
         x = sr.extra
         used_k = (x.get("args") or {}).get("n_subsets")
-        w(f"STRIDE default fit: {x.get('steps')} steps" + (f", K={used_k} subsets" if used_k else "") + f", fidelity NLL {_f(x.get('fidelity_start'))} -> "
+        w(f"STRIDE default fit: {x.get('steps')} steps" + (f", K={used_k} subsets" if used_k else "")
+          + f", fidelity NLL {_f(x.get('fidelity_start'))} -> "
           f"{_f(x.get('fidelity_end'))} nats, stability KL at the end {_f(x.get('stability_end'), 4)}, "
           f"linearity penalty {_f(x.get('linearity_end'), 5)}; {100 * x.get('nonzero_frac', 0):.1f}% of the scores "
           f"are non-zero. Settings: `{_short_args(default_args)}`.")
