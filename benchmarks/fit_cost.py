@@ -6,10 +6,17 @@ trained here on generated text) and a corpus of generated documents (default: 2,
 
 (a) one plain forward pass over the corpus (length-sorted batches of ``--batch-docs``
     documents, the frozen model's forward as fitting calls it, no gradients);
-(b) building the activation cache (`stride_nnsight.activations.ActivationCache.build`);
+(b) building the activation cache the default fit reads (`stride_nnsight.activations.ActivationCache.build`;
+    with the default ``fit_vocabulary`` it holds each token's vocabulary candidates);
 (c) ``--steps`` fit steps without and with the cache: the library's ``OperatorFitter.train_step``
     itself (its sampler, ``operators.step_losses``, finite checks, backward, AdamW), the fitter
-    built without and with ``activations=`` the cache.
+    built without and with ``activations=`` the cache (same settings: the uncached fit computes
+    the same candidates from the live logits);
+(d) the same for variants (the whole vocabulary, document sampling, the linearity loss, the head
+    placement), each with the cache it reads, built and timed once;
+(e) per-query costs (measurement per placement, recovery) and the index-cost references: EK-FAC
+    (kronfluence) and TRAK's featurisation (a projected gradient per document, timed on the first
+    ``trak_documents`` documents at two projection widths and scaled to the corpus).
 
 It prints the fit's cost in *plain forward passes over the corpus*, ``steps_total *
 time_per_step / time_plain_pass`` (``steps_total`` = the library default's step count for this
@@ -23,6 +30,7 @@ on an otherwise idle machine for comparable numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -61,8 +69,8 @@ class CostConfig:
     toolkit: str = "nnsight"
     seed: int = 0
     quick: bool = False
-    # fit settings: the library defaults unless --quick
-    n_subsets: int = 256
+    # fit settings: the library defaults unless --quick (n_subsets None: StrideArguments.subsets_for(n))
+    n_subsets: Optional[int] = None
     subsets_per_example: int = 4
     batch_size: int = 32
     linearity_operators: int = 32
@@ -70,13 +78,17 @@ class CostConfig:
     n_queries: int = 64
     residual_queries: int = 2  # the residual placement runs K full forwards per query
     ekfac: bool = True  # EK-FAC (kronfluence) on the same model and corpus as the index-cost reference
+    trak: bool = True   # TRAK's featurisation (projected per-document gradients) as a second reference
+    trak_documents: int = 200           # documents featurised (the cost is linear in them; scaled to the corpus)
+    trak_proj_dims: tuple = (64, 128)   # projection widths timed (the dense projection is P x k floats)
 
 
 def quick_config(**changes: Any) -> CostConfig:
     """The tiny smoke configuration (timings not meaningful)."""
     settings = dict(n_documents=60, mean_tokens=20, n_layer=2, d_model=32, n_head=2, vocab=400, steps=3,
                     batch_docs=16, quick=True, n_subsets=16, subsets_per_example=2, batch_size=8,
-                    linearity_operators=8, n_queries=4, residual_queries=1)
+                    linearity_operators=8, n_queries=4, residual_queries=1, trak_documents=8,
+                    trak_proj_dims=(8, 16))
     settings.update(changes)
     return CostConfig(**settings)
 
@@ -153,12 +165,14 @@ def make_fitter(backend: Any, texts: TokenBatch, cfg: CostConfig, cache: Optiona
     args = StrideArguments(n_subsets=cfg.n_subsets, subsets_per_example=cfg.subsets_per_example,
                            batch_size=cfg.batch_size, linearity_operators=cfg.linearity_operators,
                            seed=cfg.seed, layer=-2, **changes)
+    args = args.replace(n_subsets=args.subsets_for(len(texts)))
     layer = backend.check_layer(args.layer)
     design = SubsetDesign(len(texts), args.n_subsets, args.subsets_per_example, args.seed)
     torch.manual_seed(args.seed)
     out_dim = backend.vocab_size if args.placement == "logits" else backend.d_model
     operators = SteeringOperators(args.n_subsets, backend.d_model, args.rank, out_dim,
-                                  placement=args.placement, layer=layer, hidden=args.basis_hidden)
+                                  placement=args.placement, layer=layer, hidden=args.basis_hidden,
+                                  columns=args.logit_columns)
     return OperatorFitter(backend, operators.to(backend.device), design, texts, args, activations=cache)
 
 
@@ -167,7 +181,9 @@ def rows_per_step(args: StrideArguments) -> int:
 
 
 def _clocked(fn: Callable[..., Any], clock: dict) -> Callable[..., Any]:
-    """``fn`` that adds the CPU seconds it spends to ``clock["forward"]``."""
+    """``fn`` that adds the CPU seconds it spends to ``clock["forward"]`` (its attributes, e.g.
+    ``candidates``, carried over)."""
+    @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.process_time()
         try:
@@ -231,12 +247,14 @@ def query_costs(backend: Any, texts: TokenBatch, cfg: CostConfig) -> dict[str, A
     plain, _ = timed(lambda: [backend.forward(c.input_ids, c.attention_mask, layer) for c in chunks])
     out: dict[str, Any] = {"n_queries": len(queries), "plain_per_query": plain / len(queries),
                            "query_tokens": float(queries.attention_mask.sum()) / len(queries)}
-    design = SubsetDesign(len(texts), cfg.n_subsets, cfg.subsets_per_example, cfg.seed)
+    args = make_fitter(backend, texts, cfg).args  # the library defaults' K and rank for this corpus
+    design = SubsetDesign(len(texts), args.n_subsets, cfg.subsets_per_example, cfg.seed)
+    out.update({"n_subsets": args.n_subsets, "rank": args.rank})
     for placement, n_q in (("logits", len(queries)), ("head", len(queries)), ("residual", cfg.residual_queries)):
         torch.manual_seed(cfg.seed)
         out_dim = backend.vocab_size if placement == "logits" else backend.d_model
-        ops = SteeringOperators(cfg.n_subsets, backend.d_model, 16, out_dim, placement=placement, layer=layer,
-                                hidden=64)
+        ops = SteeringOperators(args.n_subsets, backend.d_model, args.rank, out_dim, placement=placement, layer=layer,
+                                hidden=args.basis_hidden, columns=args.logit_columns)
         with torch.no_grad():  # small non-zero coefficients, so nothing is special-cased as zero
             ops.coefficients.normal_(0, 1e-3)
         head = head_function(backend) if placement == "head" else None
@@ -270,66 +288,63 @@ def ekfac_cost(backend: Any, raw_texts: Sequence[str], texts: TokenBatch, cfg: C
 
 
 # ------------------------------------------------------------------------------ report
-def earlier_update(fitter: OperatorFitter) -> OperatorFitter:
-    """``fitter`` with the update as it was before 2026-12-02, for a same-process reference: torch's
-    default (unfused) AdamW and an elementwise finiteness check of every gradient entry."""
-    from stride_nnsight.fitting import optimizer_settings
-
-    settings = {k: v for k, v in optimizer_settings(fitter.args).items() if k != "fused"}
-    fitter.optimizer = torch.optim.AdamW(fitter.operators.parameters(), **settings)
-    step = fitter.train_step
-
-    def train_step():
-        import stride_nnsight.fitting as F
-
-        current = F.nonfinite_gradients
-        F.nonfinite_gradients = lambda module: [name for name, p in module.named_parameters()
-                                                if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        try:
-            return step()
-        finally:
-            F.nonfinite_gradients = current
-
-    fitter.train_step = train_step
-    return fitter
+#: variants timed besides the defaults: (label, StrideArguments changes); "whole vocabulary" is
+#: shown when the defaults read candidates, "fit_vocabulary=128" when they read the whole vocabulary
+FULL_VOCABULARY = ("whole vocabulary (fit_vocabulary=None)", {"fit_vocabulary": None})
+CANDIDATES = ("fit_vocabulary=128", {"fit_vocabulary": 128})
+OTHER_VARIANTS = [("sampling 'document'", {"sampling": "document"}),
+                  ("linearity loss on (the default before 2026-12-02)", {"linearity_weight": 0.1}),
+                  ("placement 'head' (state K x r x d_model)", {"placement": "head"})]
 
 
 def run(cfg: CostConfig, cache_dir: str) -> dict[str, Any]:
     """Measure everything; returns the numbers (CPU seconds) and the settings behind them."""
+    from stride_nnsight.fitting import candidate_seed, fit_candidates
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     backend, _, texts, raw_texts = build_setting(cfg, with_texts=True)
     fitter = make_fitter(backend, texts, cfg)
     layer = fitter.operators.layer
     fingerprint = backend.fingerprint()
     t_plain, _ = timed(lambda: plain_pass(backend, texts, layer, cfg.batch_docs))
-    t_build, cache = timed(lambda: ActivationCache.build(backend, texts, layer, cache_dir, fingerprint=fingerprint,
-                                                         dtype=cfg.dtype, batch_size=cfg.batch_docs,
-                                                         progress=False, overwrite=True))
+    builds: dict[Optional[int], tuple[float, ActivationCache]] = {}
+
+    def cache_for(args: StrideArguments) -> tuple[float, ActivationCache]:
+        """The cache a fit with ``args`` reads (with its candidates, if any), built once, timed."""
+        c = fit_candidates(args)
+        if c not in builds:
+            directory = Path(cache_dir) / ("full" if c is None else f"candidates-{c}")
+            builds[c] = timed(lambda: ActivationCache.build(
+                backend, texts, layer, directory, fingerprint=fingerprint, dtype=cfg.dtype,
+                batch_size=cfg.batch_docs, progress=False, overwrite=True, candidates=c,
+                candidate_seed=candidate_seed(args)))
+        return builds[c]
+
+    t_build, cache = cache_for(fitter.args)
     t_uncached, fwd_uncached = time_steps(make_fitter(backend, texts, cfg), cfg.steps)
     t_cached, fwd_cached = time_steps(make_fitter(backend, texts, cfg, cache), cfg.steps)
-    # the same fit with one forward per document for all of its rows (sampling="document"), cached
-    # and live; with the linearity loss on (32 probe rows per step, the earlier default); and the
-    # head placement (state K x r x d_model)
-    document = make_fitter(backend, texts, cfg, cache, sampling="document")
-    t_document, _ = time_steps(document, cfg.steps)
-    t_document_live, _ = time_steps(make_fitter(backend, texts, cfg, sampling="document"), cfg.steps)
-    with_probe = make_fitter(backend, texts, cfg, cache, linearity_weight=0.1)
-    t_probe, _ = time_steps(with_probe, cfg.steps)
-    t_head, _ = time_steps(make_fitter(backend, texts, cfg, cache, placement="head"), cfg.steps)
-    t_earlier, _ = time_steps(earlier_update(make_fitter(backend, texts, cfg, cache)), cfg.steps)
-    steps_total = fitter.n_steps
+    variants = []
+    for label, changes in [FULL_VOCABULARY if fitter.args.fit_vocabulary is not None else CANDIDATES,
+                           *OTHER_VARIANTS]:
+        probe = make_fitter(backend, texts, cfg, **changes)
+        build, variant_cache = cache_for(probe.args)
+        step, _ = time_steps(make_fitter(backend, texts, cfg, variant_cache, **changes), cfg.steps)
+        variants.append({"label": label, "changes": changes, "build": build, "step": step,
+                         "steps": probe.n_steps, "rows_per_step": rows_per_step(probe.args),
+                         "cache_bytes": variant_cache.size_bytes,
+                         "candidates": fit_candidates(probe.args)})
     queries = query_costs(backend, texts, cfg)
     if cfg.ekfac:
         queries.update(ekfac_cost(backend, raw_texts, texts, cfg))
-    return {"queries": queries, "cfg": cfg, "layer": layer, "n_tokens": int(texts.attention_mask.sum()), "steps_total": steps_total,
-            "rows_per_step": rows_per_step(fitter.args), "rows_per_step_probe": rows_per_step(with_probe.args),
-            "cache_bytes": cache.size_bytes, "plain": t_plain, "build": t_build,
-            "step_uncached": t_uncached, "step_cached": t_cached, "forward_share_uncached": fwd_uncached,
-            "forward_share_cached": fwd_cached, "step_cached_probe": t_probe, "step_cached_head": t_head,
-            "step_cached_document": t_document, "step_cached_earlier_update": t_earlier, "step_uncached_document": t_document_live,
-            "steps_document": document.n_steps, "documents_per_step": document.args.documents_per_step(),
-            "sampling": fitter.args.sampling,
-            "linearity_weight": fitter.args.linearity_weight}
+    if cfg.trak:
+        queries.update(trak_cost(backend, raw_texts, cfg))
+    return {"queries": queries, "cfg": cfg, "layer": layer, "n_tokens": int(texts.attention_mask.sum()),
+            "steps_total": fitter.n_steps, "rows_per_step": rows_per_step(fitter.args),
+            "n_subsets": fitter.args.n_subsets, "rank": fitter.args.rank,
+            "fit_vocabulary": fitter.args.fit_vocabulary, "cache_bytes": cache.size_bytes, "plain": t_plain,
+            "build": t_build, "step_uncached": t_uncached, "step_cached": t_cached,
+            "forward_share_uncached": fwd_uncached, "forward_share_cached": fwd_cached, "variants": variants,
+            "sampling": fitter.args.sampling, "linearity_weight": fitter.args.linearity_weight}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -338,12 +353,13 @@ def report(r: dict[str, Any]) -> str:
     uncached = n * r["step_uncached"]
     cached = r["build"] + n * r["step_cached"]
     passes = (lambda seconds: seconds / plain) if plain > 0 else (lambda seconds: float("nan"))
+    vocabulary = "whole vocabulary" if r["fit_vocabulary"] is None else f"fit_vocabulary {r['fit_vocabulary']}"
     lines = [
         f"fit cost: random-init GPT-2 ({cfg.n_layer} layers, d_model {cfg.d_model}, vocabulary {cfg.vocab}, "
         f"{cfg.toolkit}); {cfg.n_documents} documents, {r['n_tokens'] / cfg.n_documents:.1f} tokens on average; "
-        f"layer {r['layer']}, library defaults (placement 'logits', sampling '{r.get('sampling', 'membership')}', "
-        f"linearity_weight {r['linearity_weight']:g}); {n} fit steps of {r['rows_per_step']} rows "
-        f"(StrideArguments.fit_steps); {cfg.steps} steps timed per variant",
+        f"layer {r['layer']}, library defaults (K {r['n_subsets']}, rank {r['rank']}, placement 'logits', "
+        f"{vocabulary}, sampling '{r['sampling']}', linearity_weight {r['linearity_weight']:g}); {n} fit steps of "
+        f"{r['rows_per_step']} rows (StrideArguments.fit_steps); {cfg.steps} steps timed per variant",
         "CPU time (time.process_time, this process, every thread); cost unit: one plain forward pass over the corpus",
     ]
     if cfg.quick:
@@ -354,29 +370,16 @@ def report(r: dict[str, Any]) -> str:
          passes(r["build"])),
         (f"fit step, uncached (frozen forward {100 * r['forward_share_uncached']:.0f}% of it)", r["step_uncached"],
          passes(r["step_uncached"])),
-        (f"fit step, cached (cache read + head {100 * r['forward_share_cached']:.0f}% of it)", r["step_cached"],
+        (f"fit step, cached (cache read {100 * r['forward_share_cached']:.0f}% of it)", r["step_cached"],
          passes(r["step_cached"])),
         (f"fit cost uncached ({n} steps)", uncached, passes(uncached)),
         (f"fit cost cached ({n} steps + building the cache)", cached, passes(cached)),
     ]
-    if "step_cached_document" in r:
-        nd = r["steps_document"]
-        label = f"sampling 'document' ({r['documents_per_step']} documents/step, {nd} steps)"
-        rows += [
-            (f"  same, {label}", r["build"] + nd * r["step_cached_document"],
-             passes(r["build"] + nd * r["step_cached_document"])),
-            (f"  same, {label}, uncached", nd * r["step_uncached_document"], passes(nd * r["step_uncached_document"])),
-        ]
-    rows += [
-        (f"  same, linearity loss on ({r['rows_per_step_probe']} rows/step, the default before 2026-12-02)",
-         r["build"] + n * r["step_cached_probe"], passes(r["build"] + n * r["step_cached_probe"])),
-        ("  same, placement 'head' (state K x r x d_model)", r["build"] + n * r["step_cached_head"],
-         passes(r["build"] + n * r["step_cached_head"])),
-    ]
-    if "step_cached_earlier_update" in r:
-        earlier = r["build"] + n * r["step_cached_earlier_update"]
-        rows.append(("  same, the update before 2026-12-02 (unfused AdamW, elementwise gradient checks)", earlier,
-                     passes(earlier)))
+    for v in r["variants"]:
+        total = v["build"] + v["steps"] * v["step"]
+        cache = "whole-vocabulary cache" if v["candidates"] is None else f"cache of {v['candidates']} candidates"
+        rows.append((f"  same, {v['label']}: {v['steps']} steps + {cache} ({v['cache_bytes'] / 1e6:.1f} MB)",
+                     total, passes(total)))
     width = max(len(name) for name, _, _ in rows)
     lines.append(f"{'measurement':<{width}}  {'CPU s':>10}  {'plain passes':>12}")
     for name, seconds, in_passes in rows:
@@ -385,7 +388,7 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"{'speed-up (uncached / cached fit)':<{width}}  {'':>10}  {ratio:>11.2f}x")
     if "queries" in r:
         lines += ["", query_report(r["queries"])]
-        extra = ekfac_report(r)
+        extra = index_reference_report(r)
         if extra:
             lines += ["", extra]
     return "\n".join(lines)
@@ -395,7 +398,8 @@ def query_report(qc: dict[str, Any]) -> str:
     """Per-query costs in plain forwards of the same queries."""
     plain = qc["plain_per_query"]
     unit = (lambda seconds: seconds / plain) if plain > 0 else (lambda seconds: float("nan"))
-    lines = [f"per-query cost: {qc['n_queries']} queries of {qc['query_tokens']:.1f} tokens on average (the first "
+    lines = [f"per-query cost (K {qc.get('n_subsets')}, rank {qc.get('rank')}): {qc['n_queries']} queries of "
+             f"{qc['query_tokens']:.1f} tokens on average (the first "
              "documents, last quarter scored); cost unit: one plain forward of the same query",
              f"{'measurement':<58}  {'CPU ms/query':>12}  {'plain forwards':>14}"]
     rows = [("plain forward", plain)]
@@ -408,18 +412,52 @@ def query_report(qc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def ekfac_report(r: dict[str, Any]) -> str:
-    """EK-FAC's cost (index and one query) next to STRIDE's fit, in plain passes over the corpus."""
+def trak_cost(backend: Any, raw_texts: Sequence[str], cfg: CostConfig) -> dict[str, Any]:
+    """CPU seconds of TRAK's featurisation (`stride_nnsight.baselines.trak_features`: one loss
+    gradient per document, every parameter, projected by a dense Gaussian ``P x k`` matrix) of
+    the first ``cfg.trak_documents`` documents, at each width in ``cfg.trak_proj_dims`` (building
+    the projection included)."""
+    from stride_nnsight.baselines.gradients import trak_features
+
+    docs = list(raw_texts[: cfg.trak_documents])
+    n_params = sum(p.numel() for p in backend.torch_module.parameters())
+    out: dict[str, Any] = {"trak_documents": len(docs), "trak_params": int(n_params), "trak": {}}
+    for k in cfg.trak_proj_dims:
+        seconds, _ = timed(lambda: trak_features(backend.model, texts=docs, proj_dim=int(k), max_length=4 * cfg.mean_tokens,
+                                                 batch_size=cfg.batch_docs, tokenizer=backend.tokenizer))
+        out["trak"][int(k)] = seconds
+    return out
+
+
+def index_reference_report(r: dict[str, Any]) -> str:
+    """EK-FAC's and TRAK's index costs next to STRIDE's fit, in plain passes over the corpus."""
     qc, plain = r["queries"], r["plain"]
-    if "ekfac_one_query" not in qc:
-        return ""
-    seconds = qc["ekfac_one_query"]
     cached = r["build"] + r["steps_total"] * r["step_cached"]
-    return (f"index-cost reference: EK-FAC (kronfluence, every nn.Linear but the head, heuristic damping) on the same "
-            f"model and corpus, factors + scores of one query: {seconds:.1f} CPU s = {seconds / plain:.2f} plain "
-            f"passes over the corpus (STRIDE's default fit: {cached / plain:.2f}; ratio {cached / seconds:.2f}x). "
-            "TRAK's featurisation (a projected gradient per document) was not run here: one backward per document "
-            "plus a projection of every document's full gradient.")
+    lines = []
+    if "ekfac_one_query" in qc:
+        seconds = qc["ekfac_one_query"]
+        lines.append(
+            f"index-cost reference: EK-FAC (kronfluence, every nn.Linear but the head, heuristic damping) on the same "
+            f"model and corpus, factors + scores of one query: {seconds:.1f} CPU s = {seconds / plain:.2f} plain passes "
+            f"over the corpus (STRIDE's default fit: {cached / plain:.2f}; STRIDE / EK-FAC {cached / seconds:.2f}x).")
+    if qc.get("trak"):
+        n_docs, n = qc["trak_documents"], r["cfg"].n_documents
+        for k, seconds in sorted(qc["trak"].items()):
+            corpus = seconds * n / n_docs
+            lines.append(
+                f"index-cost reference: TRAK featurisation, one model, projection k = {k} ({qc['trak_params']:,} "
+                f"parameters, dense Gaussian projection), measured on {n_docs} documents: {seconds:.1f} CPU s; scaled "
+                f"to the {n} documents (linear in them): {corpus:.1f} CPU s = {corpus / plain:.2f} plain passes "
+                f"(STRIDE / TRAK {cached / corpus:.2f}x).")
+        if len(qc["trak"]) > 1:
+            (k0, s0), (k1, s1) = sorted(qc["trak"].items())[:2]
+            slope = (s1 - s0) / (k1 - k0) * n / n_docs
+            lines.append(f"  TRAK's cost grows with k (projection): {slope / plain:.3f} plain passes per unit of k from "
+                         f"these two widths; the tuned setting of benchmarks/RESULTS-trak-tuning.md (4 models, k = 8192) "
+                         f"would be about {4 * (s0 * n / n_docs + slope * (8192 - k0)) / plain:.0f} plain passes "
+                         "(extrapolated, not measured; its projection alone would need "
+                         f"{4 * qc['trak_params'] * 8192 / 1e9:.0f} GB).")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -433,11 +471,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--cache-dir", help="where the cache is written (default: a temporary directory)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-ekfac", action="store_true", help="skip the EK-FAC index-cost reference (~17 min)")
+    parser.add_argument("--no-trak", action="store_true", help="skip the TRAK featurisation reference")
     ns = parser.parse_args(argv)
     changes = {k: v for k, v in {"n_documents": ns.documents, "mean_tokens": ns.tokens, "steps": ns.steps,
                                  "dtype": ns.dtype, "toolkit": ns.toolkit, "seed": ns.seed}.items() if v is not None}
     if ns.no_ekfac:
         changes["ekfac"] = False
+    if ns.no_trak:
+        changes["trak"] = False
     cfg = quick_config(**changes) if ns.quick else CostConfig(**changes)
     if ns.cache_dir:
         result = run(cfg, ns.cache_dir)

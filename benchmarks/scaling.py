@@ -13,10 +13,10 @@ Three parts, each printed with the machine's load:
    default fit with and without the activation cache, document sampling, the earlier default
    (linearity loss on) and the head placement, on a random-init 6-layer width-256 GPT-2,
    vocabulary 4096, 2,000 documents of about 90 tokens; then the **per-query cost** in plain
-   forwards of the same queries (measurement per placement, recovery) and **EK-FAC**
-   (kronfluence) on the same model and corpus as the index-cost reference.
+   forwards of the same queries (measurement per placement, recovery), and **EK-FAC**
+   (kronfluence) and **TRAK's featurisation** on the same model and corpus as the index-cost
+   references.
 
-Not here: TRAK's featurisation as a second index-cost reference.
 ``--quick`` runs every part at toy sizes (the suite's smoke test; its timings mean nothing).
 """
 
@@ -35,37 +35,57 @@ if __package__ in (None, ""):
 
 from stride_nnsight.operators import SteeringOperators  # noqa: E402
 
+#: the shared-columns width shown beside the default (``StrideArguments.logit_columns``, opt-in)
+SHARED_COLUMNS = 8192
 #: (label, d_model, vocabulary) of the state-size table: this repository's models, then
 #: Llama-style shapes with 32k / 128k / 256k vocabularies.
 SHAPES = [("fit-cost model", 256, 4096), ("7B-class, 32k vocab", 4096, 32_000),
           ("8B-class, 128k vocab", 4096, 128_256), ("large, 256k vocab", 8192, 256_000)]
 
 
-def state_bytes(placement: str, K: int, r: int, d_model: int, vocab: int, hidden: int = 64) -> int:
-    """float32 bytes of a fitted ``SteeringOperators`` from its shapes (the basis network plus
-    ``K x r x out`` coefficients; ``out`` = V for the logits placement, ``d_model`` otherwise)."""
-    out = vocab if placement == "logits" else d_model
+def state_bytes(placement: str, K: int, r: int, d_model: int, vocab: int, hidden: int = 64,
+                columns: Optional[int] = None) -> int:
+    """Bytes of a fitted ``SteeringOperators`` from its shapes: float32 basis network plus
+    ``K x r x out`` float32 coefficients (``out`` = ``d_model`` for the residual and head
+    placements; for the logits placement ``min(V, columns)``, plus the int64 ``column_of [V]``
+    map when ``columns < V``)."""
+    shared = placement == "logits" and columns is not None and columns < vocab
+    out = (columns if shared else vocab) if placement == "logits" else d_model
     basis = d_model * hidden + hidden + hidden * r + r
-    return 4 * (basis + K * r * out)
+    return 4 * (basis + K * r * out) + (8 * vocab if shared else 0)
 
 
 def check_state_bytes(K: int = 8, r: int = 4, d_model: int = 16, vocab: int = 50, hidden: int = 8) -> None:
-    """The formula against real modules at a small size (raises if they disagree)."""
+    """The formula against real modules at a small size (raises if they disagree): every tensor
+    of the state dict (parameters and buffers), with and without shared logit columns."""
     for placement in ("residual", "logits", "head"):
-        out = vocab if placement == "logits" else d_model
-        ops = SteeringOperators(K, d_model, r, out, placement=placement, hidden=hidden)
-        real = sum(p.numel() * p.element_size() for p in ops.parameters())
-        if real != state_bytes(placement, K, r, d_model, vocab, hidden):
-            raise AssertionError(f"state size formula wrong for {placement}: {real} bytes measured")
+        for columns in (None, vocab // 2):
+            out = vocab if placement == "logits" else d_model
+            ops = SteeringOperators(K, d_model, r, out, placement=placement, hidden=hidden, columns=columns)
+            real = sum(t.numel() * t.element_size() for t in ops.state_dict().values())
+            if real != state_bytes(placement, K, r, d_model, vocab, hidden, columns):
+                raise AssertionError(f"state size formula wrong for {placement}, columns={columns}: {real} bytes")
 
 
-def state_table(K: int = 256, r: int = 16) -> str:
+def state_table(Ks: tuple[int, ...] = (256, 512), r: Optional[int] = None) -> str:
+    """Operator state per placement for each model shape and each K, at the default rank."""
+    from stride_nnsight.arguments import StrideArguments
+
     check_state_bytes()
-    lines = [f"K = {K}, r = {r}, basis hidden 64, float32; formula checked against modules built at a small size.",
-             "", "| model shape | d_model | V | logits placement | head / residual placement |", "|---|---|---|---|---|"]
+    r = StrideArguments().rank if r is None else r
+    H = SHARED_COLUMNS
+    lines = [f"r = {r} (the default rank), basis hidden 64, float32; K = {' and '.join(map(str, Ks))} (512: the "
+             "default from n = 256 on). The default logits placement has one coefficient column per vocabulary "
+             f"entry; `logit_columns={H}` (opt-in: it lost LDS on the public benchmark, docs/method.md) keeps at most "
+             f"{H}. Formula checked against modules built at a small size. While fitting, gradients and two AdamW "
+             "moments add 3x more.",
+             "", f"| model shape | d_model | V | K | logits placement (default) | logits, logit_columns={H} | "
+             "head / residual placement |", "|---|---|---|---|---|---|---|"]
     for label, d, v in SHAPES:
-        lines.append(f"| {label} | {d} | {v:,} | {state_bytes('logits', K, r, d, v) / 1e6:,.1f} MB | "
-                     f"{state_bytes('head', K, r, d, v) / 1e6:,.1f} MB |")
+        for K in Ks:
+            lines.append(f"| {label} | {d} | {v:,} | {K} | {state_bytes('logits', K, r, d, v) / 1e6:,.1f} MB | "
+                         f"{state_bytes('logits', K, r, d, v, columns=H) / 1e6:,.1f} MB | "
+                         f"{state_bytes('head', K, r, d, v) / 1e6:,.1f} MB |")
     return "\n".join(lines)
 
 
@@ -93,12 +113,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="stride_scaling_") as tmp:
         cfg = fit_cost.quick_config() if a.quick else fit_cost.CostConfig(steps=20)
         result = fit_cost.run(cfg, tmp)
-    parts.append("## 3. Fit cost in plain forward passes over the corpus, per-query cost, EK-FAC reference\n\n```\n" + fit_cost.report(result) +
+    parts.append("## 3. Fit cost in plain forward passes over the corpus, per-query cost, EK-FAC and TRAK "
+                 "references\n\n```\n" + fit_cost.report(result) +
                  f"\nload after: {tuple(round(x, 2) for x in os.getloadavg())}\n```")
     print(parts[-1], flush=True)
-    parts.append("Not measured here: TRAK's featurisation as a second index-cost reference (see above), and any "
-                 "model wider than the fit-cost model: the head's share of a step, and so what `sampling='document'` "
-                 "saves, grows with d_model.")
+    parts.append("Not measured here: any model wider or with a larger vocabulary than the fit-cost model (a "
+                 "`fit_vocabulary` step does not grow with V, but the AdamW update walks the `K r V` coefficients "
+                 "every step and measurement computes `K P V` exponentials per query); TRAK at its tuned setting "
+                 "(4 models, k = 8192: its dense projection alone would not fit in this machine's memory).")
     text = "\n\n".join(parts) + "\n"
     path = a.out if a.out is not None else (None if a.quick else Path(__file__).resolve().parent / "SCALING.md")
     if path is not None:

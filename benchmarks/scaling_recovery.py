@@ -1,6 +1,7 @@
 """``python -m benchmarks.scaling_recovery``: how the Lasso recovery scales with the number of training examples.
 
-For each ``n`` (default 1e3, 1e4, 1e5, 1e6) and each ``K`` (a fixed ``--K``, default 256, and
+For each ``n`` (default 1e3, 1e4, 1e5, 1e6) and each ``K`` (``--K`` when given, else the
+library's default for that ``n``, ``StrideArguments.auto_subsets(n, d)``; and
 ``design.recommended_n_subsets(n, k)``), one row:
 
 * a `SubsetDesign` ``(n, K, d)`` (its build time is reported);
@@ -197,12 +198,15 @@ def _run_row_job(args: tuple[int, int, dict]) -> dict:
 
 
 def rows_to_run(cfg: Config) -> list[tuple[int, int]]:
-    """``(n, K)`` pairs: for each ``n``, the fixed ``K`` and ``recommended_n_subsets(n, k)`` (deduplicated)."""
+    """``(n, K)`` pairs: for each ``n``, the fixed ``K`` (``cfg.K == 0``: the library default for
+    ``n``, `StrideArguments.auto_subsets`) and ``recommended_n_subsets(n, k)`` (deduplicated)."""
+    from stride_nnsight.arguments import StrideArguments
     from stride_nnsight.design import recommended_n_subsets
 
     pairs = []
     for n in cfg.ns:
-        for K in sorted({cfg.K, recommended_n_subsets(n, cfg.k)}):
+        fixed = cfg.K if cfg.K else StrideArguments.auto_subsets(n, cfg.d)
+        for K in sorted({fixed, recommended_n_subsets(n, cfg.k)}):
             pairs.append((n, max(K, cfg.d)))
     return pairs
 
@@ -253,7 +257,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[Config, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scaling_recovery", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, seconds)")
     p.add_argument("--n", type=int, nargs="+", default=None, help=f"training-set sizes (default {DEFAULT_NS})")
-    p.add_argument("--K", type=int, default=None, help="the fixed number of subsets (default 256; --quick 64)")
+    p.add_argument("--K", type=int, default=None,
+                   help="the fixed number of subsets (default: the library default for each n; --quick 64)")
     p.add_argument("--k", type=int, default=10, help="planted influential examples per query (default 10)")
     p.add_argument("--d", type=int, default=4, help="subsets per example (default 4)")
     p.add_argument("--queries", type=int, default=None, help="queries per row (default 1000; --quick 6)")
@@ -269,7 +274,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[Config, argparse.Namespace]:
     a = p.parse_args(argv)
     cfg = Config(
         ns=tuple(a.n) if a.n else (QUICK_NS if a.quick else DEFAULT_NS),
-        K=a.K if a.K is not None else (64 if a.quick else 256),
+        K=a.K if a.K is not None else (64 if a.quick else 0),
         k=a.k if not a.quick else min(a.k, 5),
         d=a.d,
         q=a.queries if a.queries is not None else (6 if a.quick else 1000),

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, storage
 from .inputs import TokenBatch
+from .operators import vocabulary_candidates
 from .storage import create_array, open_array, write_manifest
 
 __all__ = [
@@ -63,7 +64,8 @@ MANIFEST_NAME = "activations.json"
 CACHE_KIND = "stride_activation_cache"
 CACHE_FORMAT = 1
 MANIFEST_KEYS = ("identity", "n_documents", "n_tokens", "size_bytes", "done")
-ARRAY_FILES = {"z": "z.npy", "h": "h_final.npy", "tokens": "tokens.npy", "offsets": "offsets.npy"}
+ARRAY_FILES = {"z": "z.npy", "h": "h_final.npy", "tokens": "tokens.npy", "offsets": "offsets.npy",
+               "cand_ids": "candidate_ids.npy", "cand_logw": "candidate_log_weights.npy"}
 #: storage dtype name -> numpy dtype of the file (bfloat16 is kept as its raw 16 bits, uint16)
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
@@ -347,13 +349,17 @@ def _real_tokens(texts: TokenBatch, lengths: np.ndarray) -> np.ndarray:
     return ids[mask]  # row-major: documents one after another
 
 
-def cache_size_bytes(texts: TokenBatch, d_model: int, dtype: Any = "float32") -> int:
+def cache_size_bytes(texts: TokenBatch, d_model: int, dtype: Any = "float32",
+                     candidates: Optional[int] = None) -> int:
     """Bytes an activation cache of ``texts`` takes on disk: ``2 * N * d_model`` values of
     ``dtype`` (``z`` and ``h``; ``N`` real tokens) plus 8 bytes per token (ids) and per
-    document (offsets), plus the ``.npy`` headers and the manifest (a few KB)."""
+    document (offsets), plus the ``.npy`` headers and the manifest (a few KB). With
+    ``candidates=c`` (`fit_vocabulary`): ``z`` and ``c`` candidate ids (int32) and log-weights
+    (float32) per token instead of ``z`` and ``h``."""
     n_tokens = int(document_lengths(texts).sum())
     itemsize = np.dtype(STORAGE_DTYPES[_storage_dtype(dtype)]).itemsize
-    return 2 * n_tokens * int(d_model) * itemsize + 8 * n_tokens + 8 * (len(texts) + 1) + 4 * 128 + 4096
+    per_token = 2 * int(d_model) * itemsize if candidates is None else int(d_model) * itemsize + 8 * int(candidates)
+    return n_tokens * per_token + 8 * n_tokens + 8 * (len(texts) + 1) + 6 * 128 + 4096
 
 
 def _format_bytes(n: int) -> str:
@@ -364,13 +370,18 @@ def _format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def cache_identity(texts: TokenBatch, fingerprint: str, layer: int, dtype: str, d_model: int) -> dict[str, Any]:
+def cache_identity(texts: TokenBatch, fingerprint: str, layer: int, dtype: str, d_model: int,
+                   candidates: Optional[int] = None, candidate_seed: int = 0) -> dict[str, Any]:
     """What a cache is valid for: the tokenized corpus (sha256 of document lengths and real
-    token ids), the model fingerprint, the layer, the storage dtype and ``d_model``."""
+    token ids), the model fingerprint, the layer, the storage dtype and ``d_model``; with
+    ``candidates`` also their number and the seed of their draws."""
     lengths = document_lengths(texts)
     digest = hashlib.sha256(lengths.tobytes() + _real_tokens(texts, lengths).tobytes()).hexdigest()
-    return {"tokens": digest, "model fingerprint": str(fingerprint), "layer": int(layer), "dtype": dtype,
-            "d_model": int(d_model)}
+    identity = {"tokens": digest, "model fingerprint": str(fingerprint), "layer": int(layer), "dtype": dtype,
+                "d_model": int(d_model)}
+    if candidates is not None:
+        identity.update({"fit vocabulary": int(candidates), "candidate seed": int(candidate_seed)})
+    return identity
 
 
 def _identity_differences(stored: dict, current: dict) -> list[str]:
@@ -420,22 +431,60 @@ def use_activation_cache(setting: Any, placement: str, *, remote: bool = False, 
 
 
 def _write_batch(backend: Any, texts: TokenBatch, index: np.ndarray, layer: int, offsets: np.ndarray,
-                 files: tuple[np.ndarray, np.ndarray], dtype: str, verify: Optional[Callable]) -> Optional[float]:
-    """Run the frozen model on documents ``index`` and write their ``z`` and ``h`` rows into the
-    memory-mapped ``files`` (flushed). With ``verify`` (the head function) the batch first checks
-    that the head rebuilds the model's logits (`verify_head`) and returns its difference."""
+                 files: dict[str, np.ndarray], dtype: str, verify: Optional[Callable],
+                 candidates: Optional[tuple[int, int]] = None) -> Optional[float]:
+    """Run the frozen model on documents ``index`` and write their rows into the memory-mapped
+    ``files`` (flushed): ``z`` and ``h``, or with ``candidates=(c, seed)`` ``z`` and each token's
+    `vocabulary_candidates` (ids and log-weights; document ``j`` draws with the seed
+    ``seed * 1000003 + j``, as `operators.candidate_forward`). With ``verify`` (the head
+    function) the batch first checks that the head rebuilds the model's logits (`verify_head`)
+    and returns its difference."""
     batch = texts.rows(index).to(backend.device)
     z, h, logits = read_activations(backend, batch.input_ids, batch.attention_mask, layer)
     diff = verify_head(verify, h, logits, batch.attention_mask, backend.dtype) if verify is not None else None
-    z_file, h_file = files
-    z_rows, h_rows = to_storage(z, dtype), to_storage(h, dtype)
+    z_rows = to_storage(z, dtype)
+    h_rows = to_storage(h, dtype) if candidates is None else None
     for row, doc in enumerate(index):
         lo, hi = int(offsets[doc]), int(offsets[doc + 1])
-        z_file[lo:hi] = z_rows[row, : hi - lo]
-        h_file[lo:hi] = h_rows[row, : hi - lo]
-    z_file.flush()
-    h_file.flush()
+        files["z"][lo:hi] = z_rows[row, : hi - lo]
+        if candidates is None:
+            files["h"][lo:hi] = h_rows[row, : hi - lo]
+            continue
+        n_candidates, seed = candidates
+        length = hi - lo
+        nxt = torch.full((length,), -1, dtype=torch.long)
+        nxt[: length - 1] = batch.input_ids[row, 1:length].cpu()
+        generator = torch.Generator().manual_seed(int(seed) * 1000003 + int(doc))
+        ids, logw = vocabulary_candidates(logits[row, :length], nxt, n_candidates, generator)
+        files["cand_ids"][lo:hi] = ids.cpu().numpy().astype(np.int32)
+        files["cand_logw"][lo:hi] = logw.cpu().numpy()
+    for array in files.values():
+        array.flush()
     return diff
+
+
+def _data_arrays(manifest: dict) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """The per-token arrays of a cache: key -> (shape, numpy dtype): ``z`` and ``h``, or ``z`` and
+    the candidates (`fit_vocabulary`)."""
+    n_tokens, d = int(manifest["n_tokens"]), int(manifest["identity"]["d_model"])
+    file_dtype = STORAGE_DTYPES[manifest["identity"]["dtype"]]
+    width = manifest.get("candidate_width")
+    if width is None:
+        return {"z": ((n_tokens, d), file_dtype), "h": ((n_tokens, d), file_dtype)}
+    return {"z": ((n_tokens, d), file_dtype), "cand_ids": ((n_tokens, int(width)), np.int32),
+            "cand_logw": ((n_tokens, int(width)), np.float32)}
+
+
+def _open_data(directory: Path, manifest: dict, writable: bool = False) -> dict[str, np.ndarray]:
+    return {key: open_array(directory / ARRAY_FILES[key], shape, np_dtype, writable=writable)
+            for key, (shape, np_dtype) in _data_arrays(manifest).items()}
+
+
+def _candidates_setting(manifest: dict) -> Optional[tuple[int, int]]:
+    """``(candidates per token, seed)`` of a cache built with `fit_vocabulary`, else ``None``."""
+    if manifest.get("candidate_width") is None:
+        return None
+    return int(manifest["candidate_width"]), int(manifest["identity"]["candidate seed"])
 
 
 class ActivationCache:
@@ -473,13 +522,17 @@ class ActivationCache:
         self.size_bytes = int(manifest["size_bytes"])
         self.verified_diff = manifest.get("verified_diff")
         self.head = head
-        file_dtype = STORAGE_DTYPES[self.dtype]
         d = self.directory
         self.offsets = np.array(open_array(d / ARRAY_FILES["offsets"], (self.n_documents + 1,), np.int64))
         self.lengths = np.diff(self.offsets)
         self._tokens = open_array(d / ARRAY_FILES["tokens"], (self.n_tokens,), np.int64)
-        self._z = open_array(d / ARRAY_FILES["z"], (self.n_tokens, self.d_model), file_dtype)
-        self._h = open_array(d / ARRAY_FILES["h"], (self.n_tokens, self.d_model), file_dtype)
+        data = _open_data(d, manifest)
+        self._z = data["z"]
+        self._h = data.get("h")
+        self._cand_ids, self._cand_logw = data.get("cand_ids"), data.get("cand_logw")
+        #: ``fit_vocabulary`` entries per token the cache holds (``None``: it holds ``h`` instead)
+        self.candidates: Optional[int] = (None if manifest.get("candidate_width") is None
+                                          else int(manifest["identity"]["fit vocabulary"]))
 
     # ------------------------------------------------------------------------- build
     @classmethod
@@ -495,6 +548,8 @@ class ActivationCache:
         batch_size: int = 32,
         overwrite: bool = False,
         progress: bool = True,
+        candidates: Optional[int] = None,
+        candidate_seed: int = 0,
     ) -> "ActivationCache":
         """Compute and write the cache (or finish / reuse the one in ``cache_dir``) and open it.
 
@@ -509,6 +564,9 @@ class ActivationCache:
             overwrite: delete whatever cache ``cache_dir`` holds (also one of the same identity) and
                 build anew, instead of raising on another identity / reusing the same one.
             progress: show a progress bar and the one-line size report.
+            candidates: store, instead of ``h``, each token's ``candidates`` vocabulary entries
+                (`operators.vocabulary_candidates`: ids and log-weights) for a fit with
+                ``fit_vocabulary=candidates``; ``candidate_seed`` seeds their draws.
 
         A cache in ``cache_dir`` with the same identity (`cache_identity`) is reused if complete
         and continued if not (after a crash or Ctrl-C; the manifest records the documents done
@@ -525,13 +583,13 @@ class ActivationCache:
         directory.mkdir(parents=True, exist_ok=True)
         head = head_function(backend)
         fingerprint = backend.fingerprint() if fingerprint is None else fingerprint
-        identity = cache_identity(texts, fingerprint, layer, dtype, backend.d_model)
+        identity = cache_identity(texts, fingerprint, layer, dtype, backend.d_model, candidates, candidate_seed)
         rank, world = distributed.rank_and_world()
         problem = None
         if rank == 0:  # under torch.distributed rank 0 checks or creates the files, the others wait
             try:
                 manifest = cls._open_or_create(directory, texts, identity, backend.d_model, dtype, overwrite,
-                                               progress)
+                                               progress, backend.vocab_size)
             except Exception as error:  # every rank raises it, none is left waiting
                 problem = error
         if world > 1:
@@ -549,7 +607,7 @@ class ActivationCache:
 
     @classmethod
     def _open_or_create(cls, directory: Path, texts: TokenBatch, identity: dict, d_model: int, dtype: str,
-                        overwrite: bool, progress: bool) -> dict:
+                        overwrite: bool, progress: bool, vocab_size: int) -> dict:
         """The manifest of the cache in ``directory`` after checking its identity, or of a new,
         empty cache."""
         manifest = read_manifest(directory / MANIFEST_NAME) if not overwrite else None
@@ -561,15 +619,16 @@ class ActivationCache:
                     "Use another cache_dir, or pass overwrite=True to delete it and build a new one")
             return manifest
         remove_files(directory)
-        return cls._create(directory, texts, identity, d_model, dtype, progress)
+        return cls._create(directory, texts, identity, d_model, dtype, progress, vocab_size)
 
     @staticmethod
     def _create(directory: Path, texts: TokenBatch, identity: dict, d_model: int, dtype: str,
-                progress: bool) -> dict:
+                progress: bool, vocab_size: int) -> dict:
         """Report the size, check the disk, create the (empty) arrays and the manifest."""
         lengths = document_lengths(texts)
         n_tokens = int(lengths.sum())
-        size = cache_size_bytes(texts, d_model, dtype)
+        width = None if "fit vocabulary" not in identity else min(int(identity["fit vocabulary"]), int(vocab_size))
+        size = cache_size_bytes(texts, d_model, dtype, width)
         line = (f"activation cache: {len(texts)} documents, {n_tokens} tokens, layer {identity['layer']}, {dtype}: "
                 f"{_format_bytes(size)} to write in {directory}")
         logger.info(line)
@@ -580,18 +639,18 @@ class ActivationCache:
             raise OSError(f"{line}, but only {_format_bytes(free)} are free there: free space, use another "
                           "cache_dir, a smaller dtype (dtype='float16' halves it) or fit without the cache")
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        file_dtype = STORAGE_DTYPES[dtype]
-        for key, shape, np_dtype, values in (("offsets", (len(texts) + 1,), np.int64, offsets),
-                                             ("tokens", (n_tokens,), np.int64, _real_tokens(texts, lengths)),
-                                             ("z", (n_tokens, d_model), file_dtype, None),
-                                             ("h", (n_tokens, d_model), file_dtype, None)):
+        manifest = {"kind": CACHE_KIND, "format": CACHE_FORMAT, "identity": identity, "n_documents": len(texts),
+                    "n_tokens": n_tokens, "size_bytes": size, "done": 0, "verified_diff": None,
+                    "candidate_width": width}
+        arrays = [("offsets", (len(texts) + 1,), np.int64, offsets),
+                  ("tokens", (n_tokens,), np.int64, _real_tokens(texts, lengths))]
+        arrays += [(key, shape, np_dtype, None) for key, (shape, np_dtype) in _data_arrays(manifest).items()]
+        for key, shape, np_dtype, values in arrays:
             array = create_array(directory / ARRAY_FILES[key], shape, np_dtype)
             if values is not None:
                 array[:] = values
             array.flush()
             del array
-        manifest = {"kind": CACHE_KIND, "format": CACHE_FORMAT, "identity": identity, "n_documents": len(texts),
-                    "n_tokens": n_tokens, "size_bytes": size, "done": 0, "verified_diff": None}
         write_manifest(directory / MANIFEST_NAME, manifest)
         return manifest
 
@@ -640,49 +699,45 @@ class ActivationCache:
                       marks: np.ndarray, batch_ids: list[int]) -> None:
         """Compute and write the documents at processing-order positions ``spans``, marking batch
         ``batch_ids[i]`` in ``marks`` once its rows are on disk."""
-        n, n_tokens, d, dtype = (manifest["n_documents"], manifest["n_tokens"], manifest["identity"]["d_model"],
-                                 manifest["identity"]["dtype"])
-        file_dtype = STORAGE_DTYPES[dtype]
+        n, dtype = manifest["n_documents"], manifest["identity"]["dtype"]
         offsets = np.array(open_array(directory / ARRAY_FILES["offsets"], (n + 1,), np.int64))
         order = cls.processing_order(np.diff(offsets))
-        z_file = open_array(directory / ARRAY_FILES["z"], (n_tokens, d), file_dtype, writable=True)
-        h_file = open_array(directory / ARRAY_FILES["h"], (n_tokens, d), file_dtype, writable=True)
+        files = _open_data(directory, manifest, writable=True)
         bar = tqdm(total=sum(hi - lo for lo, hi in spans), disable=not progress, desc="caching activations",
                    unit="doc")
         try:
             for (lo_pos, hi_pos), b in zip(spans, batch_ids):
                 index = order[lo_pos:hi_pos]
-                _write_batch(backend, texts, index, layer, offsets, (z_file, h_file), dtype,
-                             head if lo_pos == 0 else None)
+                candidates = _candidates_setting(manifest)  # (stored from the model's own logits: no head to verify)
+                _write_batch(backend, texts, index, layer, offsets, files, dtype,
+                             head if lo_pos == 0 and candidates is None else None, candidates)
                 marks[b] = 1  # after the data: a crash redoes the batch
                 marks.flush()
                 bar.update(len(index))
         finally:
             bar.close()
-            del z_file, h_file
+            del files
 
     @classmethod
     def _fill(cls, backend: Any, texts: TokenBatch, layer: int, directory: Path, manifest: dict,
               head: Callable, batch_size: int, progress: bool) -> None:
         """Compute the documents not done yet, batch by batch, updating the manifest after each."""
-        n, n_tokens, d, dtype = (manifest["n_documents"], manifest["n_tokens"], manifest["identity"]["d_model"],
-                                 manifest["identity"]["dtype"])
-        file_dtype = STORAGE_DTYPES[dtype]
+        n, dtype = manifest["n_documents"], manifest["identity"]["dtype"]
         offsets = np.array(open_array(directory / ARRAY_FILES["offsets"], (n + 1,), np.int64))
         lengths = np.diff(offsets)
         order = cls.processing_order(lengths)
-        z_file = open_array(directory / ARRAY_FILES["z"], (n_tokens, d), file_dtype, writable=True)
-        h_file = open_array(directory / ARRAY_FILES["h"], (n_tokens, d), file_dtype, writable=True)
+        files = _open_data(directory, manifest, writable=True)
         start = int(manifest["done"])
         if progress and start:
             tqdm.write(f"activation cache in {directory}: resuming at document {start} of {n}")
         bar = tqdm(total=n, initial=start, disable=not progress, desc="caching activations", unit="doc")
-        verified = False
+        candidates = _candidates_setting(manifest)
+        verified = candidates is not None  # candidates come from the model's own logits: no head to verify
         try:
             while start < n:
                 index = order[start: start + batch_size]
-                diff = _write_batch(backend, texts, index, layer, offsets, (z_file, h_file), dtype,
-                                    None if verified else head)
+                diff = _write_batch(backend, texts, index, layer, offsets, files, dtype,
+                                    None if verified else head, candidates)
                 if not verified:
                     manifest["verified_diff"], verified = diff, True
                 start += len(index)
@@ -691,7 +746,7 @@ class ActivationCache:
                 bar.update(len(index))
         finally:
             bar.close()
-            del z_file, h_file
+            del files
 
     # ------------------------------------------------------------------------- read
     def _check_index(self, index: Any) -> np.ndarray:
@@ -714,10 +769,30 @@ class ActivationCache:
             out[row, : hi - lo] = from_storage(array[lo:hi], self.dtype)
         return out
 
+    def _padded_candidates(self, docs: np.ndarray, width: int) -> tuple[Tensor, Tensor]:
+        """``(ids [len(docs), width, c] long, log_weights [..., c] float32)``, zeros after each
+        document's real tokens."""
+        c = self._cand_ids.shape[1]
+        ids = torch.zeros(len(docs), width, c, dtype=torch.long)
+        logw = torch.zeros(len(docs), width, c)
+        for row, doc in enumerate(docs):
+            lo, hi = int(self.offsets[doc]), int(self.offsets[doc + 1])
+            ids[row, : hi - lo] = torch.from_numpy(np.asarray(self._cand_ids[lo:hi], dtype=np.int64))
+            logw[row, : hi - lo] = torch.from_numpy(np.array(self._cand_logw[lo:hi], dtype=np.float32))
+        return ids, logw
+
+    def _require_h(self) -> None:
+        if self._h is None:
+            raise ActivationCacheError(
+                f"the activation cache in {self.directory} holds each token's fit_vocabulary={self.candidates} "
+                "candidates instead of the final hidden state h: it serves a logits-placement fit with that "
+                "fit_vocabulary; build another cache (without candidates) for anything that needs h")
+
     def rows(self, index: Any, device: Any = None) -> tuple[Tensor, Tensor]:
         """``(z [b, T, d], h [b, T, d])`` float32 of documents ``index`` on ``device`` (CPU by
         default), padded with zeros to ``T = max(longest real length, 2)`` (the width of
         ``TokenBatch.rows(index)``). Each distinct document is read once."""
+        self._require_h()
         index = self._check_index(index)
         width = self.width(index)
         docs, inverse = np.unique(index, return_inverse=True)
@@ -756,7 +831,14 @@ class ActivationCache:
         positions get logits 0, ``z`` 0; every STRIDE loss masks them out). The call checks that
         ``input_ids`` / ``attention_mask`` are exactly these documents' tokens (`ValueError`
         otherwise). ``edit`` other than ``None`` raises ``NotImplementedError``: the residual
-        placement is not cached."""
+        placement is not cached.
+
+        A cache built with ``candidates`` (`fit_vocabulary`) serves ``forward(input_ids,
+        attention_mask, None, candidates=True) -> (log_weights [b, T, c], z [b, T, d], ids [b, T,
+        c])`` instead (no head is run; padding positions hold zeros), as
+        `operators.candidate_forward` would compute them from the model's logits."""
+        if self.candidates is not None:
+            return self._candidate_forward_for(index, device)
         if self.head is None:
             raise ActivationCacheError("this ActivationCache was opened without the model's head: open it with "
                                        "ActivationCache(directory, head=head_function(backend)) or build() it")
@@ -801,6 +883,28 @@ class ActivationCache:
             return logits_u.to(target)[inv], z_u.to(target)[inv]
 
         forward.accepts_positions = True  # type: ignore[attr-defined]
+        return forward
+
+    def _candidate_forward_for(self, index: Any, device: Any = None) -> Callable[..., tuple]:
+        index = self._check_index(index)
+        width = self.width(index)
+        docs, inverse = np.unique(index, return_inverse=True)
+        inverse_t = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+        target = torch.device(device) if device is not None else torch.device("cpu")
+
+        def forward(input_ids: Tensor, attention_mask: Tensor, edit: Any = None, candidates: bool = False,
+                    **kwargs: Any) -> tuple[Tensor, Tensor, Tensor]:
+            if edit is not None or not candidates or kwargs.get("head_input"):
+                raise NotImplementedError(
+                    f"this activation cache holds fit_vocabulary={self.candidates} candidates per token, not the "
+                    "logits or the final hidden state: it serves only forward(..., candidates=True) of a "
+                    "logits-placement fit with that fit_vocabulary")
+            self._check_tokens(index, width, input_ids, attention_mask)
+            z_u = self._padded(self._z, docs, width)
+            ids_u, logw_u = self._padded_candidates(docs, width)
+            return logw_u[inverse_t].to(target), z_u[inverse_t].to(target), ids_u[inverse_t].to(target)
+
+        forward.candidates = True  # type: ignore[attr-defined]
         return forward
 
     def _check_tokens(self, index: np.ndarray, width: int, input_ids: Tensor, attention_mask: Tensor) -> None:

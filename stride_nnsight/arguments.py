@@ -12,6 +12,9 @@ __all__ = ["StrideArguments", "LAMBDA_RULES", "SAMPLINGS", "MAX_AUTO_SUBSETS"]
 
 #: the most subsets ``n_subsets=None`` chooses (see `StrideArguments.subsets_for`)
 MAX_AUTO_SUBSETS = 512
+#: settings added after states were first saved, with the value that reproduces an older state
+#: (`StrideArguments.from_saved`): it was fitted on the whole vocabulary, one column per entry
+SAVED_BEFORE: dict[str, Any] = {"fit_vocabulary": None, "logit_columns": None}
 
 LAMBDA_RULES = ("fraction", "cv")
 SAMPLINGS = ("document", "membership")
@@ -72,6 +75,25 @@ class StrideArguments:
             row's mean loss); ``None`` reads every position. The vocabulary-wide work of a step
             (softmax, edit and their backward; with the activation cache also the output
             head) scales with it instead of with the document length;
+        * fit_vocabulary: vocabulary entries per token that a fit step's losses read (logits
+            placement): the token's target, the base model's most probable other tokens and
+            draws from the rest of its distribution (`operators.vocabulary_candidates`), so a
+            step's work does not grow with the vocabulary; with the activation cache the
+            candidates are computed once, when it is built. Default 128: level with the whole
+            vocabulary on three dev corpora (public benchmark +0.001 LDS [-0.029, +0.031]) at a
+            quarter of the fit's CPU time (docs/method.md, "Vocabulary candidates"). ``None``:
+            the whole vocabulary. Remote fits and the residual and head placements always read
+            the whole vocabulary (``Stride.fit`` records ``None`` for them). Measurement always
+            uses the whole vocabulary;
+        * logit_columns: the logits placement's coefficient columns per operator, ``H``. A
+            vocabulary of ``V <= H`` gets one column per entry (``a_k: r x V``, exact); a larger
+            one gets ``H`` columns: the ``H - H // 16`` most frequent tokens of the training corpus
+            their own, the others ``H // 16`` shared ones (`operators.frequency_columns`), so the
+            state is ``K r H`` whatever the vocabulary (at K=256, r=16, H=8192: 134 MB instead of
+            2.1 GB at V = 128k). ``None`` (default): always one column per entry. Not the default
+            because sharing cost quality where it was measured: on the public benchmark (V =
+            2,048) 256 columns lost -0.153 LDS [-0.209, -0.098] and 128 columns -0.284
+            (docs/method.md, "Shared logit columns");
         * max_length: tokens per training text, BOS included. ``None`` (default): what the
             corpus needs, up to the model's context: the longest training document, capped at
             the model's context length (``ModelBackend.context_length``). An int is used as
@@ -124,6 +146,8 @@ class StrideArguments:
     sketch_dim: int = 8
     ridge: float = 1e-2
     loss_positions: Optional[int] = None
+    fit_vocabulary: Optional[int] = 128
+    logit_columns: Optional[int] = None
     max_length: Optional[int] = None
     checkpoint_every: int = 100
     activation_cache: Union[bool, str] = "auto"
@@ -165,6 +189,15 @@ class StrideArguments:
                                                 or self.loss_positions < 1):
             raise ValueError(f"loss_positions must be a positive int (token positions read per row and step) or "
                              f"None (every position), got {self.loss_positions!r}")
+        if self.fit_vocabulary is not None and (isinstance(self.fit_vocabulary, bool)
+                                                or not isinstance(self.fit_vocabulary, int)
+                                                or self.fit_vocabulary < 2):
+            raise ValueError(f"fit_vocabulary must be an int >= 2 (vocabulary entries per token a fit step reads) "
+                             f"or None (the whole vocabulary), got {self.fit_vocabulary!r}")
+        if self.logit_columns is not None and (isinstance(self.logit_columns, bool)
+                                               or not isinstance(self.logit_columns, int) or self.logit_columns < 16):
+            raise ValueError(f"logit_columns must be an int >= 16 (coefficient columns per operator) or None (one per "
+                             f"vocabulary entry), got {self.logit_columns!r}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.activation_cache not in (True, False, "auto") or isinstance(self.activation_cache, int) \
@@ -242,6 +275,13 @@ class StrideArguments:
     def from_dict(cls, data: dict[str, Any]) -> "StrideArguments":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "StrideArguments":
+        """The settings of a saved state: like `from_dict`, but a setting added after the state
+        was written takes the value that reproduces how that state was fitted (`SAVED_BEFORE`),
+        not today's default."""
+        return cls.from_dict({**SAVED_BEFORE, **data})
 
     def replace(self, **changes: Any) -> "StrideArguments":
         unknown = set(changes) - {f.name for f in fields(self)}

@@ -42,8 +42,8 @@ from .arguments import StrideArguments
 from .backends.base import ModelBackend
 from .design import SubsetDesign
 from .inputs import TokenBatch
-from .operators import (READ_ONLY_PLACEMENTS, SteeringOperators, jl_projection, loss_candidates, module_device,
-                        shared_rows_forward, step_losses)
+from .operators import (READ_ONLY_PLACEMENTS, SteeringOperators, candidate_forward, jl_projection, loss_candidates,
+                        module_device, shared_rows_forward, step_losses)
 
 __all__ = ["FitHistory", "OperatorFitter", "CHECKPOINT_NAME", "CheckpointMismatchError", "NOT_IN_RUN_IDENTITY",
            "interrupts_deferred", "nonfinite_loss_error", "nonfinite_gradients", "optimizer_settings"]
@@ -211,6 +211,17 @@ def _loss_rows(fid_ex: np.ndarray, stab_ex: np.ndarray, probe: int, n_probe: int
             "total": np.concatenate([fid_ex, stab_ex, np.asarray(probe_rows, dtype=np.int64)])}
 
 
+def candidate_seed(args: StrideArguments) -> int:
+    """Seed of the ``fit_vocabulary`` draws (`operators.candidate_forward`, the activation cache)."""
+    return int(args.seed) + 3
+
+
+def fit_candidates(args: StrideArguments) -> Optional[int]:
+    """The ``fit_vocabulary`` a fit with ``args`` uses: the setting for the logits placement,
+    ``None`` (the whole vocabulary) for the others."""
+    return args.fit_vocabulary if args.placement == "logits" else None
+
+
 class OperatorFitter:
     """Trains ``operators`` on ``texts`` (already tokenized) under the STRIDE losses."""
 
@@ -247,6 +258,8 @@ class OperatorFitter:
         projection = jl_projection(design.n_examples, args.sketch_dim, args.seed + 2).numpy()
         self.sketch = torch.from_numpy(np.asarray(membership @ projection, dtype=np.float32))  # [K, q]
         self.generator = torch.Generator().manual_seed(args.seed + 1)
+        self.candidate_seed = candidate_seed(args)
+        self.sparse_gradients = fit_candidates(args) is not None
         self.optimizer = torch.optim.AdamW(operators.parameters(), **optimizer_settings(args))
         self.history = FitHistory()
         self.step = 0
@@ -255,6 +268,13 @@ class OperatorFitter:
                                         or operators.placement not in READ_ONLY_PLACEMENTS):
             raise ValueError(f"the activation cache holds layer {activations.layer} for the logits and head "
                              f"placements; these operators are {operators.placement!r} at layer {operators.layer}")
+        if activations is not None and activations.candidates is not None and (
+                fit_candidates(args) != activations.candidates
+                or activations.identity.get("candidate seed") != candidate_seed(args)):
+            raise ValueError(f"the activation cache holds fit_vocabulary={activations.candidates} candidates (seed "
+                             f"{activations.identity.get('candidate seed')}); this fit has fit_vocabulary="
+                             f"{fit_candidates(args)} (seed {candidate_seed(args)}): build the cache with this "
+                             "fit's settings")
         if operators.placement == "head" and head is None:
             head = activations.head if activations is not None else head_function(backend)
         self.head = head
@@ -428,6 +448,10 @@ class OperatorFitter:
                 return backend.forward(input_ids, attention_mask, ops.layer, edit=edit)
 
             forward = shared_rows_forward(live, torch.from_numpy(examples))  # one forward per distinct document
+        if fit_candidates(args) is not None and not getattr(forward, "candidates", False):
+            # the losses on each token's candidates (a cache built with them serves them directly)
+            forward = candidate_forward(forward, torch.from_numpy(examples), args.fit_vocabulary,
+                                        self.candidate_seed)
 
         loss, fidelity, stability, linearity = step_losses(
             forward, ops, batch.input_ids, batch.attention_mask, batch.loss_mask, op_ids, sketch,
@@ -450,7 +474,15 @@ class OperatorFitter:
                                            "the fit stopped before this step's update (see that process's error)")
         if error is not None:
             raise error
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.sparse_gradients:
+            # candidate fits: dense .grad buffers kept and zeroed in place; the coefficients' sparse
+            # gradient (operators.GatherColumns) is added into them, no K x r x V gradient allocated
+            for p in ops.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.optimizer.zero_grad(set_to_none=False)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
             distributed.all_reduce_gradients(ops.parameters())

@@ -55,6 +55,53 @@ class BasisNetwork(torch.nn.Module):
         return self.out(F.gelu(self.inp(h)))
 
 
+def frequency_columns(counts: torch.Tensor, columns: int, seed: int = 0) -> torch.Tensor:
+    """The logits placement's column of each vocabulary entry when the coefficients have
+    ``columns = H`` columns for a vocabulary of ``V > H``: ``counts [V]`` (how often each token
+    occurs in the training corpus) -> ``column_of [V]`` long. The ``H - H // 16`` most frequent
+    tokens (ties: lower id first) get a column of their own; every other token shares one of the
+    last ``H // 16`` columns (at least one), assigned at random from ``seed``. ``H >= V``: the
+    identity (every token its own column)."""
+    counts = torch.as_tensor(counts).reshape(-1)
+    V, H = int(counts.numel()), int(columns)
+    if H >= V:
+        return torch.arange(V)
+    shared = max(1, H // 16)
+    own = H - shared
+    order = torch.argsort(-counts.double(), stable=True)
+    column = torch.empty(V, dtype=torch.long)
+    column[order[:own]] = torch.arange(own)
+    generator = torch.Generator().manual_seed(int(seed))
+    column[order[own:]] = own + torch.randint(0, shared, (V - own,), generator=generator)
+    return column
+
+
+class GatherColumns(torch.autograd.Function):
+    """``coefficients [K, r, V]`` at rows ``operator [b]`` and columns ``ids [b, t, c]`` ->
+    ``[b, t, c, r]``. Its backward adds the ``b t c r`` gradient entries *in place* into
+    ``coefficients.grad`` (created as zeros if missing) and hands autograd nothing for it, so a
+    step touches only what it read instead of allocating and zeroing a ``K x r x V`` gradient
+    (`SteeringOperators.candidate_deltas`; the fitter keeps ``.grad`` and zeroes it in place)."""
+
+    @staticmethod
+    def forward(ctx, coefficients, operator, ids):
+        ctx.save_for_backward(operator, ids)
+        ctx.coefficients = coefficients
+        return coefficients.transpose(1, 2)[operator[:, None, None], ids]
+
+    @staticmethod
+    def backward(ctx, grad):
+        operator, ids = ctx.saved_tensors
+        coef = ctx.coefficients
+        K, r, V = coef.shape
+        if coef.grad is None:
+            coef.grad = torch.zeros_like(coef)
+        ranks = torch.arange(r, device=ids.device)
+        flat = (operator[:, None, None, None] * r + ranks) * V + ids.unsqueeze(-1)     # [b, t, c, r]
+        coef.grad.view(-1).index_add_(0, flat.reshape(-1), grad.reshape(-1).to(coef.grad.dtype))
+        return None, None, None
+
+
 class SteeringOperators(torch.nn.Module):
     """All ``K`` steering operators of one layer: a shared basis and one ``a_k`` per subset.
 
@@ -70,6 +117,11 @@ class SteeringOperators(torch.nn.Module):
         compute_dtype: one of `OPERATOR_DTYPES`: the dtype `delta` computes the edit in (under
             ``torch.autocast``; the parameters stay float32, so the optimiser updates float32
             master weights). Measurement functions read the parameters in float32.
+        columns: logits placement only: ``H``, the coefficient columns per operator. ``None`` or
+            ``H >= V``: one per vocabulary entry (``a_k: r x V``). ``H < V``: ``a_k: r x H``, and
+            vocabulary entry ``v`` reads column ``column_of[v]`` (a buffer, saved with the state;
+            `frequency_columns`, set from the corpus by `assign_columns`): the state no longer
+            grows with the vocabulary beyond ``H``.
     """
 
     def __init__(
@@ -82,6 +134,7 @@ class SteeringOperators(torch.nn.Module):
         layer: int = 0,
         hidden: int = 64,
         compute_dtype: str = "float32",
+        columns: Optional[int] = None,
     ) -> None:
         super(SteeringOperators, self).__init__()
         if placement not in PLACEMENTS:
@@ -96,7 +149,35 @@ class SteeringOperators(torch.nn.Module):
         self.placement = placement
         self.layer = int(layer)
         self.basis = BasisNetwork(d_model, rank, hidden)
-        self.coefficients = torch.nn.Parameter(torch.zeros(self.n_operators, self.rank, self.out_dim))
+        shared = placement == "logits" and columns is not None and int(columns) < self.out_dim
+        if columns is not None and int(columns) < 1:
+            raise ValueError("columns must be >= 1 (or None: one per vocabulary entry), got %r" % (columns,))
+        self.columns = int(columns) if shared else None
+        width = self.columns if shared else self.out_dim
+        self.coefficients = torch.nn.Parameter(torch.zeros(self.n_operators, self.rank, width))
+        if shared:
+            self.register_buffer("column_of", frequency_columns(torch.zeros(self.out_dim), width))
+        else:
+            self.column_of = None
+
+    def assign_columns(self, counts: torch.Tensor, seed: int = 0) -> None:
+        """Set ``column_of`` from the corpus's token ``counts [V]`` (`frequency_columns`); a no-op
+        when every vocabulary entry has its own column."""
+        if self.column_of is not None:
+            self.column_of.copy_(frequency_columns(counts, self.columns, seed).to(self.column_of.device))
+
+    def expand_columns(self, a: torch.Tensor) -> torch.Tensor:
+        """``a [..., H]`` (coefficient columns) -> ``[..., V]`` (one value per vocabulary entry);
+        the identity when every entry has its own column."""
+        if self.column_of is None:
+            return a
+        return a.index_select(-1, self.column_of.to(a.device))
+
+    def vocabulary_coefficients(self, operators=None) -> torch.Tensor:
+        """``a_k`` of ``operators`` (a slice or index; default all) as ``[k, r, V]`` (a view when
+        every vocabulary entry has its own column, else a gathered copy)."""
+        a = self.coefficients if operators is None else self.coefficients[operators]
+        return self.expand_columns(a)
 
     def operator_weights(self, operator, batch: int) -> torch.Tensor:
         """Per-row coefficient matrices ``[b, r, out]`` for ``operator``.
@@ -109,7 +190,7 @@ class SteeringOperators(torch.nn.Module):
         if isinstance(operator, int):
             if not -self.n_operators <= operator < self.n_operators:
                 raise IndexError("operator %d out of range [0, %d)" % (operator, self.n_operators))
-            return a[operator].unsqueeze(0).expand(batch, -1, -1)
+            return self.expand_columns(a[operator]).unsqueeze(0).expand(batch, -1, -1)
         operator = torch.as_tensor(operator, device=a.device)
         if operator.is_floating_point():
             weights = operator.to(a.dtype)
@@ -120,13 +201,13 @@ class SteeringOperators(torch.nn.Module):
                     "mixing weights must have shape [%d] or [%d, %d], got %s"
                     % (self.n_operators, batch, self.n_operators, tuple(operator.shape))
                 )
-            return torch.einsum("bk,kro->bro", weights, a)
+            return self.expand_columns(torch.einsum("bk,kro->bro", weights, a))
         if operator.dim() != 1 or operator.shape[0] != batch:
             raise ValueError("per-row operator ids must have shape [%d], got %s" % (batch, tuple(operator.shape)))
         if bool((operator >= self.n_operators).any()) or bool((operator < -1).any()):
             raise IndexError("operator ids must lie in [-1, %d)" % self.n_operators)
         keep = (operator >= 0).to(a.dtype)[:, None, None]
-        return a[operator.clamp(min=0)] * keep
+        return self.expand_columns(a[operator.clamp(min=0)] * keep)
 
     def autocast(self, device: torch.device):
         """``torch.autocast`` to `compute_dtype` on ``device`` (a no-op for float32)."""
@@ -152,12 +233,39 @@ class SteeringOperators(torch.nn.Module):
         base = z if target is None else target
         return base + self.delta(z, operator).to(device=base.device, dtype=base.dtype)
 
+    def candidate_deltas(self, z: torch.Tensor, operator, ids: torch.Tensor) -> torch.Tensor:
+        """The logits placement's edit at chosen vocabulary entries only: ``z [b, t, d]``,
+        ``operator`` an int or a LongTensor ``[b]`` (``-1``: unsteered row), ``ids [b, t, c]``
+        (long) -> ``[b, t, c]``, entry ``(i, j, m)`` = ``(B(z_ij) a_k)[ids_ijm]``. Reads
+        ``b t c r`` coefficients instead of the ``r V`` of each row's `delta`, so a fit step's work
+        does not grow with the vocabulary (`vocabulary_candidates`)."""
+        coef = self.coefficients
+        b = int(z.shape[0])
+        if isinstance(operator, int):
+            operator = torch.full((b,), operator, dtype=torch.long)
+        operator = torch.as_tensor(operator, device=coef.device)
+        if operator.is_floating_point() or operator.dim() != 1 or operator.shape[0] != b:
+            raise ValueError("candidate_deltas takes an int or per-row operator ids of shape [%d]" % b)
+        if bool((operator >= self.n_operators).any()) or bool((operator < -1).any()):
+            raise IndexError("operator ids must lie in [-1, %d)" % self.n_operators)
+        ids = ids.to(coef.device)
+        if bool((ids < 0).any()) or bool((ids >= self.out_dim).any()):
+            raise IndexError("vocabulary ids must lie in [0, %d)" % self.out_dim)
+        keep = (operator >= 0).to(coef.dtype)[:, None, None, None]
+        if self.column_of is not None:
+            ids = self.column_of.to(ids.device)[ids]
+        with self.autocast(coef.device):
+            basis = self.basis(z.to(device=coef.device, dtype=coef.dtype))                  # [b, t, r]
+            # coefficients as [K, V, r]: row i, token j, candidate m reads a[k_i, :, ids_ijm]
+            picked = GatherColumns.apply(coef, operator.clamp(min=0), ids) * keep            # [b, t, c, r]
+            return (picked * basis.unsqueeze(2)).sum(-1)
+
     def all_logit_deltas(self, z: torch.Tensor) -> torch.Tensor:
         """Edits of every operator at once (logits placement): ``z [p, d] -> [K, p, V]``."""
         coef = self.coefficients
         with self.autocast(coef.device):
             basis = self.basis(z.to(device=coef.device, dtype=coef.dtype))
-            return torch.einsum("pr,kro->kpo", basis, coef)
+            return self.expand_columns(torch.einsum("pr,kro->kpo", basis, coef))
 
     def settings(self) -> dict:
         return {
@@ -169,6 +277,7 @@ class SteeringOperators(torch.nn.Module):
             "layer": self.layer,
             "hidden": self.basis.hidden,
             "compute_dtype": self.compute_dtype,
+            "columns": self.columns,
         }
 
 
@@ -192,6 +301,97 @@ def kl_to_base(base_logits: torch.Tensor, steered_logits: torch.Tensor, mask: to
     kl = (base_logp.exp() * (base_logp - steered_logp)).sum(-1)
     m = mask.to(kl.dtype)
     return (kl * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+def vocabulary_candidates(logits: torch.Tensor, next_ids: torch.Tensor, n_candidates: int,
+                          generator: Optional[torch.Generator] = None) -> tuple:
+    """A compressed copy of the base model's next-token distribution at every position of one
+    document, on which a fit step's losses are computed instead of the whole vocabulary.
+
+    ``logits [t, V]`` (one document, unsteered), ``next_ids [t]`` (long: the token each position
+    predicts, ``-1`` where there is none) -> ``(ids [t, c] long, log_weights [t, c] float32)``,
+    ``c = min(n_candidates, V)``. Slot 0 is the position's next token (the base model's top
+    token where there is none); then the ``(c - 1) // 2`` most probable other tokens, exactly;
+    then ``c - 1 - (c - 1) // 2`` draws (with replacement, from ``generator``) from the rest of
+    the distribution, each weighted ``p_rest / draws``. ``log_weights`` are the base
+    log-probabilities of the exact slots and ``log(p_rest / draws)`` of the drawn ones, so they
+    sum to one in probability: with ``e`` the edit at these ids, ``log_softmax(log_weights + e)``
+    is the steered next-token distribution on this support (slot 0: the NLL of the target), and
+    ``KL(base || steered)`` on it is an estimate of the full one (exact when nothing is drawn,
+    i.e. ``c = V``).
+    """
+    logp = torch.log_softmax(logits.detach().float(), dim=-1)                               # [t, V]
+    t, V = int(logp.shape[0]), int(logp.shape[1])
+    broken = torch.isnan(logp).any(-1)  # non-finite logits: the losses read NaN (the fit then names these rows)
+    if bool(broken.any()):
+        logp = logp.clone()
+        logp[broken] = -math.log(V)
+    c = max(1, min(int(n_candidates), V))
+    next_ids = next_ids.to(logp.device).long()
+    first = next_ids.clone()                                                                 # [t]
+    missing = first < 0
+    if bool(missing.any()):  # no next token (a document's last position): the base model's top token
+        first[missing] = logp[missing].argmax(-1)
+    ids, logw = [first[:, None]], [logp.gather(1, first[:, None])]
+    rest = logp.clone()
+    rest.scatter_(1, first[:, None], float("-inf"))
+    n_top = (c - 1) // 2 if c < V else c - 1
+    if n_top:
+        top_lp, top_ids = rest.topk(n_top, dim=-1)
+        ids.append(top_ids)
+        logw.append(top_lp)
+        rest.scatter_(1, top_ids, float("-inf"))
+    n_draw = c - 1 - n_top
+    if n_draw:
+        weights = rest.exp()                                                                 # [t, V]
+        mass = weights.sum(-1, keepdim=True)
+        if bool((mass <= 0).any()):  # the remaining mass underflowed: draw uniformly among the tokens left
+            weights = torch.where(mass > 0, weights, torch.isfinite(rest).to(weights.dtype))
+        drawn = torch.multinomial(weights.cpu(), n_draw, replacement=True, generator=generator).to(logp.device)
+        ids.append(drawn)
+        logw.append((mass.clamp(min=1e-30) / n_draw).log().expand(t, n_draw))
+    logw = torch.cat(logw, 1).float()
+    if bool(broken.any()):
+        logw[broken] = float("nan")
+    return torch.cat(ids, 1), logw
+
+
+def candidate_forward(forward, index: torch.Tensor, n_candidates: int, seed: int):
+    """Wrap a full unsteered ``forward(input_ids, attention_mask, None) -> (logits, z)`` so that
+    ``forward(..., candidates=True)`` returns ``(log_weights [b, t, c], z [b, t, d], ids [b, t,
+    c])`` (`vocabulary_candidates` of every row, computed once per distinct document; padding
+    positions get slot 0 = token 0). Document ``j``'s draws come from a generator seeded with
+    ``seed * 1000003 + j``, so they are the same at every step, in every process and in an
+    activation cache built with the same seed. ``index [b]``: which document each row is."""
+    index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    unique, inverse = torch.unique(index, return_inverse=True)
+    first = torch.full((len(unique),), len(index), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(index)), reduce="amin")
+
+    def wrapped(input_ids, attention_mask, edit=None, candidates=False, **kwargs):
+        if not candidates:
+            return forward(input_ids, attention_mask, edit, **kwargs)
+        rows = first.to(input_ids.device)
+        logits, z = forward(input_ids, attention_mask, None)
+        logits, z = logits[rows.to(logits.device)], z[rows.to(z.device)]
+        ids_u, logw_u = [], []
+        for row, doc in enumerate(unique.tolist()):
+            mask = attention_mask[int(rows[row])].bool().to(logits.device)
+            length = int(mask.sum())
+            nxt = torch.full((int(logits.shape[1]),), -1, dtype=torch.long, device=logits.device)
+            nxt[: max(length - 1, 0)] = input_ids[int(rows[row]), 1:length].to(logits.device)
+            generator = torch.Generator().manual_seed(int(seed) * 1000003 + int(doc))
+            cand, logw = vocabulary_candidates(logits[row, :length], nxt[:length], n_candidates, generator)
+            full_ids = cand.new_zeros(int(logits.shape[1]), cand.shape[1])
+            full_logw = logw.new_zeros(int(logits.shape[1]), cand.shape[1])
+            full_ids[:length], full_logw[:length] = cand, logw
+            ids_u.append(full_ids)
+            logw_u.append(full_logw)
+        inv = inverse.to(logits.device)
+        return torch.stack(logw_u)[inv], z[inv], torch.stack(ids_u)[inv]
+
+    wrapped.candidates = True
+    return wrapped
 
 
 def completion_measurements(operators: SteeringOperators, z: torch.Tensor, logits: torch.Tensor,
@@ -234,7 +434,7 @@ def completion_measurements(operators: SteeringOperators, z: torch.Tensor, logit
         sums = torch.empty(K, n_pos, device=device)
         target = torch.empty(K, n_pos, device=device)
         for k0 in range(0, K, k_chunk):
-            a = coef[k0: k0 + k_chunk].to(device=device, dtype=torch.float32)   # [k, r, V]
+            a = operators.vocabulary_coefficients(slice(k0, k0 + k_chunk)).to(device=device, dtype=torch.float32)
             n_k = int(a.shape[0])
             out = buffer[:n_k]
             torch.baddbmm(shifted, basis.expand(n_k, -1, -1), a, out=out)       # base - max + edit, [k, P, V]
@@ -243,7 +443,7 @@ def completion_measurements(operators: SteeringOperators, z: torch.Tensor, logit
         bad = ((~torch.isfinite(sums)) | (sums < 1e-30)).any(1).nonzero().flatten().tolist()
         lse = sums.log_() + base_max                                        # [K, P]
         for k in bad:                                                       # overflow/underflow: exact shift
-            edited = base_p + basis @ coef[k].to(device=device, dtype=torch.float32)
+            edited = base_p + basis @ operators.vocabulary_coefficients(k).to(device=device, dtype=torch.float32)
             lse[k] = torch.logsumexp(edited, -1)
         per_row = torch.zeros(K, n_rows, device=device).index_add(1, rows, lse - target) / counts   # [K, b]
         y = (-per_row - base.unsqueeze(0)).t().contiguous()
@@ -481,7 +681,16 @@ def step_losses(forward, operators: SteeringOperators, input_ids: torch.Tensor, 
     def pick(values, where):
         return values if full else gather_positions(values, where)
 
-    if operators.placement == "logits":
+    targets = None
+    if operators.placement == "logits" and getattr(forward, "candidates", False):
+        # The losses on a compressed vocabulary (vocabulary_candidates): slot 0 is the target.
+        with torch.no_grad():
+            base_full, z_full, ids_full = forward(input_ids, attention_mask, None, candidates=True)
+            base, z, cand_ids = pick(base_full, positions), pick(z_full, positions), pick(ids_full, positions)
+        steered = base + operators.candidate_deltas(z, operator_ids, cand_ids).to(base.device, base.dtype)
+        reference = base[n_fid: n_fid + n_ref]
+        targets = torch.zeros(positions.shape, dtype=torch.long, device=steered.device)
+    elif operators.placement == "logits":
         # One unsteered forward serves both: the edit is added to its logits.
         with torch.no_grad():
             if not full and getattr(forward, "accepts_positions", False):
@@ -516,7 +725,8 @@ def step_losses(forward, operators: SteeringOperators, input_ids: torch.Tensor, 
     device = steered.device
     positions, weights = positions.to(device), valid.to(device=device, dtype=torch.float32)
     ids = input_ids.to(device)
-    targets = ids.gather(1, (positions + 1).clamp(max=ids.shape[1] - 1))          # [b, m]
+    if targets is None:  # the next token, as an index into the vocabulary
+        targets = ids.gather(1, (positions + 1).clamp(max=ids.shape[1] - 1))      # [b, m]
     counts = weights.sum(-1).clamp(min=1.0)                                       # [b]
     steered = steered.float()
     logp = torch.log_softmax(steered, dim=-1)

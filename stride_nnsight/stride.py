@@ -21,7 +21,7 @@ from .arguments import StrideArguments
 from .backends import ModelBackend, resolve_backend
 from .backends.base import FINGERPRINT_VERSION, check_finite_weights
 from .design import DEFAULTS_SPARSITY, SubsetDesign, check_design_size, recommended_n_subsets, supported_sparsity
-from .fitting import FitHistory, OperatorFitter
+from .fitting import FitHistory, OperatorFitter, candidate_seed, fit_candidates
 from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, resolve_max_length
 from .measurement import Metric, measure
 from .operators import SteeringOperators
@@ -194,7 +194,7 @@ class Stride:
             torch.manual_seed(self.args.seed)
             ops = SteeringOperators(self.args.n_subsets, self.backend.d_model, self.args.rank, out_dim,
                                     placement=self.args.placement, layer=self.layer, hidden=self.args.basis_hidden,
-                                    compute_dtype=self.args.operator_dtype)
+                                    compute_dtype=self.args.operator_dtype, columns=self.args.logit_columns)
         # on the steered block's device: for a model dispatched over several devices
         # (device_map="auto") that is not the input device; edits are moved where they are added.
         # A remote fit places them on the server (next to the deployed model's block) instead.
@@ -314,6 +314,10 @@ class Stride:
         if self._auto_subsets:  # n_subsets=None: K from the training set (StrideArguments.subsets_for)
             self.args = self.args.replace(n_subsets=StrideArguments.auto_subsets(len(texts),
                                                                                  self.args.subsets_per_example))
+        if self.args.fit_vocabulary is not None and (self.remote or self.args.placement != "logits"):
+            # candidates serve the logits placement of a local fit only: the others read the whole
+            # vocabulary, and the settings (provenance, saved state) say so
+            self.args = self.args.replace(fit_vocabulary=None)
         check_design_size(len(texts), self.args.n_subsets, self.args.subsets_per_example)  # before any work
         if self.remote and distributed.rank_and_world()[1] > 1:
             raise ValueError("a remote fit runs in NDIF sessions, not split over torch.distributed processes: run it "
@@ -331,6 +335,10 @@ class Stride:
                     "model fingerprint": self.fingerprint,
                     "layers path": getattr(self.backend, "layers_path", None)}
         tokens = self._encode_train()
+        if self.operators.column_of is not None:  # more vocabulary than coefficient columns: by frequency
+            counts = torch.bincount(tokens.input_ids[tokens.attention_mask.bool()].reshape(-1).cpu(),
+                                    minlength=self.backend.vocab_size)[: self.backend.vocab_size]
+            self.operators.assign_columns(counts, self.args.seed)
         with contextlib.ExitStack() as stack:
             activations = None if self.remote else self._activation_cache(tokens, checkpoint_dir, cache_dir,
                                                                           overwrite, progress, stack)
@@ -393,14 +401,16 @@ class Stride:
         use, reason = use_activation_cache(
             setting, self.args.placement, remote=bool(self.remote), fit_rows=self.args.fit_steps(len(tokens)) * rows,
             n_documents=len(tokens), size_bytes=cache_size_bytes(tokens, self.backend.d_model,
-                                                                 self.args.activation_cache_dtype),
+                                                                 self.args.activation_cache_dtype,
+                                                                 fit_candidates(self.args)),
             free_bytes=shutil.disk_usage(directory).free)
         if not use:
             return None
         try:
             return ActivationCache.build(self.backend, tokens, self.layer, directory, fingerprint=self.fingerprint,
                                          dtype=self.args.activation_cache_dtype, batch_size=2 * self.args.batch_size,
-                                         progress=progress, overwrite=overwrite)
+                                         progress=progress, overwrite=overwrite,
+                                         candidates=fit_candidates(self.args), candidate_seed=candidate_seed(self.args))
         except HeadMismatchError as error:
             if setting is True:
                 raise
@@ -601,6 +611,7 @@ class Stride:
             "n_subsets": self.args.n_subsets,
             "subsets_per_example": self.args.subsets_per_example,
             "rank": self.args.rank,
+            "fit_vocabulary": self.args.fit_vocabulary,  # None: the fit read the whole vocabulary
             "seed": self.args.seed,
             "design_seed": self.args.seed,
             "steps": len(self.history),
@@ -675,7 +686,7 @@ class Stride:
         if unknown:
             raise TypeError(f"Stride.load() got unexpected keyword(s) {unknown}: the settings are the saved ones; "
                             "only remote_* settings can be given")
-        stride = cls(model, args=StrideArguments.from_dict(state["args"]), tokenizer=tokenizer, layers_path=layers_path,
+        stride = cls(model, args=StrideArguments.from_saved(state["args"]), tokenizer=tokenizer, layers_path=layers_path,
                      remote=remote, **remote_settings)
         if strict:
             stride._check_saved_fingerprint(state)

@@ -83,7 +83,9 @@ def test_two_process_fit_equals_one_process(job, two_processes):
     np.testing.assert_allclose(h.fidelity, ref_h.fidelity, rtol=1e-4)
     np.testing.assert_allclose(h.stability, ref_h.stability, rtol=1e-3, atol=1e-7)
     # the activation cache was built by both ranks (batches shared out) and holds what one process wrote
-    for name in ("z.npy", "h_final.npy"):
+    # the default cache: the residual and the vocabulary candidates (fit_vocabulary), no h
+    assert not (checkpoint / "activations" / "h_final.npy").exists()
+    for name in ("z.npy", "candidate_ids.npy", "candidate_log_weights.npy"):
         np.testing.assert_array_equal(np.load(checkpoint / "activations" / name),
                                       np.load(job["root"] / "ref" / "activations" / name))
     assert not list((checkpoint / "activations").glob("progress-rank*"))  # finished: progress files gone

@@ -178,3 +178,92 @@ def test_half_precision_operators_keep_float32_master_weights(dtype):
     assert ops.settings()["compute_dtype"] == dtype
     with pytest.raises(ValueError, match="compute_dtype"):
         SteeringOperators(4, 16, 3, 16, compute_dtype="int8")
+
+
+# ----------------------------------------------------- vocabulary candidates and shared columns
+def test_vocabulary_candidates_support_and_weights():
+    from stride_nnsight.operators import vocabulary_candidates
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40) * 3
+    nxt = torch.tensor([5, 6, 7, 8, 9, -1])
+    ids, logw = vocabulary_candidates(logits, nxt, 9, torch.Generator().manual_seed(0))
+    assert ids.shape == logw.shape == (6, 9)
+    logp = torch.log_softmax(logits, -1)
+    assert torch.equal(ids[:5, 0], nxt[:5]) and ids[5, 0] == logp[5].argmax()    # slot 0: the target
+    for t in range(6):  # then the 4 most probable others, exactly, then 4 draws from the rest
+        others = logp[t].clone()
+        others[ids[t, 0]] = float("-inf")
+        assert set(ids[t, 1:5].tolist()) == set(others.topk(4).indices.tolist())
+        torch.testing.assert_close(logw[t, :5], logp[t, ids[t, :5]])
+        assert not set(ids[t, 5:].tolist()) & set(ids[t, :5].tolist())
+    torch.testing.assert_close(logw.logsumexp(-1), torch.zeros(6), atol=1e-5, rtol=0)
+    again, _ = vocabulary_candidates(logits, nxt, 9, torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again)  # seeded draws
+    exact, exact_w = vocabulary_candidates(logits, nxt, 100)  # c >= V: the whole distribution, nothing drawn
+    assert exact.shape == (6, 40) and all(len(set(row.tolist())) == 40 for row in exact)
+    torch.testing.assert_close(exact_w, logp.gather(1, exact))
+
+
+@pytest.mark.parametrize("columns", [None, 7])
+def test_candidate_deltas_equal_the_full_edit_at_those_ids(columns):
+    torch.manual_seed(2)
+    ops = SteeringOperators(5, 8, 3, 20, placement="logits", layer=1, hidden=5, columns=columns)
+    with torch.no_grad():
+        ops.coefficients.normal_()
+    if columns:
+        ops.assign_columns(torch.arange(20).flip(0), seed=1)
+    z = torch.randn(3, 4, 8)
+    op = torch.tensor([1, -1, 4])
+    ids = torch.randint(0, 20, (3, 4, 6))
+    full = ops.delta(z, op)                                   # [3, 4, 20]
+    torch.testing.assert_close(ops.candidate_deltas(z, op, ids), full.gather(-1, ids), rtol=1e-5, atol=1e-6)
+    # the gradient reaches the coefficients (added in place into .grad) as the full edit's would
+    ops.candidate_deltas(z, op, ids).square().sum().backward()
+    sparse_grad = ops.coefficients.grad.clone()
+    ops.coefficients.grad = None
+    ops.delta(z, op).gather(-1, ids).square().sum().backward()
+    torch.testing.assert_close(sparse_grad, ops.coefficients.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_columns_by_frequency():
+    from stride_nnsight.operators import frequency_columns
+
+    counts = torch.tensor([5, 0, 9, 1, 7, 0, 0, 3, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                           0, 0, 0, 0, 0, 0, 0, 0, 0, 0])                          # V = 40
+    column = frequency_columns(counts, 32, seed=0)                                  # 30 own, 2 shared
+    assert torch.equal(column[[2, 4, 0, 7, 10, 3]], torch.arange(6))               # most frequent first
+    assert len(set(column.tolist())) == 32 and column.max() == 31
+    assert (column >= 30).sum() == 10 and torch.equal(frequency_columns(counts, 40), torch.arange(40))
+    ops = SteeringOperators(4, 8, 3, 40, placement="logits", layer=1, hidden=5, columns=32)
+    assert ops.coefficients.shape == (4, 3, 32) and "column_of" in ops.state_dict()
+    ops.assign_columns(counts)
+    assert torch.equal(ops.column_of, column)
+    with torch.no_grad():
+        ops.coefficients.normal_()
+    z = torch.randn(2, 5, 8)
+    full = ops.delta(z, 2)                                                          # [2, 5, 40]
+    torch.testing.assert_close(full, torch.einsum("btr,rv->btv", ops.basis(z), ops.coefficients[2][:, column]))
+    tied = (column == column[39]).nonzero().flatten()         # the rarest tokens share the last columns
+    assert len(tied) > 1 and torch.allclose(full[..., tied[0]], full[..., tied[1]])
+    torch.testing.assert_close(ops.all_logit_deltas(z[0])[2], full[0], rtol=1e-5, atol=1e-6)
+    for other in ("residual", "head"):  # other placements ignore it
+        assert SteeringOperators(4, 8, 3, 8, placement=other, columns=4).coefficients.shape == (4, 3, 8)
+
+
+@pytest.mark.parametrize("max_elements", [1 << 25, 1])
+def test_completion_measurements_with_shared_columns(max_elements):
+    torch.manual_seed(3)
+    K, d, V, b, t = 4, 8, 30, 2, 5
+    ops = SteeringOperators(K, d, 3, V, placement="logits", layer=1, hidden=5, columns=16)
+    ops.assign_columns(torch.randint(0, 9, (V,)))
+    with torch.no_grad():
+        ops.coefficients.normal_()
+    z, logits = torch.randn(b, t, d), torch.randn(b, t, V)
+    ids = torch.randint(0, V, (b, t))
+    loss_mask = torch.zeros(b, t, dtype=torch.long)
+    loss_mask[:, 2:] = 1
+    y, base = completion_measurements(ops, z, logits, ids, loss_mask, max_elements=max_elements)
+    for k in range(K):
+        expected = -token_nll(ops(z, k, target=logits), ids, loss_mask) - base
+        torch.testing.assert_close(y[:, k], expected, rtol=1e-5, atol=1e-5)

@@ -269,3 +269,19 @@ def test_noise_floor_separates_planted_signal_from_noise():
     np.testing.assert_array_equal(floor, noise_floor(y, design.membership, n_permutations=8, seed=0))
     with pytest.raises(ValueError, match="n_permutations"):
         noise_floor(y, design.membership, n_permutations=0)
+
+
+def test_scaling_benchmark_default_K_is_the_library_default_for_each_n():
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.scaling_recovery import parse_args, rows_to_run
+    from stride_nnsight.arguments import StrideArguments
+
+    cfg, _ = parse_args(["--n", "100", "1000000"])
+    pairs = rows_to_run(cfg)
+    for n in (100, 1_000_000):
+        assert (n, StrideArguments(subsets_per_example=cfg.d).subsets_for(n)) in pairs
+    assert (1_000_000, 512) in pairs and (100, 200) in pairs  # min(512, n d / 2)
+    cfg, _ = parse_args(["--n", "1000", "--K", "256"])
+    assert (1000, 256) in rows_to_run(cfg)

@@ -378,3 +378,40 @@ def test_recover_against_independent_coordinate_descent(solver):
     assert set(np.flatnonzero(np.abs(w_lib) > 1e-4)) == set(np.flatnonzero(np.abs(w_ref) > 1e-4))
     np.testing.assert_allclose(w_lib, w_ref, atol=1e-3)
     assert set(np.argsort(-np.abs(w_ref))[:4]) == set(support)  # the reference itself finds the plant
+
+
+def test_step_losses_on_vocabulary_candidates_by_hand():
+    """fit_vocabulary: fidelity = -log softmax(log_weights + e)[slot 0] and stability = KL between
+    the compressed base distribution and the compressed steered one, e = B(z) a_k at the ids."""
+    torch.manual_seed(5)
+    b, t, c, d, V, K, r = 3, 5, 6, 8, 30, 4, 2
+    ops = SteeringOperators(K, d, r, V, placement="logits", layer=0, hidden=4)
+    with torch.no_grad():
+        ops.coefficients.normal_()
+    z = torch.randn(b, t, d)
+    ids = torch.randint(0, V, (b, t, c))
+    logw = torch.log_softmax(torch.randn(b, t, c), -1)
+    input_ids = torch.randint(0, V, (b, t))
+    mask = torch.ones(b, t, dtype=torch.long)
+    op_ids = torch.tensor([1, 3, 0])  # 2 fidelity rows, 1 stability row
+
+    def forward(input_ids, attention_mask, edit=None, candidates=False):
+        assert candidates and edit is None
+        return logw, z, ids
+
+    forward.candidates = True
+    _, fidelity, stability, _ = step_losses(forward, ops, input_ids, mask, mask, op_ids, None, 2, 1, (1.0, 1.0, 0.0),
+                                            0.01)
+    basis = ops.basis(z).detach().double().numpy()                      # [b, t, r]
+    a = ops.coefficients.detach().double().numpy()                      # [K, r, V]
+    lw = logw.double().numpy()
+    for row in range(b):
+        e = np.einsum("tr,rtc->tc", basis[row], a[int(op_ids[row])][:, ids[row].numpy()])
+        steered = _log_softmax(lw[row] + e)                             # [t, c]
+        if row < 2:  # fidelity: positions 0..t-2 predict a loss target (loss_mask[j + 1] == 1)
+            expected = -steered[: t - 1, 0].mean()
+            assert float(fidelity[row].detach()) == pytest.approx(expected, rel=1e-5)
+        else:        # stability: every real token
+            base = _log_softmax(lw[row])
+            expected = (np.exp(base) * (base - steered)).sum(-1).mean()
+            assert float(stability[0].detach()) == pytest.approx(expected, rel=1e-4, abs=1e-7)

@@ -34,7 +34,8 @@ from stride_nnsight.remote import (
 )
 
 SETTINGS = dict(placement="residual", layer=1, n_subsets=8, subsets_per_example=2, rank=4, seed=0, steps=6,
-                batch_size=6, linearity_operators=4, linearity_weight=0.1, sketch_dim=3, basis_hidden=8, max_length=32, measure_batch_size=8)
+                batch_size=6, linearity_operators=4, linearity_weight=0.1, sketch_dim=3, basis_hidden=8, max_length=32, measure_batch_size=8,
+                fit_vocabulary=None)  # remote fits read the whole vocabulary: the local references must too
 PROMPTS = ["the cat sat", "a dog ran", "the bird", "small red"]
 COMPLETIONS = [" on the mat.", " in the park.", " sang.", " house."]
 
@@ -397,3 +398,11 @@ def test_remote_fit_chooses_the_default_subsets_from_the_corpus(tiny_model, smal
     assert stride.args.n_subsets == 10 == stride.operators.n_operators  # min(512, 10 x d=2 // 2)
     attr = stride.attribute(PROMPTS[:1], COMPLETIONS[:1], progress=False)
     assert attr.measurements.shape == (1, 10) and attr.provenance["n_subsets"] == 10
+
+
+def test_remote_fit_reads_the_whole_vocabulary_and_says_so(tiny_model, small_texts):
+    """Vocabulary candidates (fit_vocabulary) are built from the logits on this machine: a remote
+    fit reads the whole vocabulary, and its settings record fit_vocabulary=None."""
+    stride = Stride(tiny_model, remote="local", remote_steps_per_session=3,
+                    **{**SETTINGS, "placement": "logits", "fit_vocabulary": 32}).fit(small_texts[:10], progress=False)
+    assert stride.args.fit_vocabulary is None

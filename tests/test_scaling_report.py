@@ -17,6 +17,8 @@ def test_state_formula_and_the_128k_target():
     check_state_bytes()
     check_state_bytes(K=3, r=2, d_model=7, vocab=11, hidden=5)
     assert state_bytes("head", 256, 16, 4096, 128_000) <= 200e6 < state_bytes("logits", 256, 16, 4096, 128_000)
+    # the logits placement with at most 8192 shared columns (opt-in) meets the 200 MB target at K=256, r=16
+    assert state_bytes("logits", 256, 16, 4096, 128_000, columns=8192) <= 200e6
 
 
 def test_quick_run_writes_every_part(tmp_path):
@@ -26,3 +28,4 @@ def test_quick_run_writes_every_part(tmp_path):
     for heading in ("## 1. Operator state", "## 2. Recovery", "## 3. Fit cost"):
         assert heading in text
     assert "plain forward pass over the corpus" in text and "| n | K |" in text
+    assert "TRAK featurisation" in text and "| model shape | d_model | V | K |" in text

@@ -227,3 +227,38 @@ def test_half_precision_operator_fit(tiny_model, small_texts):
     assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.98
     with pytest.raises(ValueError, match="operator_dtype"):
         StrideArguments(operator_dtype="half")
+
+
+def test_fit_vocabulary_is_recorded_as_used(tiny_model, small_texts):
+    """Candidates serve the logits placement only: another placement records fit_vocabulary=None."""
+    settings = dict(layer=1, n_subsets=8, subsets_per_example=2, rank=4, steps=3, batch_size=8, seed=0)
+    head = Stride(tiny_model, placement="head", fit_vocabulary=32, **settings).fit(small_texts[:12], progress=False)
+    assert head.args.fit_vocabulary is None
+    logits = Stride(tiny_model, fit_vocabulary=32, **settings).fit(small_texts[:12], progress=False)
+    assert logits.args.fit_vocabulary == 32
+    assert logits.attribute(["the cat"], [" sat."], progress=False).provenance["settings"]["fit_vocabulary"] == 32
+
+
+def test_shared_logit_columns_fit_save_and_load(tiny_model, small_texts, tmp_path):
+    """A vocabulary larger than logit_columns: state K x r x H, columns by corpus frequency,
+    saved and loaded with the state (same scores); a state saved before the setting existed
+    loads as one column per entry and the whole vocabulary."""
+    from stride_nnsight.arguments import StrideArguments
+
+    settings = dict(layer=1, n_subsets=8, subsets_per_example=2, rank=4, steps=4, batch_size=8, seed=0)
+    stride = Stride(tiny_model, logit_columns=64, **settings).fit(small_texts[:12], progress=False)
+    V = stride.backend.vocab_size
+    assert V > 64 and stride.operators.coefficients.shape == (8, 4, 64)
+    counts = torch.bincount(stride._encode_train().input_ids[stride._encode_train().attention_mask.bool()],
+                            minlength=V)
+    own = counts.argsort(descending=True, stable=True)[:60]
+    assert torch.equal(stride.operators.column_of[own], torch.arange(60))  # the 60 most frequent: own columns
+    attr = stride.attribute(["the cat"], [" sat on the mat."], progress=False)
+    stride.save(tmp_path / "s")
+    loaded = Stride.load(tmp_path / "s", tiny_model)
+    assert torch.equal(loaded.operators.column_of, stride.operators.column_of)
+    torch.testing.assert_close(loaded.attribute(["the cat"], [" sat on the mat."], progress=False).scores, attr.scores)
+    old = {k: v for k, v in stride.args.to_dict().items() if k not in ("logit_columns", "fit_vocabulary")}
+    assert StrideArguments.from_saved(old).logit_columns is None
+    assert StrideArguments.from_saved(old).fit_vocabulary is None
+    assert StrideArguments.from_dict(old).fit_vocabulary == StrideArguments().fit_vocabulary == 128
