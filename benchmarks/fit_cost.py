@@ -166,10 +166,11 @@ def make_fitter(backend: Any, texts: TokenBatch, cfg: CostConfig, cache: Optiona
                            batch_size=cfg.batch_size, linearity_operators=cfg.linearity_operators,
                            seed=cfg.seed, layer=-2, **changes)
     args = args.replace(n_subsets=args.subsets_for(len(texts)))
+    out_dim = backend.vocab_size if args.placement == "logits" else backend.d_model
+    args = args.capped_state(args.n_subsets, backend.d_model, out_dim)  # rank (and columns) as Stride.fit sets them
     layer = backend.check_layer(args.layer)
     design = SubsetDesign(len(texts), args.n_subsets, args.subsets_per_example, args.seed)
     torch.manual_seed(args.seed)
-    out_dim = backend.vocab_size if args.placement == "logits" else backend.d_model
     operators = SteeringOperators(args.n_subsets, backend.d_model, args.rank, out_dim,
                                   placement=args.placement, layer=layer, hidden=args.basis_hidden,
                                   columns=args.logit_columns)

@@ -498,6 +498,8 @@ def _short_args(a: dict) -> str:
                          f"{a.get('min_operator_rows')} fidelity terms per operator)")
         elif k == "n_subsets" and k in a and a[k] is None:
             parts.append("n_subsets=auto (min(512, n d / 2))")
+        elif k == "rank" and k in a and a[k] is None:
+            parts.append("rank=auto (2, lowered to stay within max_state_mb)")
         elif k in a:
             parts.append(f"{k}={a[k]}")
     return ", ".join(parts)

@@ -242,6 +242,7 @@ def _worker_setting(config_dict: dict, cache_dir: str, threads: int):
 def _retrain_task(task: dict) -> dict:
     """Train LDS model ``i`` and write its cache file in `retrain_ground_truth`'s format."""
     from stride_nnsight import evaluation as E
+    from stride_nnsight import storage
 
     main = _worker_setting(task["config"], task["cache_dir"], task["threads"])
     setting = main.confirmation() if task.get("confirm") else main
@@ -259,8 +260,8 @@ def _retrain_task(task: dict) -> dict:
     # main queries are kept too, to check that the two ground truths come from the same models
     more = {"losses_main": np.asarray(main.eval_fn(model), dtype=np.float64)} if task.get("confirm") else {}
     digest = E._mask_digest(masks[i])
-    E._atomic_write(path, lambda f: np.savez(f, losses=loss, train_seed=np.int64(seed), mask_digest=np.str_(digest),
-                                             model=np.int64(i), rep=np.int64(0), **more))
+    storage.write_arrays(path, losses=loss, train_seed=np.int64(seed), mask_digest=np.str_(digest), model=np.int64(i),
+                         rep=np.int64(0), **more)
     return {"i": i, "s": time.perf_counter() - t0, "skipped": False}
 
 

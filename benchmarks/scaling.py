@@ -4,8 +4,9 @@ the vocabulary grow, measured in one run and written to ``benchmarks/SCALING.md`
 Three parts, each printed with the machine's load:
 
 1. **Operator state vs vocabulary and width**, per placement: bytes of the fitted state
-   (``SteeringOperators`` parameters, float32) from the shapes, checked against modules built at
-   small sizes; the fit also holds gradients and two AdamW moments (3x more).
+   (``SteeringOperators`` parameters, float32) from the shapes, for the default (capped at
+   ``max_state_mb``) and the uncapped logits placement, checked against modules built at small
+   sizes; the fit also holds gradients and two AdamW moments (3x more).
 2. **Recovery** time and peak memory for n = 1e3 ... 1e6 on synthetic designs
    (`benchmarks.scaling_recovery`): 1000 queries per row, the working-set Lasso against the
    scikit-learn reference where it is affordable.
@@ -34,9 +35,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stride_nnsight.operators import SteeringOperators  # noqa: E402
+from stride_nnsight.operators import state_bytes as operator_state_bytes  # noqa: E402
 
-#: the shared-columns width shown beside the default (``StrideArguments.logit_columns``, opt-in)
-SHARED_COLUMNS = 8192
 #: (label, d_model, vocabulary) of the state-size table: this repository's models, then
 #: Llama-style shapes with 32k / 128k / 256k vocabularies.
 SHAPES = [("fit-cost model", 256, 4096), ("7B-class, 32k vocab", 4096, 32_000),
@@ -45,19 +45,17 @@ SHAPES = [("fit-cost model", 256, 4096), ("7B-class, 32k vocab", 4096, 32_000),
 
 def state_bytes(placement: str, K: int, r: int, d_model: int, vocab: int, hidden: int = 64,
                 columns: Optional[int] = None) -> int:
-    """Bytes of a fitted ``SteeringOperators`` from its shapes: float32 basis network plus
-    ``K x r x out`` float32 coefficients (``out`` = ``d_model`` for the residual and head
-    placements; for the logits placement ``min(V, columns)``, plus the int64 ``column_of [V]``
-    map when ``columns < V``)."""
-    shared = placement == "logits" and columns is not None and columns < vocab
-    out = (columns if shared else vocab) if placement == "logits" else d_model
-    basis = d_model * hidden + hidden + hidden * r + r
-    return 4 * (basis + K * r * out) + (8 * vocab if shared else 0)
+    """Bytes of a fitted ``SteeringOperators`` from its shapes (`operators.state_bytes`): float32
+    basis network plus ``K x r x out`` float32 coefficients (``out`` = ``d_model`` for the residual
+    and head placements; for the logits placement ``min(V, columns)``, plus the int64
+    ``column_of [V]`` map when ``columns < V``)."""
+    out = vocab if placement == "logits" else d_model
+    return operator_state_bytes(K, r, d_model, out, hidden, columns if placement == "logits" else None)
 
 
 def check_state_bytes(K: int = 8, r: int = 4, d_model: int = 16, vocab: int = 50, hidden: int = 8) -> None:
     """The formula against real modules at a small size (raises if they disagree): every tensor
-    of the state dict (parameters and buffers), with and without shared logit columns."""
+    of the state dict (parameters and buffers), with and without a cut in the logit columns."""
     for placement in ("residual", "logits", "head"):
         for columns in (None, vocab // 2):
             out = vocab if placement == "logits" else d_model
@@ -67,24 +65,47 @@ def check_state_bytes(K: int = 8, r: int = 4, d_model: int = 16, vocab: int = 50
                 raise AssertionError(f"state size formula wrong for {placement}, columns={columns}: {real} bytes")
 
 
-def state_table(Ks: tuple[int, ...] = (256, 512), r: Optional[int] = None) -> str:
-    """Operator state per placement for each model shape and each K, at the default rank."""
+def check_capped_state(K: int = 8, d_model: int = 16, vocab: int = 400, hidden: int = 8) -> None:
+    """The default cap (`StrideArguments.capped_state`) checked on real modules at a small size:
+    with a cap scaled to this size, the module built from the resolved settings stays within it
+    (raises if not)."""
     from stride_nnsight.arguments import StrideArguments
 
+    for cap_bytes in (4 * K * 8 * vocab, 4 * K * 2 * vocab, 4 * K * vocab // 2):
+        args = StrideArguments(basis_hidden=hidden, max_state_mb=cap_bytes / 1e6).capped_state(K, d_model, vocab)
+        ops = SteeringOperators(K, d_model, args.rank, vocab, placement="logits", hidden=hidden,
+                                columns=args.logit_columns)
+        real = sum(t.numel() * t.element_size() for t in ops.state_dict().values())
+        if real > cap_bytes:
+            raise AssertionError(f"capped state over its cap: {real} > {cap_bytes} bytes ({args.rank=}, "
+                                 f"{args.logit_columns=})")
+
+
+def state_table(Ks: tuple[int, ...] = (256, 512)) -> str:
+    """Operator state per placement for each model shape and each K: the default logits placement
+    (capped at ``max_state_mb``), the uncapped one (the default rank), and the head / residual
+    placements (the default rank)."""
+    from stride_nnsight.arguments import DEFAULT_RANK, StrideArguments
+
     check_state_bytes()
-    r = StrideArguments().rank if r is None else r
-    H = SHARED_COLUMNS
-    lines = [f"r = {r} (the default rank), basis hidden 64, float32; K = {' and '.join(map(str, Ks))} (512: the "
-             "default from n = 256 on). The default logits placement has one coefficient column per vocabulary "
-             f"entry; `logit_columns={H}` (opt-in: it lost LDS on the public benchmark, docs/method.md) keeps at most "
-             f"{H}. Formula checked against modules built at a small size. While fitting, gradients and two AdamW "
-             "moments add 3x more.",
-             "", f"| model shape | d_model | V | K | logits placement (default) | logits, logit_columns={H} | "
-             "head / residual placement |", "|---|---|---|---|---|---|---|"]
+    check_capped_state()
+    defaults = StrideArguments()
+    cap, r = defaults.max_state_mb, DEFAULT_RANK
+    lines = [f"Float32, basis hidden {defaults.basis_hidden}; K = {' and '.join(map(str, Ks))} (512: the default "
+             f"from n = 256 on). The default logits placement is capped at `max_state_mb={cap:g}` (MB = 1e6 bytes, "
+             f"`StrideArguments.capped_state`): rank {r} lowered (down to 1) while the state is over the cap, then, "
+             "if rank 1 is still over, only the most frequent corpus tokens keep a coefficient column (`H` columns, "
+             f"the rest unedited). `max_state_mb=None` gives the uncapped state at rank {r}. Both formulas checked "
+             "against modules built at a small size. While fitting, gradients and two AdamW moments add 3x more.",
+             "", "| model shape | d_model | V | K | logits placement (default, capped) | "
+             f"logits, uncapped (rank {r}) | head / residual placement (rank {r}) |", "|---|---|---|---|---|---|---|"]
     for label, d, v in SHAPES:
         for K in Ks:
-            lines.append(f"| {label} | {d} | {v:,} | {K} | {state_bytes('logits', K, r, d, v) / 1e6:,.1f} MB | "
-                         f"{state_bytes('logits', K, r, d, v, columns=H) / 1e6:,.1f} MB | "
+            a = defaults.capped_state(K, d, v)
+            shape = f"rank {a.rank}" + ("" if a.logit_columns is None else f", H = {a.logit_columns:,}")
+            lines.append(f"| {label} | {d} | {v:,} | {K} | "
+                         f"{state_bytes('logits', K, a.rank, d, v, columns=a.logit_columns) / 1e6:,.1f} MB ({shape}) | "
+                         f"{state_bytes('logits', K, r, d, v) / 1e6:,.1f} MB | "
                          f"{state_bytes('head', K, r, d, v) / 1e6:,.1f} MB |")
     return "\n".join(lines)
 

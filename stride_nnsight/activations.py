@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, storage
 from .inputs import TokenBatch
-from .operators import vocabulary_candidates
+from .operators import document_candidates
 from .storage import create_array, open_array, write_manifest
 
 __all__ = [
@@ -435,8 +435,8 @@ def _write_batch(backend: Any, texts: TokenBatch, index: np.ndarray, layer: int,
                  candidates: Optional[tuple[int, int]] = None) -> Optional[float]:
     """Run the frozen model on documents ``index`` and write their rows into the memory-mapped
     ``files`` (flushed): ``z`` and ``h``, or with ``candidates=(c, seed)`` ``z`` and each token's
-    `vocabulary_candidates` (ids and log-weights; document ``j`` draws with the seed
-    ``seed * 1000003 + j``, as `operators.candidate_forward`). With ``verify`` (the head
+    `vocabulary_candidates` (ids and log-weights, `operators.document_candidates`: seeded per
+    document as the live fit's `operators.candidate_forward`). With ``verify`` (the head
     function) the batch first checks that the head rebuilds the model's logits (`verify_head`)
     and returns its difference."""
     batch = texts.rows(index).to(backend.device)
@@ -451,11 +451,7 @@ def _write_batch(backend: Any, texts: TokenBatch, index: np.ndarray, layer: int,
             files["h"][lo:hi] = h_rows[row, : hi - lo]
             continue
         n_candidates, seed = candidates
-        length = hi - lo
-        nxt = torch.full((length,), -1, dtype=torch.long)
-        nxt[: length - 1] = batch.input_ids[row, 1:length].cpu()
-        generator = torch.Generator().manual_seed(int(seed) * 1000003 + int(doc))
-        ids, logw = vocabulary_candidates(logits[row, :length], nxt, n_candidates, generator)
+        ids, logw = document_candidates(logits[row], batch.input_ids[row], hi - lo, doc, n_candidates, seed)
         files["cand_ids"][lo:hi] = ids.cpu().numpy().astype(np.int32)
         files["cand_logw"][lo:hi] = logw.cpu().numpy()
     for array in files.values():

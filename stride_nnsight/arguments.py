@@ -6,15 +6,17 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
-from .operators import OPERATOR_DTYPES, PLACEMENTS
+from .operators import OPERATOR_DTYPES, PLACEMENTS, state_bytes
 
-__all__ = ["StrideArguments", "LAMBDA_RULES", "SAMPLINGS", "MAX_AUTO_SUBSETS"]
+__all__ = ["StrideArguments", "LAMBDA_RULES", "SAMPLINGS", "MAX_AUTO_SUBSETS", "DEFAULT_RANK"]
 
 #: the most subsets ``n_subsets=None`` chooses (see `StrideArguments.subsets_for`)
 MAX_AUTO_SUBSETS = 512
+#: the rank ``rank=None`` starts from (lowered only to keep the state within ``max_state_mb``)
+DEFAULT_RANK = 2
 #: settings added after states were first saved, with the value that reproduces an older state
 #: (`StrideArguments.from_saved`): it was fitted on the whole vocabulary, one column per entry
-SAVED_BEFORE: dict[str, Any] = {"fit_vocabulary": None, "logit_columns": None}
+SAVED_BEFORE: dict[str, Any] = {"fit_vocabulary": None, "logit_columns": None, "max_state_mb": None}
 
 LAMBDA_RULES = ("fraction", "cv")
 SAMPLINGS = ("document", "membership")
@@ -131,7 +133,7 @@ class StrideArguments:
     layer: int = -2
     placement: str = "logits"
     sampling: str = "membership"
-    rank: int = 8
+    rank: Optional[int] = None
     basis_hidden: int = 64
     steps: Optional[int] = None
     fit_passes: float = 3.0
@@ -148,6 +150,7 @@ class StrideArguments:
     loss_positions: Optional[int] = None
     fit_vocabulary: Optional[int] = 128
     logit_columns: Optional[int] = None
+    max_state_mb: Optional[float] = 200.0
     max_length: Optional[int] = None
     checkpoint_every: int = 100
     activation_cache: Union[bool, str] = "auto"
@@ -172,7 +175,15 @@ class StrideArguments:
                                            or self.n_subsets <= 0):
             raise ValueError(f"n_subsets must be a positive int (or None: chosen from the training set at fit "
                              f"time), got {self.n_subsets!r}")
-        for name in ("subsets_per_example", "rank", "basis_hidden", "batch_size",
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"rank must be a positive int (or None: {DEFAULT_RANK}, lowered if the state would exceed "
+                             f"max_state_mb), got {self.rank!r}")
+        if self.max_state_mb is not None and (isinstance(self.max_state_mb, bool)
+                                              or not isinstance(self.max_state_mb, (int, float))
+                                              or not self.max_state_mb > 0):
+            raise ValueError(f"max_state_mb must be a positive number of megabytes (1e6 bytes) or None (no cap on "
+                             f"the operators' state), got {self.max_state_mb!r}")
+        for name in ("subsets_per_example", "basis_hidden", "batch_size",
                      "lr", "measure_batch_size", "sketch_dim", "linearity_operators",
                      "checkpoint_every", "fit_passes", "min_operator_rows"):
             positive(name)
@@ -224,6 +235,36 @@ class StrideArguments:
                                             or self.max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 tokens (or None: the longest training document, "
                              f"up to the model's context), got {self.max_length!r}")
+
+    def capped_state(self, n_operators: int, d_model: int, out_dim: int) -> "StrideArguments":
+        """These settings with ``rank`` and ``logit_columns`` resolved for ``K = n_operators``
+        operators reading ``d_model`` and editing ``out_dim`` entries (the vocabulary for the logits
+        placement, else ``d_model``), so that the operators' state (`operators.state_bytes`) stays
+        within ``max_state_mb``. Only what was left automatic changes: ``rank=None`` is
+        `DEFAULT_RANK`, lowered one step at a time (down to 1) while the state is over the cap;
+        then, for the logits placement with ``logit_columns=None``, if rank 1 is still over, the
+        coefficients keep ``H`` columns, the most ``H`` can be (the corpus's most frequent tokens
+        keep their own, the rarer ones are left unedited: `operators.frequency_columns`). With
+        ``max_state_mb=None`` nothing is capped. E.g. V = 128,256, d_model = 4096: K = 256 -> rank
+        1, every token its own column (132 MB); K = 512 -> rank 1, H = 96,642 (200 MB)."""
+        K, out_dim, d_model = int(n_operators), int(out_dim), int(d_model)
+        logits = self.placement == "logits"
+        columns = self.logit_columns if logits else None
+        rank = DEFAULT_RANK if self.rank is None else int(self.rank)
+        if self.max_state_mb is None:
+            return self.replace(rank=rank)
+        cap = float(self.max_state_mb) * 1e6
+
+        def size(r: int, c: Optional[int]) -> int:
+            return state_bytes(K, r, d_model, out_dim, self.basis_hidden, c)
+
+        if self.rank is None:
+            while rank > 1 and size(rank, columns) > cap:
+                rank -= 1
+        if logits and columns is None and size(rank, None) > cap:
+            fixed = size(rank, None) - 4 * K * rank * out_dim + 8 * out_dim   # basis and the column map
+            columns = max(16, int((cap - fixed) // (4 * K * rank)))
+        return self.replace(rank=rank, logit_columns=columns if logits else self.logit_columns)
 
     def subsets_for(self, n_examples: int) -> int:
         """``K`` for a fit on ``n_examples`` texts: ``n_subsets`` when set, else

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from scipy.special import gammaln
 from scipy.stats import rankdata, spearmanr
 from tqdm.auto import tqdm
 
+from . import storage
 from .results import Attribution
 
 __all__ = [
@@ -494,23 +494,6 @@ def _mask_digest(mask: np.ndarray) -> str:
     return hashlib.sha256(np.packbits(mask.astype(bool)).tobytes()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` via a temporary file in the same folder and `os.replace`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 @dataclass
 class RetrainingGroundTruth:
     """Query losses of models retrained from scratch on random subsets (LDS ground truth).
@@ -555,7 +538,7 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest if absent; raise if the one on disk differs."""
     if path.exists():
         try:
-            found = json.loads(path.read_text(encoding="utf-8"))
+            found = storage.read_json(path)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read the retraining cache manifest {path}: {e}") from e
         if found != manifest:
@@ -571,8 +554,7 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
     if stray:
         raise ValueError(f"the retraining cache {path.parent} holds {len(stray)} result files but no manifest.json: "
                          "cannot tell which settings made them. Use another cache_dir or delete it.")
-    text = json.dumps(manifest, indent=2, sort_keys=True)
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    storage.write_manifest(path, manifest)
 
 
 def retrain_ground_truth(
@@ -656,9 +638,9 @@ def retrain_ground_truth(
                 if not path.exists():
                     continue
                 try:
-                    with np.load(path) as z:
-                        loss = np.asarray(z["losses"], dtype=np.float64)
-                        digest, file_seed = str(z["mask_digest"]), int(z["train_seed"])
+                    z = storage.read_arrays(path, ("losses", "mask_digest", "train_seed"))
+                    loss = np.asarray(z["losses"], dtype=np.float64)
+                    digest, file_seed = str(z["mask_digest"]), int(z["train_seed"])
                 except Exception as e:  # unreadable file: train it again
                     warnings.warn(f"ignoring unreadable retraining result {path} ({e}); it will be retrained")
                     continue
@@ -684,9 +666,8 @@ def retrain_ground_truth(
                 n_queries = loss.shape[0]
                 if cache is not None:
                     path = cache / f"retrain_{i:05d}_s{r}.npz"
-                    _atomic_write(path, lambda f: np.savez(f, losses=loss, train_seed=np.int64(seeds[i, r]),
-                                                           mask_digest=np.str_(digests[i]), model=np.int64(i),
-                                                           rep=np.int64(r)))
+                    storage.write_arrays(path, losses=loss, train_seed=np.int64(seeds[i, r]),
+                                         mask_digest=np.str_(digests[i]), model=np.int64(i), rep=np.int64(r))
                 done[(i, r)] = loss
                 bar.update(1)
     finally:
@@ -703,10 +684,8 @@ def retrain_ground_truth(
 def _reuse_retrains(source: Path, cache: Path, settings: dict[str, Any], n_models: int, n_seeds: int,
                     seeds: np.ndarray, digests: list[str]) -> None:
     """Link (or copy) ``source``'s finished retrains that this run needs into ``cache``."""
-    import shutil
-
     try:
-        theirs = json.loads((source / "manifest.json").read_text(encoding="utf-8"))
+        theirs = storage.read_json(source / "manifest.json")
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"reuse_dir {source} has no readable manifest.json ({e})") from e
     mine = {k: v for k, v in settings.items() if k != "n_seeds"}
@@ -720,16 +699,12 @@ def _reuse_retrains(source: Path, cache: Path, settings: dict[str, Any], n_model
             if dst.exists() or not src.exists():
                 continue
             try:
-                with np.load(src) as z:
-                    ok = str(z["mask_digest"]) == digests[i] and int(z["train_seed"]) == int(seeds[i, r])
+                z = storage.read_arrays(src, ("mask_digest", "train_seed"))
+                ok = str(z["mask_digest"]) == digests[i] and int(z["train_seed"]) == int(seeds[i, r])
             except Exception:  # unreadable: leave it, it will be retrained
                 continue
-            if not ok:
-                continue
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
+            if ok:
+                storage.link_or_copy(src, dst)
 
 
 # --------------------------------------------------------------------------------------

@@ -55,25 +55,46 @@ class BasisNetwork(torch.nn.Module):
         return self.out(F.gelu(self.inp(h)))
 
 
-def frequency_columns(counts: torch.Tensor, columns: int, seed: int = 0) -> torch.Tensor:
+def frequency_columns(counts: torch.Tensor, columns: int, seed: int = 0, rest: str = "unedited") -> torch.Tensor:
     """The logits placement's column of each vocabulary entry when the coefficients have
     ``columns = H`` columns for a vocabulary of ``V > H``: ``counts [V]`` (how often each token
-    occurs in the training corpus) -> ``column_of [V]`` long. The ``H - H // 16`` most frequent
-    tokens (ties: lower id first) get a column of their own; every other token shares one of the
-    last ``H // 16`` columns (at least one), assigned at random from ``seed``. ``H >= V``: the
-    identity (every token its own column)."""
+    occurs as a target in the training corpus) -> ``column_of [V]`` long.
+
+    ``rest="unedited"`` (what fits use): the ``H`` most frequent tokens (ties: lower id first) get
+    a column of their own; every other token maps to ``H``, a column that is always zero, so the
+    operators never edit its logit (`SteeringOperators.expand_columns`). ``rest="shared"`` (an
+    earlier variant, kept for states saved with it and for comparisons): the ``H - H // 16`` most
+    frequent get their own column, every other token shares one of the last ``H // 16`` columns
+    (at least one), assigned at random from ``seed``. ``H >= V``: the identity."""
     counts = torch.as_tensor(counts).reshape(-1)
     V, H = int(counts.numel()), int(columns)
     if H >= V:
         return torch.arange(V)
-    shared = max(1, H // 16)
-    own = H - shared
+    if rest not in ("unedited", "shared"):
+        raise ValueError("rest must be 'unedited' or 'shared', got %r" % (rest,))
     order = torch.argsort(-counts.double(), stable=True)
     column = torch.empty(V, dtype=torch.long)
+    if rest == "unedited":
+        column[order[:H]] = torch.arange(H)
+        column[order[H:]] = H
+        return column
+    shared = max(1, H // 16)
+    own = H - shared
     column[order[:own]] = torch.arange(own)
     generator = torch.Generator().manual_seed(int(seed))
     column[order[own:]] = own + torch.randint(0, shared, (V - own,), generator=generator)
     return column
+
+
+def state_bytes(n_operators: int, rank: int, d_model: int, out_dim: int, hidden: int = 64,
+                columns: Optional[int] = None) -> int:
+    """Bytes of a `SteeringOperators` state dict from its shapes: the float32 basis network, the
+    ``K x r x W`` float32 coefficients (``W = min(columns, out_dim)``, ``out_dim`` when ``columns``
+    is None) and, when ``columns < out_dim``, the int64 ``column_of [out_dim]`` map."""
+    cut = columns is not None and int(columns) < int(out_dim)
+    width = int(columns) if cut else int(out_dim)
+    basis = d_model * hidden + hidden + hidden * rank + rank
+    return 4 * (basis + n_operators * rank * width) + (8 * int(out_dim) if cut else 0)
 
 
 class GatherColumns(torch.autograd.Function):
@@ -166,12 +187,19 @@ class SteeringOperators(torch.nn.Module):
         if self.column_of is not None:
             self.column_of.copy_(frequency_columns(counts, self.columns, seed).to(self.column_of.device))
 
+    def edited_tokens(self) -> torch.Tensor:
+        """``[V]`` bool: the vocabulary entries whose logit the operators can edit (all of them
+        unless `frequency_columns` left the rarer ones unedited)."""
+        if self.column_of is None:
+            return torch.ones(self.out_dim, dtype=torch.bool, device=self.coefficients.device)
+        return self.column_of < self.columns
+
     def expand_columns(self, a: torch.Tensor) -> torch.Tensor:
-        """``a [..., H]`` (coefficient columns) -> ``[..., V]`` (one value per vocabulary entry);
-        the identity when every entry has its own column."""
+        """``a [..., H]`` (coefficient columns) -> ``[..., V]`` (one value per vocabulary entry;
+        zero for an unedited one); the identity when every entry has its own column."""
         if self.column_of is None:
             return a
-        return a.index_select(-1, self.column_of.to(a.device))
+        return F.pad(a, (0, 1)).index_select(-1, self.column_of.to(a.device))
 
     def vocabulary_coefficients(self, operators=None) -> torch.Tensor:
         """``a_k`` of ``operators`` (a slice or index; default all) as ``[k, r, V]`` (a view when
@@ -252,8 +280,10 @@ class SteeringOperators(torch.nn.Module):
         if bool((ids < 0).any()) or bool((ids >= self.out_dim).any()):
             raise IndexError("vocabulary ids must lie in [0, %d)" % self.out_dim)
         keep = (operator >= 0).to(coef.dtype)[:, None, None, None]
-        if self.column_of is not None:
+        if self.column_of is not None:  # unedited entries (column H) read a zero
             ids = self.column_of.to(ids.device)[ids]
+            keep = keep * (ids < self.columns).to(coef.dtype).unsqueeze(-1)
+            ids = ids.clamp(max=self.columns - 1)
         with self.autocast(coef.device):
             basis = self.basis(z.to(device=coef.device, dtype=coef.dtype))                  # [b, t, r]
             # coefficients as [K, V, r]: row i, token j, candidate m reads a[k_i, :, ids_ijm]
@@ -356,6 +386,20 @@ def vocabulary_candidates(logits: torch.Tensor, next_ids: torch.Tensor, n_candid
     return torch.cat(ids, 1), logw
 
 
+def document_candidates(logits: torch.Tensor, input_ids: torch.Tensor, length: int, doc: int, n_candidates: int,
+                        seed: int) -> tuple:
+    """`vocabulary_candidates` of one document: its row's unsteered ``logits [t, V]`` and
+    ``input_ids [t]``, of which the first ``length`` tokens are real; each token's target is the
+    next token (none for the last). Document ``doc`` draws from a generator seeded with
+    ``seed * 1000003 + doc``, so the live fit (`candidate_forward`) and an activation cache built
+    with the same seed read the same candidates. Returns ``(ids [length, c], log_weights [length, c])``."""
+    length = int(length)
+    nxt = torch.full((length,), -1, dtype=torch.long, device=logits.device)
+    nxt[: max(length - 1, 0)] = input_ids[1:length].to(logits.device)
+    generator = torch.Generator().manual_seed(int(seed) * 1000003 + int(doc))
+    return vocabulary_candidates(logits[:length], nxt, n_candidates, generator)
+
+
 def candidate_forward(forward, index: torch.Tensor, n_candidates: int, seed: int):
     """Wrap a full unsteered ``forward(input_ids, attention_mask, None) -> (logits, z)`` so that
     ``forward(..., candidates=True)`` returns ``(log_weights [b, t, c], z [b, t, d], ids [b, t,
@@ -376,12 +420,8 @@ def candidate_forward(forward, index: torch.Tensor, n_candidates: int, seed: int
         logits, z = logits[rows.to(logits.device)], z[rows.to(z.device)]
         ids_u, logw_u = [], []
         for row, doc in enumerate(unique.tolist()):
-            mask = attention_mask[int(rows[row])].bool().to(logits.device)
-            length = int(mask.sum())
-            nxt = torch.full((int(logits.shape[1]),), -1, dtype=torch.long, device=logits.device)
-            nxt[: max(length - 1, 0)] = input_ids[int(rows[row]), 1:length].to(logits.device)
-            generator = torch.Generator().manual_seed(int(seed) * 1000003 + int(doc))
-            cand, logw = vocabulary_candidates(logits[row, :length], nxt[:length], n_candidates, generator)
+            length = int(attention_mask[int(rows[row])].sum())
+            cand, logw = document_candidates(logits[row], input_ids[int(rows[row])], length, doc, n_candidates, seed)
             full_ids = cand.new_zeros(int(logits.shape[1]), cand.shape[1])
             full_logw = logw.new_zeros(int(logits.shape[1]), cand.shape[1])
             full_ids[:length], full_logw[:length] = cand, logw

@@ -61,6 +61,11 @@ __all__ = [
     "write_table",
     "write_text",
     "read_settings_file",
+    "read_json",
+    "write_arrays",
+    "read_arrays",
+    "link_or_copy",
+    "save_directory",
 ]
 
 FORMAT_VERSION = 2  # format 1: one torch.save pickle (stride-nnsight 0.1)
@@ -648,3 +653,61 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DataFileError(f"{path} must hold a mapping of settings (e.g. `n_subsets: 256`), got {type(data).__name__}")
     return data
+
+
+# ----------------------------------------------------------- evaluation caches and model folders
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file (a cache's manifest). ``OSError`` / ``json.JSONDecodeError`` as raised."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_arrays(path: str | os.PathLike, **arrays: Any) -> Path:
+    """Write numpy arrays as an ``.npz`` file atomically (no pickled objects: `read_arrays`
+    reads it with ``allow_pickle=False``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+            np.savez(fh, **arrays)
+
+    _write_atomic(path, write)
+    return path
+
+
+def read_arrays(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an ``.npz`` file written by `write_arrays` (never unpickles)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        return {k: np.asarray(data[k]) for k in keys}
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Hard-link ``source`` to ``target`` (a finished cache file reused by another cache), or copy
+    it where links are not possible."""
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def save_directory(path: str | os.PathLike, write: Any) -> Path:
+    """Fill a folder atomically: ``write(tmp_dir)`` writes into a temporary folder next to
+    ``path``, which is then renamed onto ``path`` (an existing one is replaced; if another process
+    renamed its own there first, theirs is kept). A reader never sees a half-written folder."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process put it there first: keep theirs
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -17,14 +17,14 @@ import torch
 
 from . import __version__, distributed, storage
 from .activations import ActivationCache, HeadMismatchError, cache_size_bytes, use_activation_cache
-from .arguments import StrideArguments
+from .arguments import DEFAULT_RANK, StrideArguments
 from .backends import ModelBackend, resolve_backend
 from .backends.base import FINGERPRINT_VERSION, check_finite_weights
 from .design import DEFAULTS_SPARSITY, SubsetDesign, check_design_size, recommended_n_subsets, supported_sparsity
 from .fitting import FitHistory, OperatorFitter, candidate_seed, fit_candidates
 from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, resolve_max_length
 from .measurement import Metric, measure
-from .operators import SteeringOperators
+from .operators import SteeringOperators, state_bytes
 from .recovery import noise_floor, recover
 from .results import Attribution, AttributionCache, check_unique_ids
 
@@ -154,6 +154,9 @@ class Stride:
         changes.update(settings)
         self.args = (args or StrideArguments()).replace(**changes)
         self._auto_subsets = self.args.n_subsets is None  # resolved from the training set by fit()
+        # resolved by fit() within max_state_mb (StrideArguments.capped_state)
+        self._auto_rank = self.args.rank is None
+        self._auto_columns = self.args.logit_columns is None
         self.model = model
         backend_options = {k: v for k, v in {"tokenizer": tokenizer, "layers_path": layers_path}.items()
                            if v is not None}
@@ -199,6 +202,30 @@ class Stride:
         # (device_map="auto") that is not the input device; edits are moved where they are added.
         # A remote fit places them on the server (next to the deployed model's block) instead.
         return ops.to(self.backend.device if self.remote else self.backend.layer_device(self.layer))
+
+    def _cap_state(self) -> Optional[str]:
+        """Resolve ``rank`` and ``logit_columns`` for this fit's ``K`` within ``max_state_mb``
+        (`StrideArguments.capped_state`). Returns the warning to give when the cap lowered the rank
+        or left tokens unedited (given by `fit` once the corpus's coverage is known), else None."""
+        out_dim = self.backend.vocab_size if self.args.placement == "logits" else self.backend.d_model
+        auto = self.args.replace(rank=None if self._auto_rank else self.args.rank,
+                                 logit_columns=None if self._auto_columns else self.args.logit_columns)
+        self.args = auto.capped_state(self.args.n_subsets, self.backend.d_model, out_dim)
+        changed = []
+        if self._auto_rank and self.args.rank < DEFAULT_RANK:
+            changed.append(f"rank {DEFAULT_RANK} -> {self.args.rank}")
+        if self._auto_columns and self.args.logit_columns is not None:
+            changed.append(f"coefficient columns {out_dim:,} -> {self.args.logit_columns:,} (the rarer corpus tokens "
+                           "are left unedited)")
+        if not changed:
+            return None
+        full = state_bytes(self.args.n_subsets, DEFAULT_RANK if self._auto_rank else self.args.rank,
+                           self.backend.d_model, out_dim, self.args.basis_hidden,
+                           None if self._auto_columns else self.args.logit_columns)
+        return (f"the operators' state would take {full / 1e6:,.0f} MB (K={self.args.n_subsets}, {out_dim:,} edited "
+                f"entries), over max_state_mb={self.args.max_state_mb:g}: {'; '.join(changed)}. This costs some "
+                "attribution quality (docs/method.md, 'State cap'); for the full state pass max_state_mb=None (or a "
+                "larger cap)")
 
     # ------------------------------------------------------------ model guard
     def _take_fingerprint(self) -> None:
@@ -319,6 +346,7 @@ class Stride:
             # vocabulary, and the settings (provenance, saved state) say so
             self.args = self.args.replace(fit_vocabulary=None)
         check_design_size(len(texts), self.args.n_subsets, self.args.subsets_per_example)  # before any work
+        capped = self._cap_state()
         if self.remote and distributed.rank_and_world()[1] > 1:
             raise ValueError("a remote fit runs in NDIF sessions, not split over torch.distributed processes: run it "
                              "from one process (without torchrun)")
@@ -339,6 +367,11 @@ class Stride:
             counts = torch.bincount(tokens.input_ids[tokens.attention_mask.bool()].reshape(-1).cpu(),
                                     minlength=self.backend.vocab_size)[: self.backend.vocab_size]
             self.operators.assign_columns(counts, self.args.seed)
+            edited = float(counts[self.operators.edited_tokens().cpu()].sum()) / max(1.0, float(counts.sum()))
+            if capped is not None:
+                capped += f". The edited tokens cover {edited:.2%} of the corpus's tokens"
+        if capped is not None:
+            warnings.warn(capped, stacklevel=2)
         with contextlib.ExitStack() as stack:
             activations = None if self.remote else self._activation_cache(tokens, checkpoint_dir, cache_dir,
                                                                           overwrite, progress, stack)
@@ -709,7 +742,8 @@ class Stride:
                      f"{self.steps_planned} steps)"
         a = self.args
         return (f"Stride(backend={self.backend.name}, hook={self.hook_name!r}, placement={a.placement!r}, "
-                f"K={'auto' if a.n_subsets is None else a.n_subsets}, d={a.subsets_per_example}, rank={a.rank}, {status})")
+                f"K={'auto' if a.n_subsets is None else a.n_subsets}, d={a.subsets_per_example}, "
+                f"rank={'auto' if a.rank is None else a.rank}, {status})")
 
 
 def attribute_layers(strides: Sequence[Stride], prompts: Sequence[str], completions: Sequence[str],

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from . import storage
+
 if TYPE_CHECKING:  # pragma: no cover
     import nnsight
 
@@ -433,7 +435,7 @@ def build_toy_model(
         path = Path(cache_dir) / f"toy-gpt2-seed{seed}"
         meta = _cache_meta(seed, corpus)
         meta_file = path / "toy_meta.json"
-        if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+        if meta_file.is_file() and storage.read_json(meta_file) == meta:
             model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True)
             tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
             tokenizer.padding_side = "right"
@@ -452,26 +454,14 @@ def build_toy_model(
 
 
 def _save_atomically(path: Path, model, tokenizer, meta: dict) -> None:
-    """Write model + tokenizer + meta to a temp dir next to ``path``, then rename it into
-    place (so a concurrent reader never sees a half-written cache)."""
-    import shutil
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
-    try:
+    """Write model + tokenizer + meta into ``path`` atomically (`storage.save_directory`: a
+    concurrent reader never sees a half-written cache)."""
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "toy_meta.json").write_text(json.dumps(meta, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # another process put it there first: keep theirs
-            pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        storage.write_manifest(tmp / "toy_meta.json", meta)
+
+    storage.save_directory(path, write)
 
 
 def toy_language_model(

@@ -45,6 +45,10 @@ def test_explicit_steps_win():
     ({"subsets_per_example": 9, "n_subsets": 8}, "cannot exceed n_subsets"),
     ({"n_subsets": 0}, "n_subsets must be a positive int"),
     ({"n_subsets": 12.0}, "n_subsets must be a positive int"),
+    ({"rank": 0}, "rank must be a positive int"),
+    ({"rank": 2.0}, "rank must be a positive int"),
+    ({"max_state_mb": 0}, "max_state_mb must be a positive number"),
+    ({"max_state_mb": True}, "max_state_mb must be a positive number"),
 ])
 def test_bad_settings_name_the_problem(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -56,3 +60,43 @@ def test_replace_rejects_unknown_names_and_roundtrips():
     with pytest.raises(TypeError, match="unknown STRIDE setting"):
         args.replace(rnak=4)
     assert StrideArguments.from_dict(args.to_dict()) == args
+
+
+def test_state_cap_lowers_the_rank_then_cuts_columns():
+    """``rank=None`` is 8 lowered one step at a time while the operators' state is over
+    ``max_state_mb``; rank 1 still over: the logits placement keeps the most columns that fit.
+    Checked against the bytes of real modules built from the resolved settings."""
+    from stride_nnsight.arguments import DEFAULT_RANK
+    from stride_nnsight.operators import SteeringOperators, state_bytes
+
+    args = StrideArguments()
+    assert args.rank is None and args.logit_columns is None and args.max_state_mb == 200
+    # the issue's shape: V = 128k, d_model = 4096, K = 256 -> rank 1, every token its own column, <= 200 MB
+    big = args.capped_state(256, 4096, 128_256)
+    assert (big.rank, big.logit_columns) == (1, None)
+    assert state_bytes(256, 1, 4096, 128_256, 64) <= 200e6 < state_bytes(256, 2, 4096, 128_256, 64)
+    wide = args.capped_state(512, 4096, 128_256)       # rank 1 over: H columns, the largest that fit
+    assert wide.rank == 1 and state_bytes(512, 1, 4096, 128_256, 64, wide.logit_columns) <= 200e6 \
+        < state_bytes(512, 1, 4096, 128_256, 64, wide.logit_columns + 1)
+    assert args.capped_state(512, 256, 4096).rank == DEFAULT_RANK     # small vocabularies: nothing changes
+    mid = args.capped_state(512, 4096, 32_000)                         # a 32k vocabulary fits at the default rank
+    assert (mid.rank, mid.logit_columns) == (DEFAULT_RANK, None) and state_bytes(512, 2, 4096, 32_000, 64) <= 200e6
+    eight = args.replace(max_state_mb=400).capped_state(256, 4096, 128_256)   # a larger cap: the default rank
+    assert (eight.rank, eight.logit_columns) == (DEFAULT_RANK, None)
+    uncapped = args.replace(max_state_mb=None).capped_state(256, 4096, 128_256)
+    assert (uncapped.rank, uncapped.logit_columns) == (DEFAULT_RANK, None)
+    explicit = args.replace(rank=4).capped_state(256, 4096, 128_256)  # an explicit rank stays; columns give
+    assert explicit.rank == 4 and state_bytes(256, 4, 4096, 128_256, 64, explicit.logit_columns) <= 200e6
+    chosen = args.replace(logit_columns=8192).capped_state(512, 4096, 128_256)  # explicit columns stay
+    assert chosen.logit_columns == 8192 and chosen.rank == DEFAULT_RANK
+    head = args.replace(placement="head").capped_state(512, 8192, 8192)
+    assert (head.rank, head.logit_columns) == (DEFAULT_RANK, None)
+    # at a small size, with caps scaled to it, the real module's state dict stays within the cap
+    K, d, V, hidden = 8, 16, 400, 8
+    for cap in (4 * K * 8 * V, 4 * K * 3 * V, 4 * K * V // 2):
+        a = StrideArguments(basis_hidden=hidden, max_state_mb=cap / 1e6).capped_state(K, d, V)
+        ops = SteeringOperators(K, d, a.rank, V, placement="logits", hidden=hidden, columns=a.logit_columns)
+        real = sum(t.numel() * t.element_size() for t in ops.state_dict().values())
+        assert real == state_bytes(K, a.rank, d, V, hidden, a.logit_columns) <= cap
+    assert StrideArguments(basis_hidden=hidden, max_state_mb=4 * K * V // 2 / 1e6).capped_state(K, d, V) \
+        .logit_columns < V

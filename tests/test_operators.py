@@ -205,14 +205,16 @@ def test_vocabulary_candidates_support_and_weights():
     torch.testing.assert_close(exact_w, logp.gather(1, exact))
 
 
-@pytest.mark.parametrize("columns", [None, 7])
-def test_candidate_deltas_equal_the_full_edit_at_those_ids(columns):
+@pytest.mark.parametrize("columns,rest", [(None, None), (7, "unedited"), (7, "shared")])
+def test_candidate_deltas_equal_the_full_edit_at_those_ids(columns, rest):
+    from stride_nnsight.operators import frequency_columns
+
     torch.manual_seed(2)
     ops = SteeringOperators(5, 8, 3, 20, placement="logits", layer=1, hidden=5, columns=columns)
     with torch.no_grad():
         ops.coefficients.normal_()
-    if columns:
-        ops.assign_columns(torch.arange(20).flip(0), seed=1)
+    if columns:  # tokens 0..6 most frequent; the rest unedited (zero edit) or sharing columns
+        ops.column_of.copy_(frequency_columns(torch.arange(20).flip(0), columns, seed=1, rest=rest))
     z = torch.randn(3, 4, 8)
     op = torch.tensor([1, -1, 4])
     ids = torch.randint(0, 20, (3, 4, 6))
@@ -226,27 +228,40 @@ def test_candidate_deltas_equal_the_full_edit_at_those_ids(columns):
     torch.testing.assert_close(sparse_grad, ops.coefficients.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_shared_columns_by_frequency():
+def test_columns_by_frequency_rest_unedited_or_shared():
+    import torch.nn.functional as F
     from stride_nnsight.operators import frequency_columns
 
     counts = torch.tensor([5, 0, 9, 1, 7, 0, 0, 3, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                            0, 0, 0, 0, 0, 0, 0, 0, 0, 0])                          # V = 40
-    column = frequency_columns(counts, 32, seed=0)                                  # 30 own, 2 shared
+    column = frequency_columns(counts, 32)                    # the 32 most frequent own columns, 8 unedited
     assert torch.equal(column[[2, 4, 0, 7, 10, 3]], torch.arange(6))               # most frequent first
-    assert len(set(column.tolist())) == 32 and column.max() == 31
-    assert (column >= 30).sum() == 10 and torch.equal(frequency_columns(counts, 40), torch.arange(40))
+    assert sorted(set(column.tolist())) == list(range(33)) and int((column == 32).sum()) == 8
+    assert torch.equal(column[32:], torch.full((8,), 32))      # ties by id: the highest ids are cut
+    shared = frequency_columns(counts, 32, seed=0, rest="shared")                   # 30 own, 2 shared
+    assert torch.equal(shared[[2, 4, 0, 7, 10, 3]], torch.arange(6))
+    assert len(set(shared.tolist())) == 32 and shared.max() == 31 and (shared >= 30).sum() == 10
+    assert torch.equal(frequency_columns(counts, 40), torch.arange(40))
+    with pytest.raises(ValueError, match="unedited"):
+        frequency_columns(counts, 32, rest="dropped")
     ops = SteeringOperators(4, 8, 3, 40, placement="logits", layer=1, hidden=5, columns=32)
     assert ops.coefficients.shape == (4, 3, 32) and "column_of" in ops.state_dict()
     ops.assign_columns(counts)
-    assert torch.equal(ops.column_of, column)
+    assert torch.equal(ops.column_of, column) and torch.equal(ops.edited_tokens(), column < 32)
     with torch.no_grad():
         ops.coefficients.normal_()
     z = torch.randn(2, 5, 8)
     full = ops.delta(z, 2)                                                          # [2, 5, 40]
-    torch.testing.assert_close(full, torch.einsum("btr,rv->btv", ops.basis(z), ops.coefficients[2][:, column]))
-    tied = (column == column[39]).nonzero().flatten()         # the rarest tokens share the last columns
-    assert len(tied) > 1 and torch.allclose(full[..., tied[0]], full[..., tied[1]])
+    torch.testing.assert_close(full, torch.einsum("btr,rv->btv", ops.basis(z),
+                                                  F.pad(ops.coefficients[2], (0, 1))[:, column]))
+    assert torch.equal(full[..., column == 32], torch.zeros(2, 5, 8))              # unedited: no edit at all
+    assert bool((full[..., column < 32] != 0).all())
     torch.testing.assert_close(ops.all_logit_deltas(z[0])[2], full[0], rtol=1e-5, atol=1e-6)
+    ops.column_of.copy_(shared)                               # a state saved with shared columns acts as saved
+    full = ops.delta(z, 2)
+    tied = (shared == shared[39]).nonzero().flatten()         # the rarest tokens share the last columns
+    assert len(tied) > 1 and torch.allclose(full[..., tied[0]], full[..., tied[1]])
+    assert bool(ops.edited_tokens().all())
     for other in ("residual", "head"):  # other placements ignore it
         assert SteeringOperators(4, 8, 3, 8, placement=other, columns=4).coefficients.shape == (4, 3, 8)
 

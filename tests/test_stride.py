@@ -1,5 +1,7 @@
 """The facade: construction, fit -> attribute -> save/load, and clear errors."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -168,7 +170,7 @@ def test_half_precision_model_keeps_float32_operators_and_close_scores(toy, dtyp
         assert {p.dtype for p in stride.operators.parameters()} == {torch.float32}
         scores[name] = stride.attribute(prompts, completions, progress=False).scores.numpy()
     a, b = scores["float32"], scores[dtype]
-    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98   # measured 0.997
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95   # measured 0.978 at the default rank 2 (0.997 at rank 8)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75     # measured 1.0
 
 
@@ -239,10 +241,10 @@ def test_fit_vocabulary_is_recorded_as_used(tiny_model, small_texts):
     assert logits.attribute(["the cat"], [" sat."], progress=False).provenance["settings"]["fit_vocabulary"] == 32
 
 
-def test_shared_logit_columns_fit_save_and_load(tiny_model, small_texts, tmp_path):
-    """A vocabulary larger than logit_columns: state K x r x H, columns by corpus frequency,
-    saved and loaded with the state (same scores); a state saved before the setting existed
-    loads as one column per entry and the whole vocabulary."""
+def test_logit_columns_fit_save_and_load(tiny_model, small_texts, tmp_path):
+    """A vocabulary larger than logit_columns: state K x r x H, the most frequent corpus tokens own
+    a column, the rest are unedited; saved and loaded with the state (same scores); a state saved
+    before the settings existed loads as one column per entry, the whole vocabulary, no cap."""
     from stride_nnsight.arguments import StrideArguments
 
     settings = dict(layer=1, n_subsets=8, subsets_per_example=2, rank=4, steps=4, batch_size=8, seed=0)
@@ -251,14 +253,56 @@ def test_shared_logit_columns_fit_save_and_load(tiny_model, small_texts, tmp_pat
     assert V > 64 and stride.operators.coefficients.shape == (8, 4, 64)
     counts = torch.bincount(stride._encode_train().input_ids[stride._encode_train().attention_mask.bool()],
                             minlength=V)
-    own = counts.argsort(descending=True, stable=True)[:60]
-    assert torch.equal(stride.operators.column_of[own], torch.arange(60))  # the 60 most frequent: own columns
+    order = counts.argsort(descending=True, stable=True)
+    assert torch.equal(stride.operators.column_of[order[:64]], torch.arange(64))  # the 64 most frequent: own columns
+    assert bool((stride.operators.column_of[order[64:]] == 64).all())           # the rest: unedited
     attr = stride.attribute(["the cat"], [" sat on the mat."], progress=False)
     stride.save(tmp_path / "s")
     loaded = Stride.load(tmp_path / "s", tiny_model)
     assert torch.equal(loaded.operators.column_of, stride.operators.column_of)
     torch.testing.assert_close(loaded.attribute(["the cat"], [" sat on the mat."], progress=False).scores, attr.scores)
-    old = {k: v for k, v in stride.args.to_dict().items() if k not in ("logit_columns", "fit_vocabulary")}
+    old = {k: v for k, v in stride.args.to_dict().items() if k not in ("logit_columns", "fit_vocabulary",
+                                                                        "max_state_mb")}
     assert StrideArguments.from_saved(old).logit_columns is None
     assert StrideArguments.from_saved(old).fit_vocabulary is None
+    assert StrideArguments.from_saved(old).max_state_mb is None
     assert StrideArguments.from_dict(old).fit_vocabulary == StrideArguments().fit_vocabulary == 128
+
+
+def test_state_cap_lowers_rank_and_leaves_rare_tokens_unedited(tiny_model, small_texts, tmp_path):
+    """``max_state_mb`` below the default state: the fit lowers the automatic rank, then cuts the
+    logit columns, warns with what it changed and how much of the corpus stays edited, records the
+    resolved settings (provenance, saved state), and its real state stays within the cap; a later
+    fit with a larger cap resolves again. Explicit settings are not overridden."""
+    from stride_nnsight.arguments import DEFAULT_RANK
+    from stride_nnsight.operators import state_bytes
+
+    assert DEFAULT_RANK > 1
+    settings = dict(layer=1, n_subsets=8, subsets_per_example=2, steps=4, batch_size=8, seed=0)
+    probe = Stride(tiny_model, **settings)
+    V, d = probe.backend.vocab_size, probe.backend.d_model
+    cap = state_bytes(8, 1, d, V, 64) * 0.75                     # rank 1 is over: columns must be cut too
+    stride = Stride(tiny_model, max_state_mb=cap / 1e6, **settings)
+    with pytest.warns(UserWarning, match=rf"rank {DEFAULT_RANK} -> 1; coefficient columns .* cover \d+\.\d+% of the corpus"):
+        stride.fit(small_texts[:12], progress=False)
+    ops = stride.operators
+    H = stride.args.logit_columns
+    assert stride.args.rank == 1 and ops.rank == 1 and H is not None and 16 <= H < V
+    assert sum(t.numel() * t.element_size() for t in ops.state_dict().values()) <= cap
+    attr = stride.attribute(["the cat"], [" sat on the mat."], progress=False)
+    assert attr.provenance["rank"] == 1 and attr.provenance["settings"]["logit_columns"] == H
+    stride.save(tmp_path / "s")
+    loaded = Stride.load(tmp_path / "s", tiny_model)
+    assert (loaded.args.rank, loaded.args.logit_columns) == (1, H)
+    torch.testing.assert_close(loaded.attribute(["the cat"], [" sat on the mat."], progress=False).scores, attr.scores)
+    stride.args = stride.args.replace(max_state_mb=None)       # a re-fit resolves the automatic settings again
+    stride.fit(small_texts[:12], progress=False)
+    assert (stride.args.rank, stride.args.logit_columns) == (DEFAULT_RANK, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # default cap at this size: nothing to change
+        default = Stride(tiny_model, **settings).fit(small_texts[:12], progress=False)
+    assert (default.args.rank, default.args.logit_columns) == (DEFAULT_RANK, None)
+    explicit = Stride(tiny_model, rank=3, max_state_mb=state_bytes(8, 3, d, V, 64) * 2 / 1e6, **settings)
+    explicit.fit(small_texts[:12], progress=False)
+    assert (explicit.args.rank, explicit.args.logit_columns) == (3, None)
+

@@ -43,13 +43,18 @@ def example_gradients(
     """
     handle = ModelHandle(model, tokenizer, per_example)
     named = select_parameters(handle.module, params)
-    if texts is not None:
-        batch = handle.encode_train(list(texts), max_length)
-    elif prompts is not None and completions is not None:
-        batch = handle.encode_queries(list(prompts), list(completions), max_length)
-    else:
-        raise ValueError("pass texts=... or prompts=... and completions=...")
+    batch, _ = _encode_either(handle, texts, prompts, completions, max_length)
     return loss_gradients(handle, batch, named, batch_size, progress)
+
+
+def _encode_either(handle: ModelHandle, texts, prompts, completions, max_length: int) -> tuple[Any, str]:
+    """``texts`` (training loss) or ``prompts`` + ``completions`` (query loss), encoded by
+    ``handle``, with a progress label; a clear error when neither is given."""
+    if texts is not None:
+        return handle.encode_train(list(texts), max_length), "train gradients"
+    if prompts is not None and completions is not None:
+        return handle.encode_queries(list(prompts), list(completions), max_length), "query gradients"
+    raise ValueError("pass texts=... or prompts=... and completions=...")
 
 
 def _gradient_settings(handle: ModelHandle, named, params, max_length) -> dict[str, Any]:
@@ -174,12 +179,7 @@ def trak_features(
     named = select_parameters(handle.module, params)
     n_params = int(sum(p.numel() for _, p in named))
     projection = GaussianProjection(n_params, proj_dim, seed, handle.device, [p.numel() for _, p in named])
-    if texts is not None:
-        batch, desc = handle.encode_train(list(texts), max_length), "train gradients"
-    elif prompts is not None and completions is not None:
-        batch, desc = handle.encode_queries(list(prompts), list(completions), max_length), "query gradients"
-    else:
-        raise ValueError("pass texts=... or prompts=... and completions=...")
+    batch, desc = _encode_either(handle, texts, prompts, completions, max_length)
     return _trak_features(handle, batch, named, projection, batch_size, progress, desc)
 
 

@@ -630,3 +630,31 @@ def test_signal_mid_fit_then_resume_equals_uninterrupted(name, signal_runs):
     assert operators[name].keys() == operators["reference"].keys()
     for key, value in operators["reference"].items():
         assert torch.equal(operators[name][key], value), key
+
+
+def test_npz_arrays_and_folders_are_written_atomically_and_never_unpickled(tmp_path):
+    """The evaluation caches' files (`storage.write_arrays` / `read_arrays`) and the toy model's
+    folder (`storage.save_directory`): atomic, and an ``.npz`` holding a pickled object is
+    refused instead of unpickled."""
+    import numpy as np
+
+    from stride_nnsight import storage
+
+    path = storage.write_arrays(tmp_path / "a" / "r.npz", losses=np.arange(3.0), digest=np.str_("abc"))
+    assert path.name == "r.npz" and sorted(p.name for p in path.parent.iterdir()) == ["r.npz"]  # no .npz.npz, no tmp
+    got = storage.read_arrays(path, ("losses", "digest"))
+    assert got["losses"].tolist() == [0.0, 1.0, 2.0] and str(got["digest"]) == "abc"
+    evil = tmp_path / "evil.npz"
+    np.savez(evil, payload=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError, match="pickle"):
+        storage.read_arrays(evil, ("payload",))
+
+    def fail(tmp):
+        (tmp / "half").write_text("x")
+        raise RuntimeError("killed mid-write")
+
+    storage.save_directory(tmp_path / "model", lambda tmp: (tmp / "weights").write_text("old"))
+    with pytest.raises(RuntimeError):
+        storage.save_directory(tmp_path / "model", fail)
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["weights"]          # the old folder, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "evil.npz", "model"]  # no temporary left
