@@ -40,7 +40,9 @@ class StrideArguments:
         * placement: ``"residual"`` (edit the residual stream), ``"logits"`` (edit the output
             logits; state ``K x r x V``) or ``"head"`` (edit the output head's input, reaching the
             logits through the frozen head; state ``K x r x d_model``, local models only).
-        * rank: ``r``, size of the shared basis.
+        * rank: ``r``, size of the shared basis. ``None`` (default): `DEFAULT_RANK` (2), lowered
+            to 1 by `Stride.fit` when the state would exceed ``max_state_mb``; level with rank 8
+            on three dev corpora at half the fit's CPU time (docs/method.md, Defaults at a glance).
         * basis_hidden: hidden width of the basis network.
 
     Fitting:
@@ -89,13 +91,20 @@ class StrideArguments:
             uses the whole vocabulary;
         * logit_columns: the logits placement's coefficient columns per operator, ``H``. A
             vocabulary of ``V <= H`` gets one column per entry (``a_k: r x V``, exact); a larger
-            one gets ``H`` columns: the ``H - H // 16`` most frequent tokens of the training corpus
-            their own, the others ``H // 16`` shared ones (`operators.frequency_columns`), so the
-            state is ``K r H`` whatever the vocabulary (at K=256, r=16, H=8192: 134 MB instead of
-            2.1 GB at V = 128k). ``None`` (default): always one column per entry. Not the default
-            because sharing cost quality where it was measured: on the public benchmark (V =
-            2,048) 256 columns lost -0.153 LDS [-0.209, -0.098] and 128 columns -0.284
-            (docs/method.md, "Shared logit columns");
+            one keeps ``H`` columns for the ``H`` most frequent tokens of the training corpus and
+            leaves the others unedited (`operators.frequency_columns`), so the state is ``K r H``
+            whatever the vocabulary. ``None`` (default): one column per entry, unless
+            ``max_state_mb`` needs fewer. On the public benchmark (V = 2,048) keeping the 1,412
+            tokens that cover 99% of the corpus lost -0.021 LDS, keeping 256 lost -0.140
+            (docs/method.md, "State cap");
+        * max_state_mb: cap on the operators' state in megabytes (1e6 bytes; `operators.state_bytes`:
+            basis network, coefficients, column map), default 200. `Stride.fit` resolves what was
+            left automatic to stay within it (`capped_state`): ``rank=None`` is `DEFAULT_RANK` (2),
+            lowered to 1 while over the cap; then, for the logits placement with
+            ``logit_columns=None``, the most columns that fit (the rarest tokens unedited), with a
+            warning that says what changed and how much of the corpus stays edited. At V = 128k,
+            d_model 4096: K = 256 -> rank 1, 132 MB; K = 512 -> rank 1, H = 96,642, 200 MB. Below
+            32k-token vocabularies at K = 512 it changes nothing. ``None``: no cap;
         * max_length: tokens per training text, BOS included. ``None`` (default): what the
             corpus needs, up to the model's context: the longest training document, capped at
             the model's context length (``ModelBackend.context_length``). An int is used as

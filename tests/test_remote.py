@@ -406,3 +406,27 @@ def test_remote_fit_reads_the_whole_vocabulary_and_says_so(tiny_model, small_tex
     stride = Stride(tiny_model, remote="local", remote_steps_per_session=3,
                     **{**SETTINGS, "placement": "logits", "fit_vocabulary": 32}).fit(small_texts[:10], progress=False)
     assert stride.args.fit_vocabulary is None
+
+
+def test_remote_fit_within_the_state_cap_matches_local(tiny_model, small_texts):
+    """The state cap resolves before any session: a remote fit whose logit columns the cap cuts
+    ships the column map with the operators' state and matches the local fit."""
+    from stride_nnsight.operators import state_bytes
+
+    probe = Stride(tiny_model, **SETTINGS)
+    V, d = probe.backend.vocab_size, probe.backend.d_model
+    cap = state_bytes(8, 4, d, V, probe.args.basis_hidden) * 0.6 / 1e6       # rank 4 is explicit: columns give
+    settings = {**SETTINGS, "placement": "logits", "fit_vocabulary": None, "activation_cache": False,
+                "max_state_mb": cap}
+    with pytest.warns(UserWarning, match="coefficient columns"):
+        local = Stride(tiny_model, **settings).fit(train(small_texts), progress=False)
+    stride = Stride(tiny_model, remote="local", remote_steps_per_session=3, **settings)
+    with pytest.warns(UserWarning, match="coefficient columns"):
+        stride.fit(train(small_texts), progress=False)
+    assert stride.args.rank == 4 and stride.args.logit_columns == local.args.logit_columns < V
+    assert torch.equal(stride.operators.column_of, local.operators.column_of)
+    np.testing.assert_allclose(stride.history.total, local.history.total, rtol=1e-5, atol=1e-6)
+    assert_same_operators(stride, local)
+    y_remote, _ = stride.measure(PROMPTS, COMPLETIONS, progress=False)
+    y_local, _ = local.measure(PROMPTS, COMPLETIONS, progress=False)
+    torch.testing.assert_close(y_remote, y_local, rtol=1e-5, atol=1e-6)

@@ -254,7 +254,7 @@ from stride_nnsight import Stride
 nnsight.CONFIG.set_default_api_key("YOUR_NDIF_API_KEY")   # once; saved in nnsight's config
 model = LanguageModel("meta-llama/Llama-3.1-8B")          # weights stay on NDIF
 
-stride = Stride(model, layer=16, rank=8, remote=True,        # placement: see docs/remote.md "Sizes"
+stride = Stride(model, layer=16, remote=True,        # state capped at max_state_mb: docs/remote.md "Sizes"
                 remote_steps_per_session=100,              # cap per session
                 remote_session_budget_s=3600,              # NDIF's limit for one session
                 remote_checkpoint_dir="stride-llama-ckpt") # resumable fit and measurement
