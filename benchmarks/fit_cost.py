@@ -51,7 +51,7 @@ from stride_nnsight.backends import resolve_backend  # noqa: E402
 from stride_nnsight.design import SubsetDesign  # noqa: E402
 from stride_nnsight.fitting import OperatorFitter  # noqa: E402
 from stride_nnsight.inputs import TokenBatch, encode_texts  # noqa: E402
-from stride_nnsight.operators import SteeringOperators  # noqa: E402
+from stride_nnsight.operators import SteeringOperators, edit_width  # noqa: E402
 from stride_nnsight.toy import tiny_gpt2_config, train_tokenizer  # noqa: E402
 
 
@@ -166,7 +166,7 @@ def make_fitter(backend: Any, texts: TokenBatch, cfg: CostConfig, cache: Optiona
                            batch_size=cfg.batch_size, linearity_operators=cfg.linearity_operators,
                            seed=cfg.seed, layer=-2, **changes)
     args = args.replace(n_subsets=args.subsets_for(len(texts)))
-    out_dim = backend.vocab_size if args.placement == "logits" else backend.d_model
+    out_dim = edit_width(args.placement, backend.d_model, backend.vocab_size)
     args = args.capped_state(args.n_subsets, backend.d_model, out_dim)  # rank (and columns) as Stride.fit sets them
     layer = backend.check_layer(args.layer)
     design = SubsetDesign(len(texts), args.n_subsets, args.subsets_per_example, args.seed)
@@ -253,7 +253,7 @@ def query_costs(backend: Any, texts: TokenBatch, cfg: CostConfig) -> dict[str, A
     out.update({"n_subsets": args.n_subsets, "rank": args.rank})
     for placement, n_q in (("logits", len(queries)), ("head", len(queries)), ("residual", cfg.residual_queries)):
         torch.manual_seed(cfg.seed)
-        out_dim = backend.vocab_size if placement == "logits" else backend.d_model
+        out_dim = edit_width(placement, backend.d_model, backend.vocab_size)
         ops = SteeringOperators(args.n_subsets, backend.d_model, args.rank, out_dim, placement=placement, layer=layer,
                                 hidden=args.basis_hidden, columns=args.logit_columns)
         with torch.no_grad():  # small non-zero coefficients, so nothing is special-cased as zero

@@ -24,7 +24,7 @@ from .design import DEFAULTS_SPARSITY, SubsetDesign, check_design_size, recommen
 from .fitting import FitHistory, OperatorFitter, candidate_seed, fit_candidates
 from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, resolve_max_length
 from .measurement import Metric, measure
-from .operators import SteeringOperators, state_bytes
+from .operators import SteeringOperators, edit_width, state_bytes
 from .recovery import noise_floor, recover
 from .results import Attribution, AttributionCache, check_unique_ids
 
@@ -192,7 +192,7 @@ class Stride:
 
     def _new_operators(self) -> SteeringOperators:
         """Operators initialised from ``args.seed`` alone; the global torch RNG is left as it was."""
-        out_dim = self.backend.vocab_size if self.args.placement == "logits" else self.backend.d_model
+        out_dim = edit_width(self.args.placement, self.backend.d_model, self.backend.vocab_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.args.seed)
             ops = SteeringOperators(self.args.n_subsets, self.backend.d_model, self.args.rank, out_dim,
@@ -207,7 +207,7 @@ class Stride:
         """Resolve ``rank`` and ``logit_columns`` for this fit's ``K`` within ``max_state_mb``
         (`StrideArguments.capped_state`). Returns the warning to give when the cap lowered the rank
         or left tokens unedited (given by `fit` once the corpus's coverage is known), else None."""
-        out_dim = self.backend.vocab_size if self.args.placement == "logits" else self.backend.d_model
+        out_dim = edit_width(self.args.placement, self.backend.d_model, self.backend.vocab_size)
         auto = self.args.replace(rank=None if self._auto_rank else self.args.rank,
                                  logit_columns=None if self._auto_columns else self.args.logit_columns)
         self.args = auto.capped_state(self.args.n_subsets, self.backend.d_model, out_dim)
