@@ -382,10 +382,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .storage import DataFileError
 
-    if args.command in ("fit", "attribute"):  # under torchrun: one process group, work split by rank
+    distributed_run = args.command in ("fit", "attribute")  # under torchrun: one group, work split by rank
+    if distributed_run:
         from .distributed import init_from_env
 
         init_from_env()
+    finished = False
     try:
         if args.command == "demo":
             run_demo(args.queries, args.top, args.cache_dir, args.steps, args.placement, args.seed, args.refit)
@@ -401,9 +403,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report_command(args.scores, args.out, top=args.top)
         elif args.command == "info":
             info_command(args.state)
+        finished = True
     except (DataFileError, FileNotFoundError) as e:
         print(f"stride-nnsight {args.command}: {e}", file=sys.stderr)
         return 2
+    finally:
+        if distributed_run:  # every rank waits for rank 0's writes, then the group is torn down
+            from .distributed import shutdown
+
+            shutdown(wait=finished)
     return 0
 
 

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["rank_and_world", "is_main_process", "init_from_env", "local_indices", "barrier",
+__all__ = ["rank_and_world", "is_main_process", "init_from_env", "shutdown", "local_indices", "barrier",
            "all_reduce_gradients", "all_reduce_sum", "all_gather_objects", "broadcast_object",
            "assemble_rows"]
 
@@ -66,6 +66,22 @@ def init_from_env(backend: Optional[str] = None) -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return rank_and_world()
+
+
+def shutdown(wait: bool = True) -> None:
+    """Wait for every rank (``wait=True``), then destroy the default process group (a no-op when
+    none is initialised). Call it before a ``torchrun`` process exits: a gloo group still alive
+    when the interpreter shuts down can abort the process ("terminate called without an active
+    exception", SIGABRT) while another rank is still working, which fails the whole job. Pass
+    ``wait=False`` on an error path, where the other ranks may never reach the barrier."""
+    dist = _dist()
+    if dist is None or not dist.is_initialized():
+        return
+    try:
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def local_indices(n: int, rank: Optional[int] = None, world: Optional[int] = None) -> np.ndarray:

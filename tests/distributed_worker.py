@@ -55,7 +55,7 @@ def main() -> None:
     if rank == 0:
         stride.save(out / "stride.json")
     attr.save(out / f"attr-rank{rank}.json")
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -178,3 +178,14 @@ def test_helpers_in_one_process():
     assert rows == ["a", "b", "c"]
     with pytest.raises(RuntimeError, match="not returned"):
         distributed.assemble_rows([(np.array([0]), ["a"])], 2)
+
+
+def test_shutdown_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    """`shutdown` tears the default group down (the command line calls it before exiting: a gloo
+    group alive at interpreter exit can abort a rank) and does nothing when none exists."""
+    distributed.shutdown()  # no group: nothing to do
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    distributed.shutdown()
+    assert not torch.distributed.is_initialized() and distributed.rank_and_world() == (0, 1)
