@@ -685,8 +685,7 @@ class ActivationCache:
         if rank == 0:
             manifest["done"] = n
             write_manifest(directory / MANIFEST_NAME, manifest)
-            for path in directory.glob("progress-rank*.npy"):
-                path.unlink()
+            storage.remove_files(directory, [path.name for path in directory.glob("progress-rank*.npy")])
         distributed.barrier()
 
     @classmethod

@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import warnings
 import sys
 import time
@@ -146,7 +145,9 @@ def demo_stride(model, corpus, cache_dir: Path, seed: int = 0, refit: bool = Fal
             return Stride.load(state_dir, model), False, state_dir
         except ValueError as err:  # fitted on an older toy model: refit below
             warnings.warn(f"ignoring cached STRIDE state in {state_dir}: {err}", stacklevel=2)
-            shutil.rmtree(state_dir)
+            from . import storage
+
+            storage.remove_directory(state_dir)
     stride = Stride(model, seed=seed, **settings)
     stride.fit(corpus.documents, checkpoint_dir=state_dir / "checkpoint", progress=progress)
     stride.save(state_dir)

@@ -594,7 +594,7 @@ class OperatorFitter:
     @staticmethod
     def discard_checkpoint(directory: Path) -> None:
         storage.remove(Path(directory) / CHECKPOINT_NAME)
-        (Path(directory) / LEGACY_CHECKPOINT_NAME).unlink(missing_ok=True)
+        storage.remove_files(Path(directory), [LEGACY_CHECKPOINT_NAME])
 
     # ---------------------------------------------------------------------- run
     def run(self, progress: bool = True, checkpoint_dir: Optional[str | os.PathLike] = None, *,

@@ -453,7 +453,7 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
     directory = Path(directory) if directory is not None else None
     log: list[ChunkRecord] = []
     if overwrite and directory is not None:
-        (directory / CHUNK_LOG).unlink(missing_ok=True)
+        storage.remove_files(directory, [CHUNK_LOG])
     state = fitter.resume(directory, overwrite)
     if state is not None:
         log = [ChunkRecord(**r) for r in state.get("remote_chunks", [])]

@@ -711,3 +711,23 @@ def save_directory(path: str | os.PathLike, write: Any) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def remove_directory(path: str | os.PathLike) -> None:
+    """Delete the folder ``path`` and everything in it (a missing folder is fine): a stale cached
+    state that can no longer be loaded."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def temporary_directory(prefix: str) -> "contextlib.AbstractContextManager[str]":
+    """A temporary folder, removed with its files when the ``with`` block ends (the default
+    activation cache of a fit without ``cache_dir`` / ``checkpoint_dir``, kronfluence's factors)."""
+    return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def persistent_temporary_directory(prefix: str) -> str:
+    """A new temporary folder that outlives the call (a tokenizer re-saved for a library that
+    reads it from disk later); the operating system's temporary-file cleanup removes it."""
+    return tempfile.mkdtemp(prefix=prefix)

@@ -6,7 +6,6 @@ import contextlib
 import functools
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -427,7 +426,7 @@ class Stride:
         elif checkpoint_dir is not None:
             directory = Path(checkpoint_dir) / "activations"
         else:  # under torch.distributed every rank uses rank 0's temporary directory
-            temporary = stack.enter_context(tempfile.TemporaryDirectory(prefix="stride-activations-")) \
+            temporary = stack.enter_context(storage.temporary_directory("stride-activations-")) \
                 if distributed.is_main_process() else None
             directory = Path(distributed.broadcast_object(temporary))
         directory.mkdir(parents=True, exist_ok=True)

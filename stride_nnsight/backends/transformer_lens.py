@@ -62,13 +62,13 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import tempfile
 import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
+from .. import storage
 from .base import Edit, ModelBackend, unique_weights
 
 __all__ = ["TransformerLensBackend", "make_hook", "resid_post_hook_name", "bridge_from_hf",
@@ -141,7 +141,7 @@ def bridge_from_hf(
         raise ValueError("bridge_from_hf needs the model's tokenizer")
     source = tokenizer.init_kwargs.get("name_or_path")
     if not (isinstance(source, str) and os.path.isdir(source)) or tokenizer_dir is not None:
-        tokenizer_dir = tokenizer_dir or tempfile.mkdtemp(prefix="stride_tl_tokenizer_")
+        tokenizer_dir = tokenizer_dir or storage.persistent_temporary_directory("stride_tl_tokenizer_")
         tokenizer.save_pretrained(tokenizer_dir)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     name = tokenizer.init_kwargs["name_or_path"]

@@ -14,7 +14,6 @@ import copy
 from importlib.metadata import PackageNotFoundError, version
 import fnmatch
 import logging
-import tempfile
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .. import storage
 from ..inputs import TokenBatch
 from ..operators import token_nll
 from ..results import Attribution
@@ -246,7 +246,7 @@ def ekfac(
 
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher)
     score_args = ScoreArguments(damping_factor=damping)
-    with tempfile.TemporaryDirectory(prefix="stride_ekfac_") as tmp, warnings.catch_warnings():
+    with storage.temporary_directory("stride_ekfac_") as tmp, warnings.catch_warnings():
         # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler (deprecated in torch >= 2.4; harmless)
         warnings.filterwarnings("ignore", message=r".*GradScaler.*", category=FutureWarning)
         analyzer = Analyzer(

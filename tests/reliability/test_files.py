@@ -658,3 +658,37 @@ def test_npz_arrays_and_folders_are_written_atomically_and_never_unpickled(tmp_p
         storage.save_directory(tmp_path / "model", fail)
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["weights"]          # the old folder, intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "evil.npz", "model"]  # no temporary left
+
+
+def test_only_the_storage_module_touches_files():
+    """Every file the library writes, removes or unpickles goes through `stride_nnsight.storage`
+    (the data-building script `data/make_corpus.py` aside): no module calls the file APIs itself."""
+    import re
+
+    package = Path(storage.__file__).parent
+    forbidden = re.compile(r"tempfile\.|shutil\.(rmtree|copy|move)|np\.(save|load)\b|torch\.(save|load)\b|"
+                           r"json\.dump\(|pickle\.(load|dump)|(?<!storage)\.write_text\(|\.write_bytes\(|\.unlink\(|"
+                           r"os\.(remove|replace|rename)\(|np\.memmap\(")
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "storage.py" or path.relative_to(package).as_posix() == "data/make_corpus.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if forbidden.search(line.split("#")[0]):
+                offenders.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
+    assert not offenders, "file access outside stride_nnsight.storage:\n" + "\n".join(offenders)
+
+
+def test_directory_helpers(tmp_path):
+    target = tmp_path / "stale"
+    (target / "sub").mkdir(parents=True)
+    (target / "sub" / "f.json").write_text("{}")
+    storage.remove_directory(target)
+    assert not target.exists()
+    storage.remove_directory(target)  # already gone: fine
+    with storage.temporary_directory("stride-test-") as tmp:
+        assert Path(tmp).is_dir() and Path(tmp).name.startswith("stride-test-")
+    assert not Path(tmp).exists()
+    kept = Path(storage.persistent_temporary_directory("stride-test-"))
+    assert kept.is_dir()
+    storage.remove_directory(kept)
