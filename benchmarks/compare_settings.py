@@ -186,19 +186,29 @@ def report(rows: list[dict[str, Any]], n_boot: int = 1000) -> str:
     return "\n".join(lines)
 
 
+BENCHES = ("gate", "gate1", "public", "heldout-dev")
+
+
+def load_bench(name: str) -> dict[str, Any]:
+    """The dev benchmark ``name`` (one of `BENCHES`, module docstring) in the form `run` reads."""
+    import test_quality_gate as gate
+
+    if name == "public":
+        return public_bench()
+    if name == "heldout-dev":
+        return heldout_dev_bench()
+    if name in ("gate", "gate1"):
+        return gate_bench(gate.CORPUS_SEED + (name == "gate1"))
+    raise ValueError(f"unknown bench {name!r}: use one of {BENCHES}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare_settings", description=__doc__.split("\n")[0])
-    p.add_argument("--bench", choices=("gate", "gate1", "public", "heldout-dev"), default="gate")
+    p.add_argument("--bench", choices=BENCHES, default="gate")
     p.add_argument("variants", nargs="*", help="key=value[,key=value] changes to the defaults, one per variant")
     a = p.parse_args(argv)
     print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
-    import test_quality_gate as gate
-    if a.bench == "public":
-        bench = public_bench()
-    elif a.bench == "heldout-dev":
-        bench = heldout_dev_bench()
-    else:
-        bench = gate_bench(gate.CORPUS_SEED + (a.bench == "gate1"))
+    bench = load_bench(a.bench)
     rows = run(bench, [""] + list(a.variants))
     print(f"bench {a.bench}: {len(bench['documents'])} documents, {len(bench['prompts'])} queries, "
           f"{bench['truth'].n_models} retrained models")

@@ -18,7 +18,7 @@ DEFAULT_RANK = 2
 #: (`StrideArguments.from_saved`): it was fitted on the whole vocabulary, one column per entry
 SAVED_BEFORE: dict[str, Any] = {"fit_vocabulary": None, "logit_columns": None, "max_state_mb": None}
 
-LAMBDA_RULES = ("fraction", "cv")
+LAMBDA_RULES = ("fraction", "cv", "shared_cv")
 SAMPLINGS = ("document", "membership")
 
 
@@ -130,8 +130,11 @@ class StrideArguments:
 
     Measurement and recovery:
         * measure_batch_size: forward rows per chunk when measuring all K operators;
-        * lambda_rule: ``"fraction"`` (lambda = lambda_fraction * lambda_max, per query) or
-            ``"cv"`` (5-fold cross-validated Lasso per query);
+        * lambda_rule: ``"fraction"`` (lambda = lambda_fraction * lambda_max, per query),
+            ``"cv"`` (5-fold cross-validated Lasso per query) or ``"shared_cv"`` (one fraction
+            for the batch of queries, chosen by cross-validating held-out operators' measurements:
+            `stride_nnsight.recovery.shared_fraction`; ``lambda_fraction`` is then ignored and
+            the chosen one is recorded in the provenance);
         * lambda_fraction: see above; fit_intercept: let the Lasso absorb a shift common to all operators.
 
     seed: seeds the design, the operators' initialisation and the fitting's sampling.

@@ -35,7 +35,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -45,6 +45,7 @@ from sklearn.linear_model import Lasso, LassoCV, enet_path, lars_path
 from tqdm.auto import tqdm
 
 __all__ = ["lambda_max", "lasso_objective", "recover", "recover_one", "recover_sparse", "noise_floor",
+           "operator_cv_errors", "shared_fraction", "SHARED_CV_GRID", "SHARED_CV_QUERIES",
            "WORKING_SET_MIN_N", "CHUNK_ELEMENTS", "GAP_TOL", "SOLVERS"]
 
 #: Number of training examples ``n`` from which ``solver="auto"`` uses the working-set solver
@@ -65,6 +66,12 @@ CHUNK_ELEMENTS: int = 1 << 21
 GAP_TOL: float = 1e-7
 
 SOLVERS = ("auto", "reference", "working_set")
+
+#: Fractions of ``lambda_max`` the ``"shared_cv"`` rule chooses from (`shared_fraction`).
+SHARED_CV_GRID: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
+#: Most queries `shared_fraction` cross-validates on (evenly spaced over the batch): bounds its
+#: cost at ``len(SHARED_CV_GRID) * folds`` recoveries of this many queries.
+SHARED_CV_QUERIES: int = 64
 
 _FIRST_SET = 64          # columns in a query's first working set (largest |M^T y|), and least growth
 _NEAR = 0.9              # columns with |X_c^T r| / K > _NEAR * lambda may join a working set
@@ -268,6 +275,78 @@ def noise_floor(
             top = np.asarray(abs(scores).max(axis=1).todense()).reshape(-1)
         floor = np.maximum(floor, top)
     return floor
+
+
+def operator_cv_errors(
+    y: Float[np.ndarray, "q K"],
+    membership: sp.spmatrix,
+    grid: Sequence[float] = SHARED_CV_GRID,
+    folds: int = 5,
+    fit_intercept: bool = True,
+    seed: int = 0,
+    score: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None,
+) -> Float[np.ndarray, "grid folds q"]:
+    """Cross-validated error of the ``"fraction"`` rule at each fraction of ``grid``, over held-out
+    *operators*: the ``K`` subsets are split into ``folds`` folds (seeded), each query is recovered
+    from the other folds' measurements and the fold's measurements are predicted (``M w + c``).
+    ``score(predicted [q, m], measured [q, m]) -> [q]`` defaults to the mean squared error over the
+    fold's operators. Costs ``len(grid) * folds`` recoveries of all ``q`` queries."""
+    y = np.asarray(y, dtype=np.float64)
+    K = y.shape[1]
+    if int(folds) < 2 or int(folds) > K:
+        raise ValueError(f"folds must lie in [2, K={K}], got {folds}")
+    fold = np.random.default_rng(seed).permutation(K) % int(folds)
+    M = sp.csr_matrix(membership, dtype=np.float64)
+    if score is None:
+        score = lambda pred, actual: ((actual - pred) ** 2).mean(axis=1)  # noqa: E731
+    errors = np.zeros((len(grid), int(folds), y.shape[0]))
+    for k in range(int(folds)):
+        train, test = fold != k, fold == k
+        for i, f in enumerate(grid):
+            w, _ = recover(y[:, train], M[train], "fraction", float(f), fit_intercept, progress=False, sparse=True)
+            w = w.astype(np.float64)
+            fitted = np.asarray((M[train] @ w.T).T.todense()) if sp.issparse(w) else (M[train] @ w.T).T
+            c = (y[:, train] - fitted).mean(axis=1, keepdims=True) if fit_intercept else 0.0
+            pred = np.asarray((M[test] @ w.T).T.todense()) + c
+            errors[i, k] = score(pred, y[:, test])
+    return errors
+
+
+def shared_fraction(
+    y: Float[np.ndarray, "q K"],
+    membership: sp.spmatrix,
+    fit_intercept: bool = True,
+    grid: Sequence[float] = SHARED_CV_GRID,
+    folds: int = 5,
+    max_queries: int = SHARED_CV_QUERIES,
+    seed: int = 0,
+) -> tuple[float, dict]:
+    """The ``"shared_cv"`` rule: one fraction of ``lambda_max`` for a batch of queries, chosen from
+    the measurements alone. `operator_cv_errors` on at most ``max_queries`` queries (evenly spaced
+    over the batch), each query's error divided by the variance of its measurements and averaged
+    over queries; the chosen fraction is the largest of ``grid`` whose error is within one standard
+    error (over the folds) of the lowest (the "1-SE" rule). Returns ``(fraction, diagnostics)``:
+    ``grid``, ``errors``, ``standard_errors``, ``queries`` (the indices used).
+
+    The choice depends on the batch (a query's scores can change with the queries recovered
+    with it) and costs ``len(grid) * folds`` recoveries of the sample. Dev evidence (docs/method.md,
+    "Lambda rule"): it improved LDS where ``n > K`` and lost where ``K > n``, where the operators'
+    measurements are best predicted by an almost unpenalised fit."""
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 2 or y.shape[0] == 0:
+        raise ValueError(f"y must be [n_queries >= 1, K], got shape {y.shape}")
+    q = y.shape[0]
+    idx = np.arange(q) if q <= max_queries else np.unique(np.linspace(0, q - 1, int(max_queries)).round().astype(int))
+    sample = y[idx]
+    errors = operator_cv_errors(sample, membership, grid, folds, fit_intercept, seed)
+    scale = sample.var(axis=1) + np.finfo(np.float64).tiny
+    per_fold = (errors / scale[None, None, :]).mean(axis=2)  # [grid, folds]
+    mean = per_fold.mean(axis=1)
+    se = per_fold.std(axis=1, ddof=1) / np.sqrt(per_fold.shape[1])
+    best = int(mean.argmin())
+    fraction = max(float(g) for g, m in zip(grid, mean) if m <= mean[best] + se[best])
+    return fraction, {"grid": [float(g) for g in grid], "errors": mean.tolist(), "standard_errors": se.tolist(),
+                      "queries": idx.tolist()}
 
 
 def recover_sparse(

@@ -24,7 +24,7 @@ from .fitting import FitHistory, OperatorFitter, candidate_seed, fit_candidates
 from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, resolve_max_length
 from .measurement import Metric, measure
 from .operators import SteeringOperators, edit_width, state_bytes
-from .recovery import noise_floor, recover
+from .recovery import noise_floor, recover, shared_fraction
 from .results import Attribution, AttributionCache, check_unique_ids
 
 __all__ = ["Stride", "STATE_FILE", "PartialFitError", "attribute_layers", "find_state_file"]
@@ -550,9 +550,10 @@ class Stride:
                                                        "lambda_fraction": lambda_fraction}.items() if v is not None})
         if isinstance(null_permutations, bool) or not isinstance(null_permutations, int) or null_permutations < 0:
             raise ValueError(f"null_permutations must be an int >= 0 (0: no noise floor), got {null_permutations!r}")
-        y, base, scores, lambdas, floor = self._measure_and_recover(
+        y, base, scores, lambdas, floor, selection = self._measure_and_recover(
             prompts, completions, args, metric=metric, intervention=intervention, progress=progress,
             null_permutations=null_permutations)
+        fraction = selection["fraction"] if selection is not None else args.lambda_fraction
         return Attribution(
             scores=scores,  # kept sparse: at most K non-zeros per query
 
@@ -560,7 +561,8 @@ class Stride:
             train_ids=self.train_ids,
             query_texts=[p + c for p, c in zip(prompts, completions)],
             train_texts=self.train_texts,
-            provenance=self.provenance(lambda_rule=args.lambda_rule, lambda_fraction=args.lambda_fraction,
+            provenance=self.provenance(lambda_rule=args.lambda_rule, lambda_fraction=fraction,
+                                       lambda_selection=selection,
                                        lambdas=lambdas.tolist(), metric=getattr(metric, "__name__", "custom")
                                        if metric is not None else "negative_completion_loss",
                                        base_metric=base.tolist(), patched=intervention is not None,
@@ -570,11 +572,14 @@ class Stride:
 
     def _measure_and_recover(self, prompts: list[str], completions: list[str], args: StrideArguments, *,
                              metric: Optional[Metric], intervention: Any, progress: bool,
-                             null_permutations: int) -> tuple[torch.Tensor, torch.Tensor, Any, np.ndarray, Any]:
-        """Measurements ``y [q, K]``, base metric ``[q]``, sparse scores ``[q, n]``, lambdas ``[q]``
-        and noise floor (list or ``None``) of the queries. Under torch.distributed (local models)
-        each rank measures and recovers its share of the queries (`distributed.local_indices`) and
-        the rows are gathered, in order, on every rank: the single-process result."""
+                             null_permutations: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, Any, np.ndarray, Any, Optional[dict]]:
+        """Measurements ``y [q, K]``, base metric ``[q]``, sparse scores ``[q, n]``, lambdas ``[q]``,
+        noise floor (list or ``None``) of the queries, and the ``"shared_cv"`` rule's choice
+        (``{"fraction", ...diagnostics}``; ``None`` under the other rules). Under torch.distributed
+        (local models) each rank measures and recovers its share of the queries
+        (`distributed.local_indices`) and the rows are gathered, in order, on every rank: the
+        single-process result (``"shared_cv"`` chooses its fraction from every rank's measurements)."""
         rank, world = distributed.rank_and_world()
         if world > 1 and len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: give one completion per "
@@ -582,23 +587,34 @@ class Stride:
         local = distributed.local_indices(len(prompts)) if world > 1 and not self.remote else \
             np.arange(len(prompts), dtype=np.int64)
         K = self.args.n_subsets
+        mine = world > 1 and not self.remote
         if len(local):
-            mine = world > 1 and not self.remote
             y, base = self.measure([prompts[i] for i in local] if mine else prompts,
                                    [completions[i] for i in local] if mine else completions, metric=metric,
                                    intervention=intervention, progress=progress and rank == 0)
-            scores, lambdas = recover(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
-                                      args.fit_intercept, progress=progress and rank == 0, seed=args.seed,
-                                      sparse=True)
-            floor = noise_floor(y.numpy(), self.design.membership, args.lambda_rule, args.lambda_fraction,
-                                args.fit_intercept, n_permutations=null_permutations, seed=args.seed,
-                                query_index=local) if null_permutations else None
         else:  # more processes than queries
             y, base = torch.zeros(0, K), torch.zeros(0)
+        rule, fraction, selection = args.lambda_rule, args.lambda_fraction, None
+        if rule == "shared_cv" and len(prompts):  # one fraction, from every rank's measurements
+            everyone = y.numpy()
+            if mine:
+                everyone = np.stack(distributed.assemble_rows(
+                    distributed.all_gather_objects((local, list(y.numpy()))), len(prompts)))
+            fraction, diagnostics = shared_fraction(everyone, self.design.membership, args.fit_intercept,
+                                                    seed=args.seed)
+            rule, selection = "fraction", {"fraction": fraction, **diagnostics}
+        if len(local):
+            scores, lambdas = recover(y.numpy(), self.design.membership, rule, fraction,
+                                      args.fit_intercept, progress=progress and rank == 0, seed=args.seed,
+                                      sparse=True)
+            floor = noise_floor(y.numpy(), self.design.membership, rule, fraction,
+                                args.fit_intercept, n_permutations=null_permutations, seed=args.seed,
+                                query_index=local) if null_permutations else None
+        else:
             scores, lambdas = sp.csr_matrix((0, len(self.train_texts)), dtype=np.float32), np.zeros(0)
             floor = np.zeros(0) if null_permutations else None
         if world == 1 or self.remote:
-            return y, base, scores, lambdas, (floor.tolist() if floor is not None else None)
+            return y, base, scores, lambdas, (floor.tolist() if floor is not None else None), selection
         # one gather of per-query rows (measurements, base, scores, lambda, floor), put back in order
         rows = [(y[i], base[i], scores[i], lambdas[i], None if floor is None else floor[i]) for i in range(len(local))]
         q = len(prompts)
@@ -607,7 +623,7 @@ class Stride:
             ys, bases, score_rows, lams, floors = zip(*gathered)
             y, base, scores = torch.stack(ys), torch.stack(bases), sp.vstack(score_rows, format="csr")
             lambdas, floor = np.asarray(lams), (np.asarray(floors) if null_permutations else None)
-        return y, base, scores, lambdas, (floor.tolist() if floor is not None else None)
+        return y, base, scores, lambdas, (floor.tolist() if floor is not None else None), selection
 
     # ----------------------------------------------------------------- steer
     def steer(self, operator: Any, scale: float = 1.0) -> Any:

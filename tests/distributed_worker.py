@@ -55,6 +55,9 @@ def main() -> None:
     if rank == 0:
         stride.save(out / "stride.json")
     attr.save(out / f"attr-rank{rank}.json")
+    # the "shared_cv" rule chooses one fraction from every rank's measurements
+    stride.attribute(job["prompts"], job["completions"], progress=False, lambda_rule="shared_cv",
+                     null_permutations=0).save(out / f"shared-rank{rank}.json")
     distributed.shutdown()
 
 

@@ -32,3 +32,35 @@ def test_report_gives_both_paired_intervals():
     assert f"[{lo:+.3f}, {hi:+.3f}]" in table.splitlines()[-1]
     assert table.splitlines()[2].split("|")[6].strip() == "-"  # the baseline row has no difference to test
     assert parse_variant('sampling="document",fit_passes=6') == {"sampling": "document", "fit_passes": 6}
+
+
+def _design(K=120, n=300, d=4, seed=0):
+    from stride_nnsight.design import SubsetDesign
+
+    return SubsetDesign(n, K, d, seed=seed).membership
+
+
+def test_lambda_rules_read_the_noise_from_the_measurements():
+    """benchmarks.lambda_rules' data-driven rules: pure noise gets the largest fraction of the grid
+    (nothing to fit), a strong sparse signal a small one; a uniform fraction is `recover`'s."""
+    import scipy.sparse as sp
+
+    from benchmarks.lambda_rules import FRACTION_GRID, cvpool_fraction, cvquery_fractions, noise_fractions, \
+        recover_fractions
+    from stride_nnsight.recovery import recover
+
+    M = _design()
+    rng = np.random.default_rng(1)
+    q, n = 6, M.shape[1]
+    w = np.zeros((q, n))
+    for i in range(q):
+        w[i, rng.choice(n, 3, replace=False)] = rng.uniform(2, 4, 3)
+    signal = (sp.csr_matrix(M) @ w.T).T + 0.05 * rng.normal(size=(q, M.shape[0]))
+    noise = rng.normal(size=(q, M.shape[0]))
+    assert cvpool_fraction(noise, M)[0] == max(FRACTION_GRID)
+    assert cvpool_fraction(signal, M)[0] <= 0.2
+    assert (cvquery_fractions(noise, M, one_se=True) >= 0.5).all()
+    assert (cvquery_fractions(signal, M, one_se=False) <= 0.2).all()
+    assert noise_fractions(noise, M, 1.0).mean() > 0.8 > 0.3 > noise_fractions(signal, M, 1.0).mean()
+    uniform, _ = recover(signal, M, "fraction", 0.3, True, progress=False)
+    np.testing.assert_allclose(recover_fractions(signal, M, np.full(q, 0.3)), uniform)

@@ -102,6 +102,18 @@ def test_sharded_attribution_equals_one_process_on_every_rank(job, two_processes
         np.testing.assert_allclose(attr.noise_floor.numpy(), ref.noise_floor.numpy(), rtol=1e-3, atol=1e-6)
 
 
+def test_shared_cv_fraction_is_chosen_from_every_rank(job, two_processes):
+    """Under two processes ``lambda_rule="shared_cv"`` chooses the fraction from all the queries'
+    measurements (gathered), so both ranks use the single-process fraction and scores."""
+    out, _ = two_processes
+    ref = job["ref"].attribute(PROMPTS, COMPLETIONS, progress=False, lambda_rule="shared_cv", null_permutations=0)
+    for rank in range(2):
+        attr = Attribution.load(out / f"shared-rank{rank}.json")
+        assert attr.provenance["lambda_fraction"] == ref.provenance["lambda_fraction"]
+        assert attr.provenance["lambda_selection"]["queries"] == list(range(len(PROMPTS)))
+        np.testing.assert_allclose(attr.scores.numpy(), ref.scores.numpy(), atol=1e-4)
+
+
 def test_sharded_recovery_is_the_single_process_recovery(job):
     """Same fitted operators, queries split by hand as two ranks would: identical rows."""
     stride, ref = job["ref"], job["attr"]
@@ -109,7 +121,7 @@ def test_sharded_recovery_is_the_single_process_recovery(job):
     parts = []
     for rank in range(2):
         idx = distributed.local_indices(len(PROMPTS), rank, 2)
-        y, base, scores, lambdas, floor = stride.__class__._measure_and_recover(
+        y, base, scores, lambdas, floor, _ = stride.__class__._measure_and_recover(
             stride, [PROMPTS[i] for i in idx], [COMPLETIONS[i] for i in idx], args, metric=None,
             intervention=None, progress=False, null_permutations=8)
         parts.append((idx, scores, floor))

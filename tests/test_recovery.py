@@ -285,3 +285,33 @@ def test_scaling_benchmark_default_K_is_the_library_default_for_each_n():
     assert (1_000_000, 512) in pairs and (100, 200) in pairs  # min(512, n d / 2)
     cfg, _ = parse_args(["--n", "1000", "--K", "256"])
     assert (1000, 256) in rows_to_run(cfg)
+
+
+def test_shared_fraction_reads_the_noise_and_samples_big_batches():
+    """The ``"shared_cv"`` rule: pure noise gets the grid's largest fraction (nothing generalises
+    to held-out operators), a strong planted signal a small one; the 1-SE choice is the largest
+    fraction within one standard error of the lowest error; big batches use an even sample."""
+    from stride_nnsight.recovery import SHARED_CV_GRID, operator_cv_errors, shared_fraction
+
+    qs = [planted(n=300, K=120, d=4, k=3, noise=0.02, seed=s) for s in range(4)]
+    M = qs[0][0]
+    signal = np.stack([M @ w + 0.02 * np.random.default_rng(s).standard_normal(120) for s, (_, w, _, _) in
+                       enumerate(qs)])
+    noise = np.random.default_rng(9).standard_normal((4, 120))
+    f_noise, diag = shared_fraction(noise, M)
+    assert f_noise == max(SHARED_CV_GRID)
+    f_signal, diag = shared_fraction(signal, M)
+    assert f_signal <= 0.2
+    errors, se = np.array(diag["errors"]), np.array(diag["standard_errors"])
+    best = errors.argmin()
+    within = [g for g, e in zip(SHARED_CV_GRID, errors) if e <= errors[best] + se[best]]
+    assert f_signal == max(within) and diag["queries"] == [0, 1, 2, 3]
+    # the errors are the held-out operators' squared errors, normalised per query
+    raw = operator_cv_errors(signal, M)
+    assert raw.shape == (len(SHARED_CV_GRID), 5, 4)
+    np.testing.assert_allclose(errors, (raw / (signal.var(axis=1) + np.finfo(float).tiny)).mean(axis=2).mean(axis=1))
+    big = np.repeat(signal, 50, axis=0)  # 200 queries
+    assert shared_fraction(big, M, max_queries=8)[1]["queries"] == np.unique(
+        np.linspace(0, 199, 8).round().astype(int)).tolist()
+    with pytest.raises(ValueError, match="folds"):
+        operator_cv_errors(signal, M, folds=1)

@@ -306,3 +306,28 @@ def test_state_cap_lowers_rank_and_leaves_rare_tokens_unedited(tiny_model, small
     explicit.fit(small_texts[:12], progress=False)
     assert (explicit.args.rank, explicit.args.logit_columns) == (3, None)
 
+
+
+def test_shared_cv_rule_is_the_fraction_rule_at_the_chosen_fraction(fitted, tmp_path):
+    """``lambda_rule="shared_cv"`` picks one fraction for the batch (recorded with its diagnostics)
+    and the scores and noise floor are exactly those of ``"fraction"`` at that fraction."""
+    import numpy as np
+
+    from stride_nnsight.recovery import SHARED_CV_GRID, shared_fraction
+
+    prompts, completions = ["the cat sat", "a dog", "the bird"], [" on the mat.", " ran", " flew away."]
+    shared = fitted.attribute(prompts, completions, lambda_rule="shared_cv", progress=False)
+    p = shared.provenance
+    assert p["lambda_rule"] == "shared_cv" and p["lambda_fraction"] in SHARED_CV_GRID
+    assert p["lambda_selection"]["fraction"] == p["lambda_fraction"]
+    expected, _ = shared_fraction(shared.measurements.numpy(), fitted.design.membership, fitted.args.fit_intercept,
+                                  seed=fitted.args.seed)
+    assert p["lambda_fraction"] == expected
+    plain = fitted.attribute(prompts, completions, lambda_fraction=p["lambda_fraction"], progress=False)
+    np.testing.assert_array_equal(shared.scores.numpy(), plain.scores.numpy())
+    assert shared.noise_floor.tolist() == plain.noise_floor.tolist()
+    assert plain.provenance["lambda_selection"] is None
+    shared.save(tmp_path / "shared.json")
+    assert Attribution.load(tmp_path / "shared.json").provenance["lambda_selection"] == p["lambda_selection"]
+    with pytest.raises(ValueError, match="lambda_rule must be one of"):
+        StrideArguments(lambda_rule="bic")
