@@ -64,3 +64,11 @@ def test_lambda_rules_read_the_noise_from_the_measurements():
     assert noise_fractions(noise, M, 1.0).mean() > 0.8 > 0.3 > noise_fractions(signal, M, 1.0).mean()
     uniform, _ = recover(signal, M, "fraction", 0.3, True, progress=False)
     np.testing.assert_allclose(recover_fractions(signal, M, np.full(q, 0.3)), uniform)
+
+
+def test_shared_cv_cost_prints_both_timings(capsys):
+    from benchmarks.shared_cv_cost import main
+
+    main(["3000"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("n=3000")][0]
+    assert "fraction recovery of 64 queries" in line and "shared_cv selection" in line and "-> fraction 0." in line
