@@ -258,9 +258,9 @@ def _ekfac_factor_bytes(model: torch.nn.Module, head: bool = False) -> int:
     ``+ in + out``."""
     total = 0
     out_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = None if head else out_head
+    skipped = None if head else out_head  # the module left out of the count (none when the head is tracked)
     for m in model.modules():
-        if m is head:
+        if m is skipped:
             continue
         if type(m).__name__ == "Conv1D":
             i, o = m.weight.shape

@@ -64,7 +64,7 @@ def edit_width(placement: str, d_model: int, vocab_size: int) -> int:
 def frequency_columns(counts: torch.Tensor, columns: int, seed: int = 0, rest: str = "unedited") -> torch.Tensor:
     """The logits placement's column of each vocabulary entry when the coefficients have
     ``columns = H`` columns for a vocabulary of ``V > H``: ``counts [V]`` (how often each token
-    occurs in the training corpus; `Stride.fit` counts every kept token) -> ``column_of [V]`` long.
+    occurs in the training corpus; `Stride.fit` counts the predicted tokens, BOS excluded) -> ``column_of [V]`` long.
 
     ``rest="unedited"`` (what fits use): the ``H`` most frequent tokens (ties: lower id first) get
     a column of their own; every other token maps to ``H``, a column that is always zero, so the

@@ -363,12 +363,13 @@ class Stride:
                     "layers path": getattr(self.backend, "layers_path", None)}
         tokens = self._encode_train()
         if self.operators.column_of is not None:  # more vocabulary than coefficient columns: by frequency
-            counts = torch.bincount(tokens.input_ids[tokens.attention_mask.bool()].reshape(-1).cpu(),
+            # of the tokens the fit predicts (targets: BOS and padding are never predicted)
+            counts = torch.bincount(tokens.input_ids[tokens.loss_mask.bool()].reshape(-1).cpu(),
                                     minlength=self.backend.vocab_size)[: self.backend.vocab_size]
             self.operators.assign_columns(counts, self.args.seed)
             edited = float(counts[self.operators.edited_tokens().cpu()].sum()) / max(1.0, float(counts.sum()))
             if capped is not None:
-                capped += f". The edited tokens cover {edited:.2%} of the corpus's tokens"
+                capped += f". The edited tokens cover {edited:.2%} of the corpus's target tokens"
         if capped is not None:
             warnings.warn(capped, stacklevel=2)
         with contextlib.ExitStack() as stack:

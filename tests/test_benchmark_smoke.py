@@ -179,3 +179,13 @@ def test_ekfac_damping_dev_split_alternates_within_each_kind():
     dev = dev_split(kinds)
     assert dev.tolist() == [True, False, True, True, False, True, False]
     assert None in GRID and len(set(GRID)) == len(GRID)
+
+
+def test_ekfac_factor_bytes_counts_the_output_head_only_when_tracked(tiny_hf_model):
+    from benchmarks.methods import _ekfac_factor_bytes
+
+    head = tiny_hf_model.get_output_embeddings()
+    o, i = head.weight.shape
+    i += 1 if head.bias is not None else 0
+    without, with_head = _ekfac_factor_bytes(tiny_hf_model), _ekfac_factor_bytes(tiny_hf_model, head=True)
+    assert with_head - without == 4 * (i * i + o * o + i * o + i + o) and without > 0

@@ -331,3 +331,19 @@ def test_shared_cv_rule_is_the_fraction_rule_at_the_chosen_fraction(fitted, tmp_
     assert Attribution.load(tmp_path / "shared.json").provenance["lambda_selection"] == p["lambda_selection"]
     with pytest.raises(ValueError, match="lambda_rule must be one of"):
         StrideArguments(lambda_rule="bic")
+
+
+def test_logit_columns_go_to_the_most_frequent_predicted_tokens(tiny_model, small_texts):
+    """With fewer columns than tokens, the columns go to the tokens the fit predicts most often:
+    BOS opens every document but is never a target, so it takes no column."""
+    stride = Stride(tiny_model, layer=1, n_subsets=8, subsets_per_example=2, steps=2, batch_size=8, seed=0,
+                    logit_columns=16).fit(small_texts[:12], progress=False)
+    V = stride.backend.vocab_size
+    tokens = stride._encode_train()
+    targets = torch.bincount(tokens.input_ids[tokens.loss_mask.bool()], minlength=V)[:V]
+    kept = stride.operators.column_of < 16
+    assert int(kept.sum()) == 16
+    assert int(targets[kept].min()) >= int(targets[~kept].max()) > 0
+    bos = stride.backend.tokenizer.bos_token_id
+    assert bos is not None and int(targets[bos]) == 0 and not bool(kept[bos])
+
