@@ -72,3 +72,24 @@ def test_shared_cv_cost_prints_both_timings(capsys):
     main(["3000"])
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("n=3000")][0]
     assert "fraction recovery of 64 queries" in line and "shared_cv selection" in line and "-> fraction 0." in line
+
+
+def test_token_weighted_metric_reduces_to_the_default_and_weights_rare_tokens(tiny_tokenizer):
+    import torch
+
+    from benchmarks.token_weights import idf_weights, weighted_metric
+    from stride_nnsight.inputs import TokenBatch
+    from stride_nnsight.measurement import negative_completion_loss
+
+    docs = ["the cat sat on the mat", "the dog ran", "the bird sang"]
+    V = tiny_tokenizer.vocab_size
+    w = idf_weights(tiny_tokenizer, docs, V)
+    the, cat = tiny_tokenizer("the")["input_ids"][-1], tiny_tokenizer(" cat")["input_ids"][-1]
+    assert float(w[the]) < float(w[cat])  # "the" is in every document
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (2, 6), generator=g)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    batch = TokenBatch(ids, torch.ones_like(ids), mask)
+    logits = torch.randn(2, 6, V, generator=g)
+    torch.testing.assert_close(weighted_metric(w, 0.0)(logits, batch), negative_completion_loss(logits, batch))
+    assert not torch.allclose(weighted_metric(w, 2.0)(logits, batch), negative_completion_loss(logits, batch))

@@ -251,8 +251,8 @@ def test_logit_columns_fit_save_and_load(tiny_model, small_texts, tmp_path):
     stride = Stride(tiny_model, logit_columns=64, **settings).fit(small_texts[:12], progress=False)
     V = stride.backend.vocab_size
     assert V > 64 and stride.operators.coefficients.shape == (8, 4, 64)
-    counts = torch.bincount(stride._encode_train().input_ids[stride._encode_train().attention_mask.bool()],
-                            minlength=V)
+    tokens = stride._encode_train()
+    counts = torch.bincount(tokens.input_ids[tokens.loss_mask.bool()], minlength=V)  # predicted tokens
     order = counts.argsort(descending=True, stable=True)
     assert torch.equal(stride.operators.column_of[order[:64]], torch.arange(64))  # the 64 most frequent: own columns
     assert bool((stride.operators.column_of[order[64:]] == 64).all())           # the rest: unedited
