@@ -304,10 +304,9 @@ def operator_cv_errors(
         train, test = fold != k, fold == k
         for i, f in enumerate(grid):
             w, _ = recover(y[:, train], M[train], "fraction", float(f), fit_intercept, progress=False, sparse=True)
-            w = w.astype(np.float64)
-            fitted = np.asarray((M[train] @ w.T).T.todense()) if sp.issparse(w) else (M[train] @ w.T).T
-            c = (y[:, train] - fitted).mean(axis=1, keepdims=True) if fit_intercept else 0.0
-            pred = np.asarray((M[test] @ w.T).T.todense()) + c
+            w = w.astype(np.float64)  # sparse [q, n]
+            c = (y[:, train] - (M[train] @ w.T).T.toarray()).mean(axis=1, keepdims=True) if fit_intercept else 0.0
+            pred = (M[test] @ w.T).T.toarray() + c
             errors[i, k] = score(pred, y[:, test])
     return errors
 
