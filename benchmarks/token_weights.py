@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_settings import BENCHES, load_bench, report  # noqa: E402
 from stride_nnsight.evaluation import fact_tracing, lds  # noqa: E402
+from stride_nnsight.operators import token_nll  # noqa: E402
 
 
 def idf_weights(tokenizer, documents, vocab_size: int) -> torch.Tensor:
@@ -41,11 +42,9 @@ def idf_weights(tokenizer, documents, vocab_size: int) -> torch.Tensor:
 def weighted_metric(weights: torch.Tensor, power: float):
     """``-sum_t w_t nll_t / sum_t w_t`` over the completion tokens, ``w_t = weights[target_t] ** power``."""
     def metric(logits, batch):
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = batch.input_ids[:, 1:]
-        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        w = weights.to(nll.device)[target] ** power * batch.loss_mask[:, 1:].to(nll.dtype)
-        return -(nll * w).sum(-1) / w.sum(-1).clamp(min=1e-12)
+        # token_nll averages over a per-token mask; a weighted mask gives the weighted mean
+        w = weights.to(batch.input_ids.device)[batch.input_ids] ** power * batch.loss_mask.float()
+        return -token_nll(logits, batch.input_ids, w)
     metric.__name__ = f"idf^{power:g}_weighted_completion_loss"
     return metric
 
