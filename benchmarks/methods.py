@@ -50,7 +50,7 @@ EKFAC_TUNED_DAMPING = 1e-9
 EKFAC_HEAD_MODULES = ("*",)
 EKFAC_HEAD_DAMPING = None
 
-BASELINES = ("random", "bm25", "representation", "gradient_dot", "gradient_cosine", "gradient_dot_store",
+BASELINES = ("random", "bm25", "bm25_completion", "representation", "gradient_dot", "gradient_cosine", "gradient_dot_store",
              "trak", "ekfac", "ekfac_tuned", "ekfac_head")
 
 
@@ -186,8 +186,9 @@ def run_baseline(name: str, setting, lm, single: bool = True, log=print) -> Meth
         res.scores, res.batch_s, res.peak_query_bytes = call(fn)
         res.single_s = single_call(fn)
         res.state_bytes, res.state_note = 0, "none"
-    elif name == "bm25":
-        fn = lambda p, c: baselines.bm25(docs, p, c)  # noqa: E731
+    elif name in ("bm25", "bm25_completion"):
+        part = "completion" if name == "bm25_completion" else "prompt+completion"
+        fn = lambda p, c: baselines.bm25(docs, p, c, query=part)  # noqa: E731
         res.scores, res.batch_s, res.peak_query_bytes = call(fn)
         res.single_s = single_call(fn) if single else float("nan")
         res.state_bytes, res.state_note = sum(len(d.encode()) for d in docs), "the corpus text (index rebuilt per call)"

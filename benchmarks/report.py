@@ -18,6 +18,7 @@ LAST_SUMMARY: dict[str, Any] = {}
 LABELS = {
     "random": "random scores",
     "bm25": "BM25",
+    "bm25_completion": "BM25, completion only",
     "representation": "representation similarity",
     "gradient_dot": "gradient dot (TracIn, 1 ckpt)",
     "gradient_cosine": "gradient cosine",
@@ -28,6 +29,8 @@ LABELS = {
     "ekfac_head": "EK-FAC, output head tracked (chosen on the dev half)",
     "stride": "**STRIDE (defaults)**",
 }
+#: Baselines that score by similarity, no gradients: STRIDE must beat them strictly (the two BM25 query variants first).
+SIMILARITY = ("bm25", "bm25_completion", "representation")
 GRADIENT_METHODS = ("gradient_dot", "gradient_cosine", "trak", "ekfac", "ekfac_tuned", "ekfac_head")
 _SHORT = {"n_subsets": "K", "subsets_per_example": "d"}
 
@@ -286,7 +289,7 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
             b = rows["ekfac"]["m"]["lds"]
             w(f"| STRIDE LDS >= EK-FAC | {s_l['mean']:.3f} vs {b['mean']:.3f}{_paired(s_l, b)} | "
               f"{lds_verdict(s_l, b)} |")
-        for other in ("bm25", "representation"):
+        for other in SIMILARITY:
             if other in rows:
                 b = rows[other]["m"]["lds"]
                 w(f"| STRIDE LDS > {LABELS[other]} | {s_l['mean']:.3f} vs {b['mean']:.3f}{_paired(s_l, b)} | "
@@ -311,7 +314,7 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
         w("")
         w("Fact tracing (recall@10 / MRR): " + "; ".join(
             f"{LABELS[k].strip('*')} {_f(rows[k]['m']['recall@10'])} / {_f(rows[k]['m']['mrr'])}"
-            for k in ("stride", "bm25", "ekfac", "gradient_dot") if k in rows) + ".")
+            for k in ("stride", "bm25", "bm25_completion", "ekfac", "gradient_dot") if k in rows) + ".")
         w("")
         x = sr.extra
         used_k = (x.get("args") or {}).get("n_subsets")
@@ -554,7 +557,7 @@ def _shortfalls(rows, ab_rows, lambdas, lam_m, a, n, Q) -> str:
     lines = ["### Where STRIDE falls short, and why", ""]
     grad = {k: rows[k] for k in GRADIENT_METHODS if k in rows}
     bar_name = max(grad, key=lambda k: grad[k]["m"]["lds"]["mean"]) if grad else None
-    bars = [rows[k]["m"]["lds"]["mean"] for k in ("bm25", "representation") if k in rows]
+    bars = [rows[k]["m"]["lds"]["mean"] for k in SIMILARITY if k in rows]
     if bar_name:
         bars.append(grad[bar_name]["m"]["lds"]["mean"])
     short_lds = bars and s_lds < max(bars)
@@ -569,11 +572,11 @@ def _shortfalls(rows, ab_rows, lambdas, lam_m, a, n, Q) -> str:
 
         msg = (f"- **Attribution quality.** With the library defaults STRIDE's LDS is {s_lds:.3f}"
                + (f", below {below(bar_name)}" if bar_name and grad[bar_name]["m"]["lds"]["mean"] > s_lds else "")
-               + (f" and {below('bm25')}" if "bm25" in rows and rows["bm25"]["m"]["lds"]["mean"] > s_lds else "")
+               + "".join(f" and {below(k)}" for k in SIMILARITY[:2] if k in rows and rows[k]["m"]["lds"]["mean"] > s_lds)
                + ".")
         if best is not None and best[2] is not s["res"]:
             b = best[3]
-            reach = [LABELS[k].strip("*") for k in ("bm25", "representation", bar_name)
+            reach = [LABELS[k].strip("*") for k in (*SIMILARITY, bar_name)
                      if k and k in rows and b["lds"]["mean"] > rows[k]["m"]["lds"]["mean"]]
             msg += (f" The best variant measured, `{best[0]}`, reaches {b['lds']['mean']:.3f} "
                     f"(fact {b['lds_fact']['mean']:.3f}, text {b['lds_text']['mean']:.3f}, recall@10 "
@@ -783,11 +786,11 @@ def _confirmation_section(confirmation: dict, plan, default_args: dict, main_row
         w("")
         w("| target | measured | verdict |")
         w("|---|---|---|")
-        others = ([best_grad] if best_grad else []) + [k for k in ("ekfac", "bm25", "representation")
+        others = ([best_grad] if best_grad else []) + [k for k in ("ekfac", *SIMILARITY)
                                                        if k in rows and k != best_grad]
         for k in others:
             b = rows[k]["m"]["lds"]
-            strict = k in ("bm25", "representation")
+            strict = k in SIMILARITY
             label = LABELS[k] + (" (best gradient method here)" if k == best_grad else "")
             w(f"| STRIDE LDS {'>' if strict else '>='} {label} | {s_l['mean']:.3f} vs {b['mean']:.3f} "
               f"(difference {s_l['mean'] - b['mean']:+.3f}{_paired(s_l, b)}) | {lds_verdict(s_l, b)} |")

@@ -1,8 +1,9 @@
 """``python -m benchmarks.token_weights``: measure the completion loss with rare tokens weighted up.
 
 `benchmarks.measurement_overlap` found the dev twin's measurements following the *raw* overlap
-of a completion's tokens with a subset's documents, not BM25's IDF-weighted overlap, which is
-what the retraining ground truth follows on scripture. This compares, from one default fit per
+of a completion's tokens with a subset's documents, not BM25's IDF-weighted overlap; the reading
+then was that the retraining ground truth follows the latter on scripture (it does not:
+`benchmarks.recovery_ceiling` finds raw completion overlap the better scorer there). This compares, from one default fit per
 bench, the default metric (mean completion NLL) with the same NLL weighted per target token by
 ``idf(t) ** p`` (``idf = log((N + 1) / (df + 1)) + 1`` over the training documents, ``df`` the
 number of documents holding token ``t``) as the metric the operators are measured with

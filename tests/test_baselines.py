@@ -166,6 +166,21 @@ def test_bm25_exact_ranking_on_hand_case():
     assert attr.query_texts == ["APPLE cherry?"]
 
 
+def test_bm25_query_part_reads_only_that_text():
+    docs = ["Apple pie recipe: apples, sugar.", "A cherry tree.", "Apple and cherry; apple, cherry!", "apple",
+            "Dates and figs.", "Some bread."]
+    completion = B.bm25(docs, ["APPLE"], [" cherry?"], query="completion")
+    assert torch.allclose(completion.scores[0].double(), _bm25_by_hand(docs, " cherry?").double(), atol=1e-5)
+    assert completion.provenance["query"] == "completion" and completion.query_texts == [" cherry?"]
+    prompt = B.bm25(docs, ["APPLE"], [" cherry?"], query="prompt")
+    assert torch.allclose(prompt.scores[0].double(), _bm25_by_hand(docs, "APPLE").double(), atol=1e-5)
+    assert B.bm25(docs, ["APPLE"], [" cherry?"]).provenance["query"] == "prompt+completion"
+    with pytest.raises(ValueError, match="query='both' is not one of"):
+        B.bm25(docs, ["APPLE"], [" cherry?"], query="both")
+    with pytest.raises(ValueError, match="leaves 1 queries without a word.*index 1"):
+        B.bm25(docs, ["APPLE", "cherry"], [" cherry?", " ?!"], query="completion")
+
+
 # -------------------------------------------------------------------- representations
 def test_representation_identical_text_is_max(setting):
     lm, _, _, texts = setting

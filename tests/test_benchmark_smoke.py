@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` lives next to the package, not inside it
     sys.path.insert(0, str(ROOT))
 
-METHODS = ["random", "bm25", "representation", "gradient_dot", "gradient_cosine", "gradient_dot_store", "trak",
+METHODS = ["random", "bm25", "bm25_completion", "representation", "gradient_dot", "gradient_cosine", "gradient_dot_store", "trak",
            "stride"]
 
 
@@ -76,6 +76,7 @@ def test_quick_benchmark_end_to_end(tmp_path, capsys):
         assert lo <= m["lds"] + 1e-9 and m["lds"] <= hi + 1e-9
     # the planted sources are lexically unmistakable: BM25 must find them
     assert summary["methods"]["bm25"]["recall@10"] > 0.5
+    assert summary["methods"]["bm25_completion"]["recall@10"] > 0.5
     stride = summary["methods"]["stride"]
     assert stride["state_bytes"] > 0 and stride["index_s"] > 0
     assert summary["ablations"] and all(math.isfinite(v["lds"]) for v in summary["ablations"].values())

@@ -93,3 +93,49 @@ def test_token_weighted_metric_reduces_to_the_default_and_weights_rare_tokens(ti
     logits = torch.randn(2, 6, V, generator=g)
     torch.testing.assert_close(weighted_metric(w, 0.0)(logits, batch), negative_completion_loss(logits, batch))
     assert not torch.allclose(weighted_metric(w, 2.0)(logits, batch), negative_completion_loss(logits, batch))
+
+
+def test_recovery_ceiling_oracle_and_overlap():
+    """benchmarks.recovery_ceiling: word overlap counts shared word types (IDF-weighted: rare words
+    count more); the oracle measurements are subset sums; a noise-free sparse oracle is recovered
+    on its support by the Lasso, and the dense ridge recovers a dense signal where K >= n."""
+    from benchmarks.recovery_ceiling import completion_overlap, lasso_scores, ridge_scores, subset_sums
+
+    docs = ["the cat sat on the mat", "the dog ran", "a cat and a dog"]
+    ov = completion_overlap(["The cat ran!"], docs)
+    np.testing.assert_array_equal(ov, [[2, 2, 1]])  # {the, cat}, {the, ran}, {cat}
+    idf = completion_overlap(["The cat ran!"], docs, idf=True)
+    assert idf[0, 1] > idf[0, 0]  # "ran" (1 document) outweighs "cat" (2 documents)
+
+    M = _design(K=120, n=300)
+    rng = np.random.default_rng(2)
+    w = np.zeros((2, 300))
+    w[0, [5, 77, 140]] = [3.0, 2.0, 4.0]
+    w[1, [9, 200]] = [2.5, 3.5]
+    y = subset_sums(M, w)
+    np.testing.assert_allclose(y, (M.toarray() @ w.T).T)
+    scores = lasso_scores(y, M, 0.1)
+    assert set(np.flatnonzero(scores[0] > 0.5)) == {5, 77, 140}
+    assert set(np.flatnonzero(scores[1] > 0.5)) == {9, 200}
+
+    M2 = _design(K=240, n=60)
+    dense = rng.normal(size=(1, 60))
+    est = ridge_scores(subset_sums(M2, dense), M2, alpha=1e-6)
+    np.testing.assert_allclose(est - est.mean(), dense - dense.mean(), atol=1e-4)
+
+
+def test_recovery_ceiling_hybrid_scales_both_parts():
+    from benchmarks.recovery_ceiling import hybrid_scores
+
+    lasso = np.array([[0.0, 4.0, 0.0, -4.0], [0.0, 0.0, 0.0, 0.0]])
+    ridge = np.array([[1.0, 1.0, 1.0, 1.0], [2.0, -2.0, 0.0, 0.0]])
+    out = hybrid_scores(lasso, ridge, 0.5)
+    np.testing.assert_allclose(out[0], [0.125, 0.625, 0.125, -0.375])
+    np.testing.assert_allclose(out[1], [0.25, -0.25, 0.0, 0.0])  # an all-zero Lasso row stays zero
+
+
+def test_recovery_ceiling_top_only_keeps_each_rows_largest():
+    from benchmarks.recovery_ceiling import top_only
+
+    s = np.array([[0.1, 3.0, 2.0, 0.5], [5.0, 0.0, 1.0, 4.0]])
+    np.testing.assert_array_equal(top_only(s, 2), [[0.0, 3.0, 2.0, 0.0], [5.0, 0.0, 0.0, 4.0]])

@@ -75,12 +75,12 @@ def test_fact_positions_vary(corpus):
 
 
 def test_quick_pipeline_writes_a_report(tmp_path):
-    from benchmarks.heldout import (EKFAC_HEAD_LABEL, EKFAC_TUNED_LABEL, HELDOUT_QUICK, build_heldout, headline,
-                                   load_results, main)
+    from benchmarks.heldout import (BM25_COMPLETION_LABEL, EKFAC_HEAD_LABEL, EKFAC_TUNED_LABEL, HELDOUT_QUICK,
+                                   build_heldout, headline, load_results, main)
 
     assert main(["--quick", "--jobs", "1", "--cache-dir", str(tmp_path)]) == 0
     text = (tmp_path / "RESULTS-heldout.md").read_text()
-    for name in ("STRIDE (defaults)", "EK-FAC (kronfluence)", EKFAC_TUNED_LABEL, EKFAC_HEAD_LABEL, "BM25"):
+    for name in ("STRIDE (defaults)", "EK-FAC (kronfluence)", EKFAC_TUNED_LABEL, EKFAC_HEAD_LABEL, "BM25", BM25_COMPLETION_LABEL):
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
         values = [float(v) for v in re.findall(r"-?\d+\.\d+", row)[:6]]
         assert len(values) == 6 and all(np.isfinite(values))
@@ -88,10 +88,10 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     # the fragment RESULTS.md leads with: every method, and STRIDE's paired differences with CIs
     out, _ = load_results(build_heldout(HELDOUT_QUICK, tmp_path, log=lambda m: None))
     frag = "\n".join(headline(out))
-    for name in ("STRIDE (defaults)", "EK-FAC (kronfluence)", EKFAC_TUNED_LABEL, EKFAC_HEAD_LABEL, "BM25"):
+    for name in ("STRIDE (defaults)", "EK-FAC (kronfluence)", EKFAC_TUNED_LABEL, EKFAC_HEAD_LABEL, "BM25", BM25_COMPLETION_LABEL):
         assert f"| {name} |" in frag
     paired = [ln for ln in frag.splitlines() if ln.startswith("| ") and "[" in ln]
-    assert len(paired) == 4 and all(ln.count("[") == 4 for ln in paired)
+    assert len(paired) == 5 and all(ln.count("[") == 4 for ln in paired)
     # RESULTS.md's headline section reads the saved results without training anything
     from benchmarks.heldout import saved_results
     from benchmarks.report import _heldout_section
