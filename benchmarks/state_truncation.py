@@ -30,6 +30,20 @@ from stride_nnsight.evaluation import bootstrap_ci, lds  # noqa: E402
 RANKS = (64, 128, 256, 512)
 
 
+def truncation_basis(coefficients: torch.Tensor) -> tuple:
+    """SVD of the ``[K, r, V]`` coefficients read as a ``[K r, V]`` matrix, in float64:
+    ``(U, S, Vh, energy)`` with ``energy[m - 1]`` the share of the squared norm in the top ``m``."""
+    K, r, V = coefficients.shape
+    U, S, Vh = torch.linalg.svd(coefficients.reshape(K * r, V).double(), full_matrices=False)
+    return U, S, Vh, (S ** 2).cumsum(0) / (S ** 2).sum()
+
+
+def truncated(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, m: int, shape: tuple) -> torch.Tensor:
+    """The best rank-``m`` approximation (Eckart-Young) of the matrix `truncation_basis` split,
+    reshaped to the coefficients' ``shape``, float32."""
+    return ((U[:, :m] * S[:m]) @ Vh[:m]).reshape(shape).float()
+
+
 def main() -> None:
     from nnsight import TransformersModel
 
@@ -52,13 +66,12 @@ def main() -> None:
     full = stride.operators.coefficients.detach().clone()
     K, r, V = full.shape
     base = per_query()
-    U, S, Vh = torch.linalg.svd(full.reshape(K * r, V).double(), full_matrices=False)
-    energy = (S ** 2).cumsum(0) / (S ** 2).sum()
+    U, S, Vh, energy = truncation_basis(full)
     rows = ["| state | LDS | LDS fact | LDS text | LDS - full [95% CI, queries] |", "|---|---|---|---|---|",
             line(f"full (K={K}, r={r}, V={V}: matrix rank up to {min(K * r, V)})", base, base)]
     for m in RANKS:
         with torch.no_grad():
-            stride.operators.coefficients.copy_(((U[:, :m] * S[:m]) @ Vh[:m]).reshape(K, r, V).float())
+            stride.operators.coefficients.copy_(truncated(U, S, Vh, m, (K, r, V)))
         rows.append(line(f"best rank {m} (energy {float(energy[m - 1]):.3f})", per_query(), base))
     with torch.no_grad():
         stride.operators.coefficients.copy_(full)

@@ -139,3 +139,21 @@ def test_recovery_ceiling_top_only_keeps_each_rows_largest():
 
     s = np.array([[0.1, 3.0, 2.0, 0.5], [5.0, 0.0, 1.0, 4.0]])
     np.testing.assert_array_equal(top_only(s, 2), [[0.0, 3.0, 2.0, 0.0], [5.0, 0.0, 0.0, 4.0]])
+
+
+def test_state_truncation_is_the_best_low_rank_approximation():
+    import torch
+
+    from benchmarks.state_truncation import truncated, truncation_basis
+
+    g = torch.Generator().manual_seed(0)
+    coef = torch.randn(6, 2, 20, generator=g)                  # K r = 12 rows over V = 20 columns
+    U, S, Vh, energy = truncation_basis(coef)
+    torch.testing.assert_close(truncated(U, S, Vh, 12, coef.shape), coef, atol=1e-5, rtol=1e-5)  # full rank: exact
+    low = truncated(U, S, Vh, 3, coef.shape)
+    assert low.shape == coef.shape and low.dtype == torch.float32
+    assert int(torch.linalg.matrix_rank(low.reshape(12, 20), atol=1e-4)) == 3
+    # Eckart-Young: the residual's squared norm is the energy left outside the top 3
+    residual = float(((coef - low) ** 2).sum() / (coef ** 2).sum())
+    assert abs(residual - (1 - float(energy[2]))) < 1e-5
+    assert abs(float(energy[-1]) - 1.0) < 1e-12
