@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_settings import BENCHES, load_bench  # noqa: E402
+from benchmarks.lambda_rules import recover_fractions  # noqa: E402
 from stride_nnsight.baselines.lexical import word_tokenize  # noqa: E402
 from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds, paired_lds_ci  # noqa: E402
-from stride_nnsight.recovery import recover  # noqa: E402
 
 FRACTIONS = (0.1, 0.3, 0.5)
 RIDGE_ALPHA = 10.0
@@ -88,11 +88,6 @@ def ridge_scores(y: np.ndarray, membership: sp.spmatrix, alpha: float = RIDGE_AL
     Mc = M - M.mean(0, keepdims=True)
     yc = y - y.mean(1, keepdims=True)
     return np.linalg.solve(Mc.T @ Mc + alpha * np.eye(M.shape[1]), Mc.T @ yc.T).T
-
-
-def lasso_scores(y: np.ndarray, membership: sp.spmatrix, fraction: float) -> np.ndarray:
-    scores, _ = recover(y, membership, "fraction", fraction=fraction, progress=False)
-    return np.asarray(scores.todense() if sp.issparse(scores) else scores, dtype=np.float64)
 
 
 def hybrid_scores(lasso: np.ndarray, ridge: np.ndarray, weight: float) -> np.ndarray:
@@ -161,7 +156,7 @@ def main(argv=None) -> None:
     for name, y in sources.items():
         for f in FRACTIONS:
             rows.append(_row(f"{name}, Lasso {f:g}" + (" (default)" if f == 0.3 and reference is None else ""),
-                             lasso_scores(y, M, f), bench))
+                             recover_fractions(y, M, np.full(len(y), f)), bench))
             if f == 0.3 and reference is None:
                 reference = rows[-1]
         ridge = ridge_scores(y, M)

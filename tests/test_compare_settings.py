@@ -99,7 +99,8 @@ def test_recovery_ceiling_oracle_and_overlap():
     """benchmarks.recovery_ceiling: word overlap counts shared word types (IDF-weighted: rare words
     count more); the oracle measurements are subset sums; a noise-free sparse oracle is recovered
     on its support by the Lasso, and the dense ridge recovers a dense signal where K >= n."""
-    from benchmarks.recovery_ceiling import completion_overlap, lasso_scores, ridge_scores, subset_sums
+    from benchmarks.lambda_rules import recover_fractions
+    from benchmarks.recovery_ceiling import completion_overlap, ridge_scores, subset_sums
 
     docs = ["the cat sat on the mat", "the dog ran", "a cat and a dog"]
     ov = completion_overlap(["The cat ran!"], docs)
@@ -114,7 +115,7 @@ def test_recovery_ceiling_oracle_and_overlap():
     w[1, [9, 200]] = [2.5, 3.5]
     y = subset_sums(M, w)
     np.testing.assert_allclose(y, (M.toarray() @ w.T).T)
-    scores = lasso_scores(y, M, 0.1)
+    scores = recover_fractions(y, M, np.full(2, 0.1))
     assert set(np.flatnonzero(scores[0] > 0.5)) == {5, 77, 140}
     assert set(np.flatnonzero(scores[1] > 0.5)) == {9, 200}
 
