@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_settings import BENCHES, load_bench  # noqa: E402
 from benchmarks.lambda_rules import recover_fractions  # noqa: E402
+from benchmarks.recovery_variants import ridge_rows  # noqa: E402
 from stride_nnsight.baselines.lexical import word_tokenize  # noqa: E402
 from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds, paired_lds_ci  # noqa: E402
 
@@ -79,15 +80,6 @@ def top_only(scores: np.ndarray, k: int) -> np.ndarray:
 def subset_sums(membership: sp.spmatrix, signal: np.ndarray) -> np.ndarray:
     """The oracle measurements ``y [q, K]`` of a per-document signal ``[q, n]``: its sum over each subset."""
     return np.asarray((sp.csr_matrix(membership, dtype=np.float64) @ np.asarray(signal, dtype=np.float64).T).T)
-
-
-def ridge_scores(y: np.ndarray, membership: sp.spmatrix, alpha: float = RIDGE_ALPHA) -> np.ndarray:
-    """Dense ridge recovery ``[q, n]``: ``argmin ||y_c - M_c w||^2 + alpha ||w||^2`` on the centred
-    measurements and design (the intercept the Lasso fits, without any sparsity)."""
-    M = sp.csr_matrix(membership, dtype=np.float64).toarray()
-    Mc = M - M.mean(0, keepdims=True)
-    yc = y - y.mean(1, keepdims=True)
-    return np.linalg.solve(Mc.T @ Mc + alpha * np.eye(M.shape[1]), Mc.T @ yc.T).T
 
 
 def hybrid_scores(lasso: np.ndarray, ridge: np.ndarray, weight: float) -> np.ndarray:
@@ -159,7 +151,7 @@ def main(argv=None) -> None:
                              recover_fractions(y, M, np.full(len(y), f)), bench))
             if f == 0.3 and reference is None:
                 reference = rows[-1]
-        ridge = ridge_scores(y, M)
+        ridge = ridge_rows(y, M, RIDGE_ALPHA)
         rows.append(_row(f"{name}, ridge {RIDGE_ALPHA:g}", ridge, bench))
         if name == "STRIDE measurements":
             for c in HYBRID_WEIGHTS:

@@ -100,7 +100,8 @@ def test_recovery_ceiling_oracle_and_overlap():
     count more); the oracle measurements are subset sums; a noise-free sparse oracle is recovered
     on its support by the Lasso, and the dense ridge recovers a dense signal where K >= n."""
     from benchmarks.lambda_rules import recover_fractions
-    from benchmarks.recovery_ceiling import completion_overlap, ridge_scores, subset_sums
+    from benchmarks.recovery_ceiling import completion_overlap, subset_sums
+    from benchmarks.recovery_variants import ridge_rows
 
     docs = ["the cat sat on the mat", "the dog ran", "a cat and a dog"]
     ov = completion_overlap(["The cat ran!"], docs)
@@ -121,7 +122,7 @@ def test_recovery_ceiling_oracle_and_overlap():
 
     M2 = _design(K=240, n=60)
     dense = rng.normal(size=(1, 60))
-    est = ridge_scores(subset_sums(M2, dense), M2, alpha=1e-6)
+    est = ridge_rows(subset_sums(M2, dense), M2, 1e-6)
     np.testing.assert_allclose(est - est.mean(), dense - dense.mean(), atol=1e-4)
 
 
