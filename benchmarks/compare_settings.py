@@ -20,6 +20,10 @@ Benchmarks (``--bench``):
 * ``public``: the bundled public benchmark (``benchmarks.setting.FULL``: 2,000 documents, 80 fact
   and text queries, LDS from 32 retrained models), its model and ground truth from the
   benchmark cache (built on first use: slow).
+* ``public-half``: the same recipe at half the corpus (``benchmarks.setting.HALF``: 840 real-text
+  documents instead of 1,840, the same 80 planted facts and query recipe: 1,000 documents), with
+  its own model and 32 retrains: the public benchmark at a second corpus size, for how K, d and
+  the steps should grow with n.
 
 Besides ``StrideArguments`` settings a variant may set ``model_dtype`` (``"bfloat16"`` or
 ``"float16"``): the frozen model is a copy cast to that dtype (the operators stay float32),
@@ -80,11 +84,13 @@ def gate_bench(seed: int) -> dict[str, Any]:
             "sources": corpus.sources, "stride_kwargs": {}}
 
 
-def public_bench() -> dict[str, Any]:
-    from benchmarks.setting import FULL, build_setting, ground_truth
+def public_bench(half: bool = False) -> dict[str, Any]:
+    """The public benchmark (``FULL``), or with ``half`` the same recipe at 1,000 documents (``HALF``)."""
+    from benchmarks.setting import FULL, HALF, build_setting, ground_truth
 
-    setting = build_setting(FULL, log=lambda m: print(m, flush=True))
-    return _setting_bench(setting, ground_truth(setting, progress=True), {"max_length": FULL.max_length})
+    config = HALF if half else FULL
+    setting = build_setting(config, log=lambda m: print(m, flush=True))
+    return _setting_bench(setting, ground_truth(setting, progress=True), {"max_length": config.max_length})
 
 
 def _setting_bench(setting, truth, stride_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -186,15 +192,15 @@ def report(rows: list[dict[str, Any]], n_boot: int = 1000) -> str:
     return "\n".join(lines)
 
 
-BENCHES = ("gate", "gate1", "public", "heldout-dev")
+BENCHES = ("gate", "gate1", "public", "public-half", "heldout-dev")
 
 
 def load_bench(name: str) -> dict[str, Any]:
     """The dev benchmark ``name`` (one of `BENCHES`, module docstring) in the form `run` reads."""
     import test_quality_gate as gate
 
-    if name == "public":
-        return public_bench()
+    if name in ("public", "public-half"):
+        return public_bench(half=name == "public-half")
     if name == "heldout-dev":
         return heldout_dev_bench()
     if name in ("gate", "gate1"):

@@ -241,6 +241,7 @@ def query_costs(backend: Any, texts: TokenBatch, cfg: CostConfig) -> dict[str, A
     from stride_nnsight.activations import head_function
     from stride_nnsight.measurement import measure
     from stride_nnsight.recovery import recover
+    from stride_nnsight.token_component import add_token_component, completion_tokens, token_presence
 
     queries = query_batch(texts, cfg.n_queries)
     layer = backend.check_layer(-2)
@@ -264,9 +265,18 @@ def query_costs(backend: Any, texts: TokenBatch, cfg: CostConfig) -> dict[str, A
         out[f"measure_{placement}_per_query"] = seconds / n_q
         out[f"measure_{placement}_queries"] = n_q
         if placement == "logits":
-            rec, _ = timed(lambda: recover(y.numpy(), design.membership, "fraction", 0.3, True, progress=False,
-                                           sparse=True))
+            rec, (lasso, _) = timed(lambda: recover(y.numpy(), design.membership, "fraction", 0.3, True,
+                                                    progress=False, sparse=True))
             out["recover_per_query"] = rec / n_q
+            # the default recovery's token component (stride_nnsight.token_component): the corpus's token
+            # presence once, then the non-negative token fit of what the Lasso left, per query
+            build, presence = timed(lambda: token_presence(texts.input_ids.numpy(), texts.loss_mask.numpy(),
+                                                           backend.vocab_size))
+            tokens = completion_tokens(part.input_ids.numpy(), part.loss_mask.numpy())
+            extra, (both, _) = timed(lambda: add_token_component(y.numpy(), design.membership, lasso, presence,
+                                                                 tokens))
+            out.update({"token_presence_s": build, "token_component_per_query": extra / n_q,
+                        "token_component_nnz": both.nnz / n_q, "lasso_nnz": lasso.nnz / n_q})
     return out
 
 
@@ -408,8 +418,14 @@ def query_report(qc: dict[str, Any]) -> str:
         rows.append((f"measuring all K operators, {placement} placement ({qc[f'measure_{placement}_queries']} queries)",
                      qc[f"measure_{placement}_per_query"]))
     rows.append(("recovery (working-set Lasso, n = corpus)", qc["recover_per_query"]))
+    if "token_component_per_query" in qc:
+        rows.append(("  + token component (the default recovery's second part)", qc["token_component_per_query"]))
     for name, seconds in rows:
         lines.append(f"{name:<58}  {1000 * seconds:>12.1f}  {unit(seconds):>14.2f}")
+    if "token_presence_s" in qc:
+        lines.append(f"token presence of the corpus (once per fitted corpus, not per query): {qc['token_presence_s']:.3f} "
+                     f"CPU s; non-zero scores per query: {qc['lasso_nnz']:.0f} (Lasso) -> "
+                     f"{qc['token_component_nnz']:.0f} (with the token component; operators at their random init)")
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ from stride_nnsight.inputs import encode_queries
 from stride_nnsight.operators import token_nll
 from stride_nnsight.toy import SPECIAL_TOKEN, tiny_gpt2_config, train_causal_lm, train_tokenizer
 
-__all__ = ["BenchConfig", "FULL", "QUICK", "Query", "Corpus", "BenchSetting", "build_corpus",
+__all__ = ["BenchConfig", "FULL", "HALF", "QUICK", "Query", "Corpus", "BenchSetting", "build_corpus",
            "build_setting", "ground_truth", "ground_truth_folder", "kjv_available", "query_losses", "quick_config", "CACHE_DIR"]
 
 CACHE_DIR = Path(__file__).resolve().parent / "cache"
@@ -86,6 +86,9 @@ class BenchConfig:
 
 
 FULL = BenchConfig()
+#: the public benchmark's recipe at half the corpus (840 real-text documents, the same 80 planted facts
+#: and queries: 1,000 documents): a second corpus size for the scale rules (`benchmarks.compare_settings`)
+HALF = BenchConfig(name="half", n_text_docs=840)
 QUICK = BenchConfig(name="quick", n_facts=12, n_fact_queries=6, n_text_docs=96, n_text_queries=6,
                     vocab_size=600, n_layer=2, n_embd=32, n_head=2, epochs=8, batch_size=16, n_models=6)
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 from .operators import OPERATOR_DTYPES, PLACEMENTS, state_bytes
+from .token_component import RECOVERIES
 
 __all__ = ["StrideArguments", "LAMBDA_RULES", "SAMPLINGS", "MAX_AUTO_SUBSETS", "DEFAULT_RANK"]
 
@@ -16,7 +17,8 @@ MAX_AUTO_SUBSETS = 512
 DEFAULT_RANK = 2
 #: settings added after states were first saved, with the value that reproduces an older state
 #: (`StrideArguments.from_saved`): it was fitted on the whole vocabulary, one column per entry
-SAVED_BEFORE: dict[str, Any] = {"fit_vocabulary": None, "logit_columns": None, "max_state_mb": None}
+SAVED_BEFORE: dict[str, Any] = {"fit_vocabulary": None, "logit_columns": None, "max_state_mb": None,
+                                 "recovery": "lasso"}
 
 LAMBDA_RULES = ("fraction", "cv", "shared_cv")
 SAMPLINGS = ("document", "membership")
@@ -135,7 +137,13 @@ class StrideArguments:
             for the batch of queries, chosen by cross-validating held-out operators' measurements:
             `stride_nnsight.recovery.shared_fraction`; ``lambda_fraction`` is then ignored and
             the chosen one is recorded in the provenance);
-        * lambda_fraction: see above; fit_intercept: let the Lasso absorb a shift common to all operators.
+        * lambda_fraction: see above; fit_intercept: let the Lasso absorb a shift common to all operators;
+        * recovery: ``"lasso+tokens"`` (default) or ``"lasso"``: after the Lasso, fit what it left
+            of each query's measurements with one non-negative coefficient per completion token
+            (every training document holding the token gets it): the diffuse influence of text
+            continuations that a sparse solution cannot hold (`stride_nnsight.token_component`).
+            Applies to the default metric (the completion's loss); a custom ``metric=`` gets the
+            Lasso alone.
 
     seed: seeds the design, the operators' initialisation and the fitting's sampling.
     """
@@ -172,6 +180,7 @@ class StrideArguments:
     lambda_rule: str = "fraction"
     lambda_fraction: float = 0.3
     fit_intercept: bool = True
+    recovery: str = "lasso+tokens"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -236,6 +245,8 @@ class StrideArguments:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
         if self.lambda_rule not in LAMBDA_RULES:
             raise ValueError(f"lambda_rule must be one of {LAMBDA_RULES}, got {self.lambda_rule!r}")
+        if self.recovery not in RECOVERIES:
+            raise ValueError(f"recovery must be one of {RECOVERIES}, got {self.recovery!r}")
         if not 0 < self.lambda_fraction < 1:
             raise ValueError(f"lambda_fraction must lie in (0, 1), got {self.lambda_fraction!r}")
         if self.n_subsets is not None and self.subsets_per_example > self.n_subsets:

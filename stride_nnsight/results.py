@@ -37,7 +37,7 @@ FIT_KEYS = ("method", "model_fingerprint", "layer", "hook", "placement", "n_subs
 # What was measured (the unit of the scores): parts must agree on these too.
 MEASURE_KEYS = ("metric", "patched")
 # Provenance entries holding one value per query row: concatenated by ``cat``.
-PER_QUERY_KEYS = ("lambdas", "base_metric", "noise_floor")
+PER_QUERY_KEYS = ("lambdas", "base_metric", "noise_floor", "token_coefficients")
 
 _MISSING = object()
 ATTRIBUTION_KIND = "attribution"  # kind of the files Attribution.save writes (stride_nnsight.storage)
@@ -563,8 +563,8 @@ class Attribution:
         for key in keys:
             values = [p.provenance.get(key, _MISSING) for p in parts]
             if key in PER_QUERY_KEYS:
-                prov[key] = [x for p, v in zip(parts, values)
-                             for x in (list(v) if v is not _MISSING else [None] * p.n_queries)]
+                prov[key] = [x for p, v in zip(parts, values)  # a part without one (missing or None): None per row
+                             for x in (list(v) if isinstance(v, (list, tuple)) else [None] * p.n_queries)]
             elif all(_same(v, values[0]) for v in values[1:]):
                 prov[key] = values[0]
             else:

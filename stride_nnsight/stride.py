@@ -25,6 +25,7 @@ from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, reso
 from .measurement import Metric, measure
 from .operators import SteeringOperators, edit_width, state_bytes
 from .recovery import noise_floor, recover, shared_fraction
+from .token_component import add_token_component, completion_tokens, token_presence
 from .results import Attribution, AttributionCache, check_unique_ids
 
 __all__ = ["Stride", "STATE_FILE", "PartialFitError", "attribute_layers", "find_state_file"]
@@ -516,6 +517,7 @@ class Stride:
         intervention: Any = None,
         lambda_rule: Optional[str] = None,
         lambda_fraction: Optional[float] = None,
+        recovery: Optional[str] = None,
         progress: bool = True,
         allow_partial: bool = False,
         null_permutations: int = 8,
@@ -532,6 +534,14 @@ class Stride:
         callable ``fn(model)`` executed inside the trace (before the steered layer), for
         TransformerLens a list of ``(hook_name, hook_fn)``; the scores then attribute the
         metric *of the patched model*.
+        ``lambda_rule``, ``lambda_fraction``, ``recovery``: override the fitted settings for this
+        call (`StrideArguments`). ``recovery="lasso+tokens"`` (the default) adds, after the Lasso,
+        one non-negative coefficient per completion token, given to every training document that
+        holds the token (`stride_nnsight.token_component`): the scores then have up to the
+        number of documents holding those tokens as non-zeros per query, not ``K``; it applies to
+        the default metric only (a custom ``metric`` gets the Lasso alone). The noise floor is
+        the Lasso's (shuffled measurements through the Lasso), so ``above_noise`` keeps only
+        scores above what the Lasso gives noise.
         ``allow_partial``: accept operators whose fit stopped early (``PartialFitError``
         otherwise); the provenance's ``steps_run`` / ``steps_planned`` show it.
         ``null_permutations``: how many times each query's measurements are shuffled across the
@@ -547,16 +557,16 @@ class Stride:
             raise ValueError(f"query_ids has {len(query_ids)} entries but there are {len(prompts)} prompts")
         if query_ids is not None:
             check_unique_ids(list(query_ids), "query_ids", "positions", "query")  # before any measuring
-        args = self.args.replace(**{k: v for k, v in {"lambda_rule": lambda_rule,
-                                                       "lambda_fraction": lambda_fraction}.items() if v is not None})
+        args = self.args.replace(**{k: v for k, v in {"lambda_rule": lambda_rule, "lambda_fraction": lambda_fraction,
+                                                       "recovery": recovery}.items() if v is not None})
         if isinstance(null_permutations, bool) or not isinstance(null_permutations, int) or null_permutations < 0:
             raise ValueError(f"null_permutations must be an int >= 0 (0: no noise floor), got {null_permutations!r}")
-        y, base, scores, lambdas, floor, selection = self._measure_and_recover(
+        y, base, scores, lambdas, floor, selection, tokens = self._measure_and_recover(
             prompts, completions, args, metric=metric, intervention=intervention, progress=progress,
             null_permutations=null_permutations)
         fraction = selection["fraction"] if selection is not None else args.lambda_fraction
         return Attribution(
-            scores=scores,  # kept sparse: at most K non-zeros per query
+            scores=scores,  # kept sparse
 
             query_ids=list(query_ids) if query_ids is not None else list(range(len(prompts))),
             train_ids=self.train_ids,
@@ -564,6 +574,8 @@ class Stride:
             train_texts=self.train_texts,
             provenance=self.provenance(lambda_rule=args.lambda_rule, lambda_fraction=fraction,
                                        lambda_selection=selection,
+                                       recovery=args.recovery if tokens is not None else "lasso",
+                                       token_coefficients=tokens,
                                        lambdas=lambdas.tolist(), metric=getattr(metric, "__name__", "custom")
                                        if metric is not None else "negative_completion_loss",
                                        base_metric=base.tolist(), patched=intervention is not None,
@@ -574,10 +586,13 @@ class Stride:
     def _measure_and_recover(self, prompts: list[str], completions: list[str], args: StrideArguments, *,
                              metric: Optional[Metric], intervention: Any, progress: bool,
                              null_permutations: int
-                             ) -> tuple[torch.Tensor, torch.Tensor, Any, np.ndarray, Any, Optional[dict]]:
+                             ) -> tuple[torch.Tensor, torch.Tensor, Any, np.ndarray, Any, Optional[dict],
+                                        Optional[list]]:
         """Measurements ``y [q, K]``, base metric ``[q]``, sparse scores ``[q, n]``, lambdas ``[q]``,
-        noise floor (list or ``None``) of the queries, and the ``"shared_cv"`` rule's choice
-        (``{"fraction", ...diagnostics}``; ``None`` under the other rules). Under torch.distributed
+        noise floor (list or ``None``) of the queries, the ``"shared_cv"`` rule's choice
+        (``{"fraction", ...diagnostics}``; ``None`` under the other rules) and, under
+        ``recovery="lasso+tokens"`` with the default metric, each query's token coefficients
+        (``{"token id": v}``; else ``None``). Under torch.distributed
         (local models) each rank measures and recovers its share of the queries
         (`distributed.local_indices`) and the rows are gathered, in order, on every rank: the
         single-process result (``"shared_cv"`` chooses its fraction from every rank's measurements)."""
@@ -614,17 +629,46 @@ class Stride:
         else:
             scores, lambdas = sp.csr_matrix((0, len(self.train_texts)), dtype=np.float32), np.zeros(0)
             floor = np.zeros(0) if null_permutations else None
+        with_tokens = args.recovery == "lasso+tokens" and metric is None
+        coefficients: Optional[list] = [] if with_tokens else None
+        if with_tokens and len(local):
+            queries = self.encode_queries([prompts[i] for i in local], [completions[i] for i in local])
+            scores, found = add_token_component(
+                y.numpy(), self.design.membership, scores, self._token_presence(),
+                completion_tokens(queries.input_ids.numpy(), queries.loss_mask.numpy()))
+            coefficients = [{str(t): v for t, v in c.items()} for c in found]
         if world == 1 or self.remote:
-            return y, base, scores, lambdas, (floor.tolist() if floor is not None else None), selection
-        # one gather of per-query rows (measurements, base, scores, lambda, floor), put back in order
-        rows = [(y[i], base[i], scores[i], lambdas[i], None if floor is None else floor[i]) for i in range(len(local))]
+            return y, base, scores, lambdas, (floor.tolist() if floor is not None else None), selection, coefficients
+        # one gather of per-query rows (measurements, base, scores, lambda, floor, token coefficients), in order
+        rows = [(y[i], base[i], scores[i], lambdas[i], None if floor is None else floor[i],
+                 None if coefficients is None else coefficients[i]) for i in range(len(local))]
         q = len(prompts)
         gathered = distributed.assemble_rows(distributed.all_gather_objects((local, rows)), q)
         if q:
-            ys, bases, score_rows, lams, floors = zip(*gathered)
+            ys, bases, score_rows, lams, floors, coefs = zip(*gathered)
             y, base, scores = torch.stack(ys), torch.stack(bases), sp.vstack(score_rows, format="csr")
             lambdas, floor = np.asarray(lams), (np.asarray(floors) if null_permutations else None)
-        return y, base, scores, lambdas, (floor.tolist() if floor is not None else None), selection
+            coefficients = list(coefs) if with_tokens else None
+        return y, base, scores, lambdas, (floor.tolist() if floor is not None else None), selection, coefficients
+
+    def _token_presence(self) -> sp.csr_matrix:
+        """``P [n, V]``: which tokens each training document holds among its scored tokens, as the
+        fit encoded them (`token_component.token_presence`); computed once per fitted corpus."""
+        key = (id(self.train_texts), len(self.train_texts), self.train_max_length)
+        cached = getattr(self, "_presence", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        context = self.backend.context_length
+        cap = self.train_max_length if self.train_max_length is not None else \
+            resolve_max_length(self.args.max_length, context)
+        with warnings.catch_warnings():  # the fit already warned about what the cap cuts
+            warnings.simplefilter("ignore", UserWarning)
+            batch = encode_texts(self.backend.tokenizer, self.train_texts, cap, context_length=context)
+        ids = batch.input_ids.numpy()
+        vocab = max(int(self.backend.vocab_size), int(ids.max()) + 1 if ids.size else 0)
+        presence = token_presence(ids, batch.loss_mask.numpy(), vocab)
+        self._presence = (key, presence)
+        return presence
 
     # ----------------------------------------------------------------- steer
     def steer(self, operator: Any, scale: float = 1.0) -> Any:

@@ -159,3 +159,27 @@ def test_state_truncation_is_the_best_low_rank_approximation():
     residual = float(((coef - low) ** 2).sum() / (coef ** 2).sum())
     assert abs(residual - (1 - float(energy[2]))) < 1e-5
     assert abs(float(energy[-1]) - 1.0) < 1e-12
+
+
+def test_token_component_benchmark_rows_are_the_library_recoveries(tiny_model, small_texts):
+    """benchmarks.token_component: its two STRIDE rows recover the same measurements as
+    ``attribute(recovery="lasso")`` and the library default; a third row is completion-only BM25."""
+    from benchmarks.token_component import rows_for
+    from stride_nnsight import Stride
+    from stride_nnsight.evaluation import draw_subset_masks
+
+    docs = small_texts[:24]
+    stride = Stride(tiny_model, layer=1, seed=0, n_subsets=16, subsets_per_example=2, rank=4, steps=12,
+                    batch_size=8, basis_hidden=8, max_length=32).fit(docs, progress=False)
+    prompts, completions = ["the cat sat", "a dog", "the bird"], [" on the mat.", " ran", " flew away."]
+    masks = draw_subset_masks(len(docs), 8, 0.5, 0)
+    rng = np.random.default_rng(0)
+    bench = {"documents": docs, "prompts": prompts, "completions": completions, "kinds": ["text"] * 3,
+             "sources": [], "truth": SimpleNamespace(masks=masks, losses=rng.normal(size=(8, 3)))}
+    rows = rows_for(bench, stride)
+    assert [r["label"].split(" ")[0] for r in rows] == ["Lasso", "Lasso", "BM25,"]
+    default = stride.attribute(prompts, completions, progress=False, null_permutations=0).scores.numpy()
+    lasso = stride.attribute(prompts, completions, progress=False, null_permutations=0, recovery="lasso")
+    np.testing.assert_allclose(rows[1]["scores"], default, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(rows[0]["scores"], lasso.scores.numpy())
+    assert rows[0]["nnz"] <= 16  # the Lasso alone: at most K non-zeros per query
