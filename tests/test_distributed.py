@@ -121,7 +121,7 @@ def test_sharded_recovery_is_the_single_process_recovery(job):
     parts = []
     for rank in range(2):
         idx = distributed.local_indices(len(PROMPTS), rank, 2)
-        y, base, scores, lambdas, floor, _ = stride.__class__._measure_and_recover(
+        y, base, scores, lambdas, floor, _, _ = stride.__class__._measure_and_recover(
             stride, [PROMPTS[i] for i in idx], [COMPLETIONS[i] for i in idx], args, metric=None,
             intervention=None, progress=False, null_permutations=8)
         parts.append((idx, scores, floor))
