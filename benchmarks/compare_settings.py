@@ -17,6 +17,9 @@ Benchmarks (``--bench``):
   documents of scripture, docstrings and planted facts from other books and modules than the
   held-out benchmark, a 4-layer width-128 GPT-2, 56 queries, LDS from 20 retrained models);
   build its retrains first with ``python -m benchmarks.heldout --dev --ground-truth-only``.
+* ``heldout-narrative``: a second dev twin (``benchmarks.heldout.HELDOUT_NARRATIVE``) whose
+  scripture is mostly narrative (Chronicles, Ruth, Esther, Ezra, Nehemiah, Daniel, ...), as the
+  held-out corpus's histories are; retrains: ``python -m benchmarks.heldout --narrative --ground-truth-only``.
 * ``public``: the bundled public benchmark (``benchmarks.setting.FULL``: 2,000 documents, 80 fact
   and text queries, LDS from 32 retrained models), its model and ground truth from the
   benchmark cache (built on first use: slow).
@@ -102,11 +105,12 @@ def _setting_bench(setting, truth, stride_kwargs: dict[str, Any]) -> dict[str, A
             "sources": [list(q.relevant) for q in queries if q.kind == "fact"], "stride_kwargs": stride_kwargs}
 
 
-def heldout_dev_bench() -> dict[str, Any]:
-    from benchmarks.heldout import HELDOUT_DEV, build_heldout
+def heldout_dev_bench(narrative: bool = False) -> dict[str, Any]:
+    """The held-out benchmark's dev twin (``narrative``: its narrative twin) in the form `run` reads."""
+    from benchmarks.heldout import HELDOUT_DEV, HELDOUT_NARRATIVE, build_heldout
     from benchmarks.setting import ground_truth
 
-    setting = build_heldout(HELDOUT_DEV, log=lambda m: print(m, flush=True))
+    setting = build_heldout(HELDOUT_NARRATIVE if narrative else HELDOUT_DEV, log=lambda m: print(m, flush=True))
     return _setting_bench(setting, ground_truth(setting, progress=True), {})
 
 
@@ -192,7 +196,7 @@ def report(rows: list[dict[str, Any]], n_boot: int = 1000) -> str:
     return "\n".join(lines)
 
 
-BENCHES = ("gate", "gate1", "public", "public-half", "heldout-dev")
+BENCHES = ("gate", "gate1", "public", "public-half", "heldout-dev", "heldout-narrative")
 
 
 def load_bench(name: str) -> dict[str, Any]:
@@ -201,8 +205,8 @@ def load_bench(name: str) -> dict[str, Any]:
 
     if name in ("public", "public-half"):
         return public_bench(half=name == "public-half")
-    if name == "heldout-dev":
-        return heldout_dev_bench()
+    if name in ("heldout-dev", "heldout-narrative"):
+        return heldout_dev_bench(narrative=name == "heldout-narrative")
     if name in ("gate", "gate1"):
         return gate_bench(gate.CORPUS_SEED + (name == "gate1"))
     raise ValueError(f"unknown bench {name!r}: use one of {BENCHES}")

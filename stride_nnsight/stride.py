@@ -363,6 +363,7 @@ class Stride:
                     "model fingerprint": self.fingerprint,
                     "layers path": getattr(self.backend, "layers_path", None)}
         tokens = self._encode_train()
+        self._token_presence(tokens)  # the recovery's token component reads the fit's own encoding
         if self.operators.column_of is not None:  # more vocabulary than coefficient columns: by frequency
             # of the tokens the fit predicts (targets: BOS and padding are never predicted)
             counts = torch.bincount(tokens.input_ids[tokens.loss_mask.bool()].reshape(-1).cpu(),
@@ -651,19 +652,22 @@ class Stride:
             coefficients = list(coefs) if with_tokens else None
         return y, base, scores, lambdas, (floor.tolist() if floor is not None else None), selection, coefficients
 
-    def _token_presence(self) -> sp.csr_matrix:
+    def _token_presence(self, batch: Optional[TokenBatch] = None) -> sp.csr_matrix:
         """``P [n, V]``: which tokens each training document holds among its scored tokens, as the
-        fit encoded them (`token_component.token_presence`); computed once per fitted corpus."""
+        fit encoded them (`token_component.token_presence`); computed once per fitted corpus:
+        from ``batch`` (the fit's own encoding) when given, else by encoding the training texts
+        again at the fit's length (a loaded Stride)."""
         key = (id(self.train_texts), len(self.train_texts), self.train_max_length)
         cached = getattr(self, "_presence", None)
-        if cached is not None and cached[0] == key:
+        if batch is None and cached is not None and cached[0] == key:
             return cached[1]
-        context = self.backend.context_length
-        cap = self.train_max_length if self.train_max_length is not None else \
-            resolve_max_length(self.args.max_length, context)
-        with warnings.catch_warnings():  # the fit already warned about what the cap cuts
-            warnings.simplefilter("ignore", UserWarning)
-            batch = encode_texts(self.backend.tokenizer, self.train_texts, cap, context_length=context)
+        if batch is None:
+            context = self.backend.context_length
+            cap = self.train_max_length if self.train_max_length is not None else \
+                resolve_max_length(self.args.max_length, context)
+            with warnings.catch_warnings():  # the fit already warned about what the cap cuts
+                warnings.simplefilter("ignore", UserWarning)
+                batch = encode_texts(self.backend.tokenizer, self.train_texts, cap, context_length=context)
         ids = batch.input_ids.numpy()
         vocab = max(int(self.backend.vocab_size), int(ids.max()) + 1 if ids.size else 0)
         presence = token_presence(ids, batch.loss_mask.numpy(), vocab)

@@ -109,11 +109,28 @@ def test_noise_ceiling_reuses_seed_zero_and_reports_both_cis(tmp_path, capsys):
     assert ceiling(["--quick", "--cache-dir", str(cache), "--stride"]) == 0
     text = capsys.readouterr().out
     assert "seed-to-seed rho" in text and "queries and retrained models resampled" in text
+    assert "Shared retrain factor" in text and "| BM25, completion only | seed 0" in text
     single = ground_truth_folder(setting)
     pairs = sorted((single.parent / f"{single.name}-seeds2").glob("retrain_*_s0.npz"))
     assert len(pairs) == setting.config.n_models
     assert all(os.path.samefile(p, single / p.name) for p in pairs)  # seed 0 reused, not retrained
     assert len(list((single.parent / f"{single.name}-seeds2").glob("retrain_*_s1.npz"))) == setting.config.n_models
+
+
+def test_shared_factor_finds_a_factor_common_to_every_query():
+    """benchmarks.noise_ceiling.shared_factor: a factor shared by all queries takes most of the
+    variance and is recovered (up to sign); independent noise spreads the variance."""
+    import numpy as np
+
+    from benchmarks.noise_ceiling import shared_factor
+
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=40)
+    losses = 3.0 * common[:, None] + 0.5 * rng.normal(size=(40, 12)) + rng.normal(size=12)
+    share, scores = shared_factor(losses)
+    assert share > 0.8 and abs(np.corrcoef(scores, common)[0, 1]) > 0.95
+    share_noise, _ = shared_factor(rng.normal(size=(40, 12)))
+    assert share_noise < 0.3
 
 
 @pytest.fixture(scope="module")

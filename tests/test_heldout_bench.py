@@ -104,6 +104,23 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     assert main(["--quick", "--report-only", "--cache-dir", str(tmp_path)]) == 0  # from the saved results
     assert (tmp_path / "RESULTS-heldout.md").read_text().split("Setup wall time")[0].split("\n", 3)[3] == \
         text.split("Setup wall time")[0].split("\n", 3)[3]
+    # --two-seeds: the saved scores judged against the same subsets retrained with a second seed too
+    assert main(["--quick", "--two-seeds", "--cache-dir", str(tmp_path)]) == 0
+    two = (tmp_path / "RESULTS-heldout-two-seeds.md").read_text()
+    assert "seed-to-seed rho" in two and "Shared retrain factor" in two
+    seed0 = [ln for ln in two.splitlines() if ln.startswith("| STRIDE (defaults) | seed 0")]
+    reported = next(ln for ln in text.splitlines() if ln.startswith("| STRIDE (defaults) |"))
+    assert len(seed0) == 1 and seed0[0].split(" | ")[2] == reported.split(" | ")[1]  # the reported LDS, not refitted
+    assert sum(ln.count("[") == 4 for ln in two.splitlines()) == 5  # a paired row per baseline
+
+
+def test_narrative_twin_reads_other_books_than_the_heldout_and_public_corpora(corpus):
+    from benchmarks.heldout import HELDOUT_BOOKS, HELDOUT_NARRATIVE, build_heldout_corpus
+    from benchmarks.setting import KJV_BOOKS
+
+    assert not set(HELDOUT_NARRATIVE.books) & (set(HELDOUT_BOOKS) | set(KJV_BOOKS))
+    twin = build_heldout_corpus(HELDOUT_NARRATIVE)
+    assert len(twin.documents) == len(corpus.documents) and not set(twin.documents) & set(corpus.documents)
 
 
 def test_dev_twin_shares_nothing_with_the_heldout_corpus(corpus):

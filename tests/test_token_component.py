@@ -149,6 +149,19 @@ def test_attribute_adds_the_token_component_by_default(fitted):
     assert custom.provenance["recovery"] == "lasso" and custom.provenance["token_coefficients"] is None
 
 
+def test_presence_comes_from_the_fit_and_matches_a_fresh_encoding(fitted):
+    """The fit keeps the presence of its own encoding (attribute does not encode the corpus again);
+    without it (a loaded Stride) the texts are encoded again at the fit's length: the same matrix."""
+    kept = fitted._presence[1]
+    assert fitted._token_presence() is kept
+    fitted._presence = None  # as a loaded Stride: nothing cached
+    try:
+        rebuilt = fitted._token_presence()
+        assert rebuilt is not kept and rebuilt.shape == kept.shape and (rebuilt != kept).nnz == 0
+    finally:
+        fitted._presence = (fitted._presence[0], kept)
+
+
 def test_recovery_setting_is_validated_and_old_states_keep_the_lasso():
     from stride_nnsight import StrideArguments
 
