@@ -565,29 +565,21 @@ def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
              "training-seed noise shared by every query), so its per-kind verdicts rest mostly on one noisy number "
              "per kind.", "", "## Reliability of the ground truth", ""]
     lines += ceiling_rows(rho, kinds) + [""] + shared_factor_rows(truth, kinds)
-    names = list(out["methods"])
-    stride = out["methods"]["STRIDE (defaults)"]["scores"]
     lines += ["", "## LDS against seed 0 and against the two-seed mean", "",
               "| method | target | LDS all | facts | scripture | docs |", "|---|---|---|---|---|---|"]
     targets = (("seed 0 (as reported)", losses[:, 0]), ("mean of seeds 0 and 1", losses))
-    for name in names:
+    for name in out["methods"]:
         for label, target in targets:
             per = np.nan_to_num(np.asarray(lds(out["methods"][name]["scores"], truth.masks, target).per_query, float))
             bk = _kind_means(per, kinds)
             lines.append(f"| {name} | {label} | {per.mean():.3f} | {bk.get('fact', float('nan')):.3f} | "
                          f"{bk.get('scripture', float('nan')):.3f} | {bk.get('docs', float('nan')):.3f} |")
-    from stride_nnsight.evaluation import paired_lds_ci
-
     lines += ["", "STRIDE minus each baseline against the two-seed mean (paired 95% CI resampling queries and "
               "retrained models, 1000 resamples):", "", "| baseline | all | facts | scripture | docs |",
               "|---|---|---|---|---|"]
-    for name in names[1:]:
-        cells = []
-        for kind in KIND_SELECTIONS:
-            sel = np.ones(len(kinds), bool) if kind == "all" else kinds == kind
-            d, lo, hi = paired_lds_ci(stride[sel], out["methods"][name]["scores"][sel], truth.masks,
-                                      losses[..., sel], n_boot=1000)
-            cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {_verdict(lo, hi)}")
+    for name, by_kind in paired_differences(out, truth, kinds).items():  # truth.losses: [m, 2 seeds, q]
+        cells = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {_verdict(lo, hi)}" for d, lo, hi in
+                 (by_kind[k] for k in KIND_SELECTIONS)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -659,9 +659,9 @@ class Stride:
         again at the fit's length (a loaded Stride)."""
         key = (id(self.train_texts), len(self.train_texts), self.train_max_length)
         cached = getattr(self, "_presence", None)
-        if batch is None and cached is not None and cached[0] == key:
-            return cached[1]
         if batch is None:
+            if cached is not None and cached[0] == key:
+                return cached[1]
             context = self.backend.context_length
             cap = self.train_max_length if self.train_max_length is not None else \
                 resolve_max_length(self.args.max_length, context)
