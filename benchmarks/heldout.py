@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import os
 import random
 import re
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from stride_nnsight import storage
 
 from .setting import (CACHE_DIR, BenchConfig, BenchSetting, Corpus, Query, _kjv_verses, _make_corpus_module,
                       build_setting, draw_fact, kjv_available, name_pool, shuffle_documents)
@@ -362,9 +365,24 @@ def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, An
 
 
 KIND_SELECTIONS = ("all", "fact", "scripture", "docs")
+#: the two-seed report's selections: "text" is every continuation (scripture and docs), the
+#: issue's second kind of query next to the planted facts
+TWO_SEED_SELECTIONS = ("all", "fact", "text", "scripture", "docs")
+#: column titles of the selections
+SELECTION_TITLES = {"all": "all", "fact": "facts", "text": "text (scripture + docs)", "scripture": "scripture",
+                    "docs": "docs"}
 
 
-def paired_differences(out: dict[str, Any], truth: Any, kinds: np.ndarray) -> dict[str, dict[str, list[float]]]:
+def selection(kinds: np.ndarray, name: str) -> np.ndarray:
+    """The queries of selection ``name`` (``all``, ``text`` = not a fact, or one kind): bool ``[q]``."""
+    kinds = np.asarray(kinds)
+    if name == "all":
+        return np.ones(len(kinds), bool)
+    return kinds != "fact" if name == "text" else kinds == name
+
+
+def paired_differences(out: dict[str, Any], truth: Any, kinds: np.ndarray,
+                       selections: tuple = KIND_SELECTIONS) -> dict[str, dict[str, list[float]]]:
     """STRIDE minus each baseline, per query kind: ``{baseline: {kind: [difference, low, high]}}``
     with the paired 95% bootstrap interval resampling queries *and* retrained models."""
     from stride_nnsight.evaluation import paired_lds_ci
@@ -376,8 +394,8 @@ def paired_differences(out: dict[str, Any], truth: Any, kinds: np.ndarray) -> di
         if m is stride:
             continue
         result[name] = {}
-        for kind in KIND_SELECTIONS:
-            sel = np.ones(len(kinds), bool) if kind == "all" else kinds == kind
+        for kind in selections:
+            sel = selection(kinds, kind)
             result[name][kind] = list(paired_lds_ci(stride["scores"][sel], m["scores"][sel], truth.masks,
                                                     losses[..., sel], n_boot=1000))
     return result
@@ -399,10 +417,7 @@ def headline(out: dict[str, Any]) -> list[str]:
                      f"{m['recall@10']:.3f} | {m['index_s']:.0f} | {m['per_query_s']:.4f} |")
     lines += ["", "STRIDE minus each baseline (paired 95% CI resampling queries and retrained models):", "",
               "| baseline | all | facts | scripture | docs |", "|---|---|---|---|---|"]
-    for name, cells in out.get("paired", {}).items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {_verdict(lo, hi)}" for d, lo, hi in
-            (cells[k] for k in KIND_SELECTIONS)) + " |")
+    lines += paired_rows(out.get("paired", {}))
     return lines
 
 
@@ -520,7 +535,7 @@ def _load_results_file(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
 def saved_results(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR) -> Optional[dict[str, Any]]:
     """The last saved held-out results of any code version (newest first), without training
     anything: ``None`` when there are none. Adds ``code_version`` (the code that computed
-    them) and ``config`` to the returned ``out``."""
+    them), ``config`` and ``cache_dir`` to the returned ``out``."""
     corpus = build_heldout_corpus(config)
     setting = BenchSetting(config, corpus, None, None, 0.0, Path(cache_dir))  # type: ignore[arg-type]
     found = sorted(Path(cache_dir).glob(f"heldout-results-{setting.key}-code*.npz"),
@@ -533,16 +548,19 @@ def saved_results(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR) 
     out.setdefault("code_version", None)
     out["code_version"] = out["code_version"] or path.stem.rsplit("-code", 1)[-1]
     out["config"] = config
+    out["cache_dir"] = Path(cache_dir)
     return out
 
 
-def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR, log=print) -> str:
+def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR, log=print,
+                    n_models: Optional[int] = None) -> str:
     """The last saved held-out results (`saved_results`: every method's scores, unchanged) judged
-    against a second ground truth: the same 20 subsets retrained with a second training seed
+    against a second ground truth: the same subsets retrained with a second training seed
     (`benchmarks.noise_ceiling.two_seed_truth`; seed 0's retrains are reused, only seed 1 is
     trained), LDS against seed 0 (what the report shows) and against the mean of the two seeds,
-    the seed-to-seed reliability by kind and the shared retrain factor. Nothing is refitted, so the
-    scores are exactly the reported ones (their code version is named)."""
+    the seed-to-seed reliability by kind and the shared retrain factor. ``n_models`` above the
+    benchmark's 20 adds subsets (two seeds each; the first 20 are the benchmark's). Nothing is
+    refitted, so the scores are exactly the reported ones (their code version is named)."""
     from stride_nnsight.evaluation import lds, seed_to_seed_lds
 
     from .noise_ceiling import ceiling_rows, shared_factor_rows, two_seed_truth
@@ -551,7 +569,11 @@ def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
     if out is None:
         raise FileNotFoundError("no saved held-out results: run `python -m benchmarks.heldout` first")
     setting = build_heldout(config, cache_dir, log=log)
-    truth = two_seed_truth(setting, progress=True)
+    truth = two_seed_truth(setting, progress=True, n_models=n_models)
+    m = int(truth.masks.shape[0])
+    subsets = (f"the ground truth's {m} subsets were retrained with a second training seed" if m == config.n_models
+               else f"the ground truth is {m} subsets (the report's {config.n_models} and {m - config.n_models} more "
+                    "random halves drawn after them from the same seed), each retrained with two training seeds")
     kinds = np.asarray(out["kinds"])
     losses = np.asarray(truth.losses, dtype=np.float64)
     rho = seed_to_seed_lds(losses).per_query
@@ -559,29 +581,61 @@ def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
              f"Generated by `OMP_NUM_THREADS=1 python -m benchmarks.heldout --two-seeds` on "
              f"{time.strftime('%Y-%m-%d')} (load average {os.getloadavg()[0]:.2f} at the end). The scores are the "
              f"held-out report's own (`benchmarks/RESULTS-heldout.md`, code version {out.get('code_version')}), not "
-             "refitted; the ground truth's 20 subsets were retrained with a second training seed. Why: on both dev "
+             f"refitted; {subsets}. Why: on both dev "
              "twins (`benchmarks/RESULTS-noise-ceiling-heldout-dev.md`, `-heldout-narrative.md`) this recipe's "
              "single-seed target is unreliable (seed-to-seed rho 0.27-0.29; about half of the retrains' variance is "
              "training-seed noise shared by every query), so its per-kind verdicts rest mostly on one noisy number "
              "per kind.", "", "## Reliability of the ground truth", ""]
     lines += ceiling_rows(rho, kinds) + [""] + shared_factor_rows(truth, kinds)
+    sels = tuple(k for k in TWO_SEED_SELECTIONS if selection(kinds, k).any())
+    titles = " | ".join(SELECTION_TITLES[k] for k in sels)
     lines += ["", "## LDS against seed 0 and against the two-seed mean", "",
-              "| method | target | LDS all | facts | scripture | docs |", "|---|---|---|---|---|---|"]
-    targets = (("seed 0 (as reported)", losses[:, 0]), ("mean of seeds 0 and 1", losses))
+              f"| method | target | {titles} |", "|---|---|" + "---|" * len(sels)]
+    seed0 = "seed 0 (as reported)" if m == config.n_models else f"seed 0 ({m} subsets)"
+    targets = ((seed0, losses[:, 0]), ("mean of seeds 0 and 1", losses))
+    summary: dict[str, Any] = {"code_version": out.get("code_version"), "n_models": m, "selections": list(sels),
+                               "methods": {}, "paired": {}}
     for name in out["methods"]:
         for label, target in targets:
             per = np.nan_to_num(np.asarray(lds(out["methods"][name]["scores"], truth.masks, target).per_query, float))
-            bk = _kind_means(per, kinds)
-            lines.append(f"| {name} | {label} | {per.mean():.3f} | {bk.get('fact', float('nan')):.3f} | "
-                         f"{bk.get('scripture', float('nan')):.3f} | {bk.get('docs', float('nan')):.3f} |")
+            means = {k: float(per[selection(kinds, k)].mean()) for k in sels}
+            lines.append(f"| {name} | {label} | " + " | ".join(f"{means[k]:.3f}" for k in sels) + " |")
+            if target is losses:
+                summary["methods"][name] = means
     lines += ["", "STRIDE minus each baseline against the two-seed mean (paired 95% CI resampling queries and "
-              "retrained models, 1000 resamples):", "", "| baseline | all | facts | scripture | docs |",
-              "|---|---|---|---|---|"]
-    for name, by_kind in paired_differences(out, truth, kinds).items():  # truth.losses: [m, 2 seeds, q]
-        cells = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {_verdict(lo, hi)}" for d, lo, hi in
-                 (by_kind[k] for k in KIND_SELECTIONS)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+              "retrained models, 1000 resamples):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
+    summary["paired"] = paired_differences(out, truth, kinds, sels)  # truth.losses: [m, 2 seeds, q]
+    lines += paired_rows(summary["paired"], sels)
+    storage.write_text(_two_seed_summary_path(setting, m), json.dumps(summary, indent=1))
     return "\n".join(lines) + "\n"
+
+
+def paired_rows(paired: dict[str, dict[str, list[float]]], selections: tuple = KIND_SELECTIONS) -> list[str]:
+    """``| baseline | <one cell per selection> |`` rows of `paired_differences` with verdicts."""
+    return [f"| {name} | " + " | ".join(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {_verdict(lo, hi)}"
+                                      for d, lo, hi in (by_kind[k] for k in selections)) + " |"
+            for name, by_kind in paired.items()]
+
+
+def _two_seed_summary_path(setting: BenchSetting, n_models: int) -> Path:
+    return Path(setting.cache_dir) / f"heldout-two-seeds-{setting.key}-m{n_models}.json"
+
+
+def two_seed_summary(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR,
+                     code_version: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The saved summary of the `two_seed_report` with the most subsets (LDS per kind against the
+    two-seed mean, STRIDE's paired differences) for scores of ``code_version`` (any when ``None``);
+    ``None`` when there is none. Reads no model and trains nothing."""
+    corpus = build_heldout_corpus(config)
+    setting = BenchSetting(config, corpus, None, None, 0.0, Path(cache_dir))  # type: ignore[arg-type]
+    best = None
+    for path in Path(cache_dir).glob(f"heldout-two-seeds-{setting.key}-m*.json"):
+        summary = storage.read_json(path)
+        if code_version is not None and summary.get("code_version") != code_version:
+            continue
+        if best is None or summary["n_models"] > best["n_models"]:
+            best = summary
+    return best
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -597,6 +651,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--two-seeds", action="store_true", help="judge the last saved results against the same subsets "
                    "retrained with a second seed too (writes benchmarks/RESULTS-heldout-two-seeds.md; trains seed 1 "
                    "if missing, one retrain at a time)")
+    p.add_argument("--subsets", type=int, default=None, help="with --two-seeds: judge against this many subsets "
+                   "(default the benchmark's 20; more are drawn after them from the same seed and retrained with two "
+                   "seeds each, the first 20 reused)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes for the retrains")
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/RESULTS-heldout.md")
     p.add_argument("--cache-dir", type=Path, default=None)
@@ -611,9 +668,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         cache_dir = Path(tempfile.mkdtemp(prefix="stride-heldout-"))
     if a.two_seeds:
-        text = two_seed_report(config, cache_dir)
-        path = a.out or (cache_dir / "RESULTS-heldout-two-seeds.md" if a.quick
-                         else Path(__file__).resolve().parent / "RESULTS-heldout-two-seeds.md")
+        text = two_seed_report(config, cache_dir, n_models=a.subsets)
+        name = "RESULTS-heldout-two-seeds.md" if not a.subsets else f"RESULTS-heldout-two-seeds-m{a.subsets}.md"
+        path = a.out or (cache_dir / name if a.quick else Path(__file__).resolve().parent / name)
         path.write_text(text)
         print(text)
         print(f"written to {path}")

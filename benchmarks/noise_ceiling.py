@@ -44,19 +44,35 @@ from stride_nnsight.evaluation import (bootstrap_ci, lds, lds_replicates, retrai
 OUT = Path(__file__).resolve().parent / "RESULTS-noise-ceiling.md"
 
 
-def two_seed_truth(setting: Any, progress: bool = True):
+def two_seed_truth(setting: Any, progress: bool = True, n_models: Optional[int] = None):
     """The benchmark's ground truth with a second training seed per subset (cached beside the
-    first; its seed-0 files are hard links to the single-seed cache)."""
+    first; its seed-0 files are hard links to the single-seed cache).
+
+    ``n_models`` above the benchmark's own count adds subsets: the masks are drawn one after the
+    other from the same seed, so the first ``config.n_models`` are the benchmark's and their retrains
+    (both seeds) are reused from the two-seed cache; only the new subsets are trained (two seeds each).
+    """
     from benchmarks.setting import ground_truth, ground_truth_folder
 
     c = setting.config
+    n_models = int(n_models or c.n_models)
+    if n_models < c.n_models:
+        raise ValueError(f"n_models={n_models} is below the benchmark's {c.n_models} subsets; pass at least that")
     ground_truth(setting, progress=progress)  # make sure the single-seed retrains exist
     single = ground_truth_folder(setting)
-    return retrain_ground_truth(
-        setting.train_fn, setting.eval_fn, n_train=len(setting.documents), n_models=c.n_models,
-        fraction=c.fraction, seed=c.gt_seed, cache_dir=single.parent / f"{single.name}-seeds2",
-        progress=progress, n_seeds=2, reuse_dir=single,
-        extra={"setting": setting.key, "corpus": setting.corpus.fingerprint(), "config": c.to_dict()})
+    extra = {"setting": setting.key, "corpus": setting.corpus.fingerprint(), "config": c.to_dict()}
+
+    def build(m: int, folder: Path, reuse: Path):
+        return retrain_ground_truth(
+            setting.train_fn, setting.eval_fn, n_train=len(setting.documents), n_models=m, fraction=c.fraction,
+            seed=c.gt_seed, cache_dir=folder, progress=progress, n_seeds=2, reuse_dir=reuse, extra=extra)
+
+    two = single.parent / f"{single.name}-seeds2"
+    truth = build(c.n_models, two, single)
+    if n_models == c.n_models:
+        return truth
+    more = single.parent / (single.name.replace(f"-m{c.n_models}-", f"-m{n_models}-", 1) + "-seeds2")
+    return build(n_models, more, two)
 
 
 def ceiling_rows(rho: np.ndarray, kinds: np.ndarray) -> list[str]:

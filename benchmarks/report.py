@@ -673,10 +673,36 @@ def _heldout_section(out: dict) -> list[str]:
              "chosen on the same dev queries). Times: wall seconds, one thread.",
              ""]
     lines += headline(out)
+    lines += _two_seed_block(out)
     lines += ["", f"Computed by code version {version}" + (
         f", not this report's {code_version()}: the library changed since; rerun `python -m benchmarks.heldout` "
         "to refresh." if stale else " (this report's)."), ""]
     return lines
+
+
+def _two_seed_block(out: dict) -> list[str]:
+    """The same scores against the steadier ground truth of `benchmarks.heldout.two_seed_report`
+    (more subsets, two training seeds each), when one was saved for these scores' code version."""
+    from .heldout import KIND_SELECTIONS, SELECTION_TITLES, paired_rows, two_seed_summary
+
+    if out.get("cache_dir") is None:
+        return []
+    summary = two_seed_summary(out["config"], out["cache_dir"], code_version=out.get("code_version"))
+    if summary is None:
+        return []
+    m = summary["n_models"]
+    lines = ["", f"The same scores (not refitted) against a steadier ground truth: {m} random halves, each retrained "
+             "with two training seeds, LDS against the mean of the two (`python -m benchmarks.heldout --two-seeds"
+             + (f" --subsets {m}" if m != out["n_models"] else "") + "`; why: one seed's target is unreliable on "
+             "this recipe, `benchmarks/RESULTS-heldout-two-seeds.md`):", ""]
+    sels = tuple(summary.get("selections", KIND_SELECTIONS))
+    titles = " | ".join(SELECTION_TITLES[k] for k in sels)
+    lines += [f"| method | {titles} |", "|---|" + "---|" * len(sels)]
+    for name, means in summary["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{means[k]:.3f}" for k in sels) + " |")
+    lines += ["", "STRIDE minus each baseline against that target (paired 95% CI resampling queries and retrained "
+              "models):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
+    return lines + paired_rows(summary["paired"], sels)
 
 
 #: query counts of the end-to-end columns of the cost table

@@ -602,10 +602,12 @@ def retrain_ground_truth(
             query set, training hyper-parameters ...); stored in and checked against the
             manifest, so a cache made for other queries is not silently reused.
         reuse_dir: another cache of the same masks and seed (e.g. the single-seed cache when
-            adding a second seed): its finished retrains of matching (subset, seed) files are
-            hard-linked (or copied) into ``cache_dir`` instead of retrained. Only files whose
-            mask digest and training seed match are taken, and only when that cache's
-            manifest agrees on everything but ``n_seeds``; needs ``cache_dir``.
+            adding a second seed, or a cache of fewer subsets when adding subsets: masks are
+            drawn one after the other, so subset ``i`` is the same whatever ``n_models``): its
+            finished retrains of matching (subset, seed) files are hard-linked (or copied) into
+            ``cache_dir`` instead of retrained. Only files whose mask digest and training seed
+            match are taken, and only when that cache's manifest agrees on everything but
+            ``n_seeds`` and ``n_models``; needs ``cache_dir``.
 
     Returns:
         `RetrainingGroundTruth` with ``masks [m, n]`` and ``losses [m, q]`` (or ``[m, s, q]``).
@@ -688,11 +690,12 @@ def _reuse_retrains(source: Path, cache: Path, settings: dict[str, Any], n_model
         theirs = storage.read_json(source / "manifest.json")
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"reuse_dir {source} has no readable manifest.json ({e})") from e
-    mine = {k: v for k, v in settings.items() if k != "n_seeds"}
-    if {k: v for k, v in theirs.items() if k != "n_seeds"} != mine:
-        raise ValueError(f"reuse_dir {source} was made with other settings than this run (apart from n_seeds): "
-                         "its retrains cannot be reused")
-    for i in range(n_models):
+    free = ("n_seeds", "n_models")  # subset i and its training seeds do not depend on either
+    mine = {k: v for k, v in settings.items() if k not in free}
+    if {k: v for k, v in theirs.items() if k not in free} != mine:
+        raise ValueError(f"reuse_dir {source} was made with other settings than this run (apart from n_seeds and "
+                         "n_models): its retrains cannot be reused")
+    for i in range(min(n_models, int(theirs.get("n_models", n_models)))):
         for r in range(min(n_seeds, int(theirs.get("n_seeds", 1)))):
             name = f"retrain_{i:05d}_s{r}.npz"
             src, dst = source / name, cache / name

@@ -363,7 +363,8 @@ class Stride:
                     "model fingerprint": self.fingerprint,
                     "layers path": getattr(self.backend, "layers_path", None)}
         tokens = self._encode_train()
-        self._token_presence(tokens)  # the recovery's token component reads the fit's own encoding
+        if self.args.recovery == "lasso+tokens":  # its token component reads the fit's own encoding
+            self._token_presence(tokens)  # (with "lasso", built on first use: attribute(recovery=...))
         if self.operators.column_of is not None:  # more vocabulary than coefficient columns: by frequency
             # of the tokens the fit predicts (targets: BOS and padding are never predicted)
             counts = torch.bincount(tokens.input_ids[tokens.loss_mask.bool()].reshape(-1).cpu(),

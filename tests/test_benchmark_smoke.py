@@ -100,6 +100,8 @@ def test_noise_ceiling_reuses_seed_zero_and_reports_both_cis(tmp_path, capsys):
     """benchmarks.noise_ceiling --quick: trains only the second seed, reports rho and STRIDE's CIs."""
     import os
 
+    import numpy as np
+
     from benchmarks.noise_ceiling import main as ceiling
     from benchmarks.setting import build_setting, ground_truth, ground_truth_folder, quick_config
 
@@ -115,6 +117,20 @@ def test_noise_ceiling_reuses_seed_zero_and_reports_both_cis(tmp_path, capsys):
     assert len(pairs) == setting.config.n_models
     assert all(os.path.samefile(p, single / p.name) for p in pairs)  # seed 0 reused, not retrained
     assert len(list((single.parent / f"{single.name}-seeds2").glob("retrain_*_s1.npz"))) == setting.config.n_models
+
+    # more subsets: the first n_models (both seeds) are linked from the two-seed cache, only new ones train
+    from benchmarks.noise_ceiling import two_seed_truth
+
+    n = setting.config.n_models
+    two = two_seed_truth(setting, progress=False)
+    more = two_seed_truth(setting, progress=False, n_models=n + 1)
+    assert more.masks.shape[0] == n + 1 and more.losses.shape[:2] == (n + 1, 2)
+    np.testing.assert_array_equal(more.masks[:n], two.masks)
+    np.testing.assert_array_equal(more.losses[:n], two.losses)
+    folder = single.parent / (single.name.replace(f"-m{n}-", f"-m{n + 1}-", 1) + "-seeds2")
+    assert all(os.path.samefile(folder / p.name, single / p.name) for p in pairs)
+    with pytest.raises(ValueError, match="below the benchmark"):
+        two_seed_truth(setting, progress=False, n_models=n - 1)
 
 
 def test_shared_factor_finds_a_factor_common_to_every_query():
@@ -137,6 +153,23 @@ def test_shared_factor_finds_a_factor_common_to_every_query():
 def quick_cache(tmp_path_factory):
     """One cache folder for the quick setting's model, shared by the tests below."""
     return tmp_path_factory.mktemp("quick-bench-cache")
+
+
+def test_subset_length_mean_correlation_reads_each_row_against_the_signal():
+    """benchmarks.subset_length.mean_correlation: the mean over rows of each row's Pearson
+    correlation with the signal (a row following it: +1, against it: -1, unrelated: about 0)."""
+    import numpy as np
+
+    from benchmarks.subset_length import mean_correlation
+
+    rng = np.random.default_rng(0)
+    signal = rng.normal(size=200)
+    rows = np.stack([2.0 * signal + 1.0, -signal, rng.normal(size=200)])
+    assert mean_correlation(rows[:1], signal) == pytest.approx(1.0)
+    assert mean_correlation(rows[1:2], signal) == pytest.approx(-1.0)
+    assert abs(mean_correlation(rows[2:], signal)) < 0.2
+    expected = np.mean([np.corrcoef(r, signal)[0, 1] for r in rows])
+    assert mean_correlation(rows, signal) == pytest.approx(expected)
 
 
 def test_data_selection_quick_and_its_paired_interval(quick_cache, capsys):

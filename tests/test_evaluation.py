@@ -443,3 +443,30 @@ def test_a_second_seed_reuses_the_first_seeds_retrains(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         retrain_ground_truth(train, lambda m: m, n_train=10, n_models=4, seed=2, cache_dir=tmp_path / "three",
                              progress=False, n_seeds=2, reuse_dir=tmp_path / "one")
+
+
+def test_more_subsets_reuse_the_first_subsets_retrains(tmp_path):
+    """Masks are drawn one after the other, so a cache of 4 subsets x 2 seeds serves the first 4
+    of 6; only the 2 new subsets are trained, and their losses match a run made from scratch."""
+    from stride_nnsight.evaluation import retrain_ground_truth
+
+    calls = []
+
+    def train(indices, seed):
+        calls.append(seed)
+        return np.random.default_rng(seed).normal(size=3) + len(indices) + indices.sum()
+
+    four = retrain_ground_truth(train, lambda m: m, n_train=10, n_models=4, seed=1, cache_dir=tmp_path / "four",
+                                progress=False, n_seeds=2)
+    calls.clear()
+    six = retrain_ground_truth(train, lambda m: m, n_train=10, n_models=6, seed=1, cache_dir=tmp_path / "six",
+                               progress=False, n_seeds=2, reuse_dir=tmp_path / "four")
+    assert len(calls) == 4  # 2 new subsets x 2 seeds
+    np.testing.assert_array_equal(six.losses[:4], four.losses)
+    np.testing.assert_array_equal(six.masks[:4], four.masks)
+    calls.clear()
+    fresh = retrain_ground_truth(train, lambda m: m, n_train=10, n_models=6, seed=1, progress=False, n_seeds=2)
+    np.testing.assert_array_equal(fresh.losses, six.losses)
+    with pytest.raises(ValueError, match="other settings"):  # another fraction: other masks
+        retrain_ground_truth(train, lambda m: m, n_train=10, n_models=6, fraction=0.3, seed=1,
+                             cache_dir=tmp_path / "seven", progress=False, n_seeds=2, reuse_dir=tmp_path / "four")

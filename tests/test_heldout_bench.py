@@ -111,7 +111,18 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     seed0 = [ln for ln in two.splitlines() if ln.startswith("| STRIDE (defaults) | seed 0")]
     reported = next(ln for ln in text.splitlines() if ln.startswith("| STRIDE (defaults) |"))
     assert len(seed0) == 1 and seed0[0].split(" | ")[2] == reported.split(" | ")[1]  # the reported LDS, not refitted
-    assert sum(ln.count("[") == 4 for ln in two.splitlines()) == 5  # a paired row per baseline
+    # a paired row per baseline; cells: all, facts, text (scripture + docs), scripture, docs
+    assert sum(ln.count("[") == 5 for ln in two.splitlines()) == 5 and "text (scripture + docs)" in two
+    # --subsets: more random halves (two seeds each); RESULTS.md's headline then shows the scores against them
+    assert "steadier ground truth" not in section  # no two-seed summary was saved yet
+    n = HELDOUT_QUICK.n_models
+    assert main(["--quick", "--two-seeds", "--subsets", str(n + 1), "--cache-dir", str(tmp_path)]) == 0
+    more = (tmp_path / f"RESULTS-heldout-two-seeds-m{n + 1}.md").read_text()
+    assert f"the ground truth is {n + 1} subsets" in more and f"seed 0 ({n + 1} subsets)" in more
+    section = "\n".join(_heldout_section(saved_results(HELDOUT_QUICK, tmp_path)))
+    assert f"{n + 1} random halves, each retrained with two training seeds" in section
+    steady = section.split("steadier ground truth")[1]
+    assert "| STRIDE (defaults) |" in steady and sum(ln.count("[") == 5 for ln in steady.splitlines()) == 5
 
 
 def test_narrative_twin_reads_other_books_than_the_heldout_and_public_corpora(corpus):

@@ -162,6 +162,19 @@ def test_presence_comes_from_the_fit_and_matches_a_fresh_encoding(fitted):
         fitted._presence = (fitted._presence[0], kept)
 
 
+def test_a_lasso_fit_builds_the_presence_only_when_asked(tiny_model, small_texts, fitted):
+    """recovery="lasso" skips the presence at fit time; asking for the token component later
+    (`attribute(recovery="lasso+tokens")`) builds it then, and it equals the fit-time one."""
+    from stride_nnsight import Stride
+
+    lasso = Stride(tiny_model, layer=1, seed=0, recovery="lasso", **FAST).fit(small_texts[:24], progress=False)
+    assert getattr(lasso, "_presence", None) is None
+    out = lasso.attribute(["the cat sat"], [" on the mat."], progress=False, null_permutations=0,
+                          recovery="lasso+tokens")
+    assert out.provenance["recovery"] == "lasso+tokens" and lasso._presence is not None
+    assert (lasso._presence[1] != fitted._presence[1]).nnz == 0
+
+
 def test_recovery_setting_is_validated_and_old_states_keep_the_lasso():
     from stride_nnsight import StrideArguments
 
