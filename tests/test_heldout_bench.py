@@ -149,3 +149,17 @@ def test_dev_twin_shares_nothing_with_the_heldout_corpus(corpus):
     assert {k: int((kinds == k).sum()) for k in ("scripture", "docs", "fact")} == {
         "scripture": HELDOUT.n_text_docs // 2, "docs": HELDOUT.n_text_docs // 2, "fact": 2 * HELDOUT.n_facts}
     assert HELDOUT_DEV.gt_seed != HELDOUT.gt_seed and HELDOUT_DEV.corpus_seed != HELDOUT.corpus_seed
+
+
+def test_each_report_says_which_bench_it_is():
+    """A dev twin's report must not call itself the held-out benchmark nor claim nothing was tuned
+    on it: title, command and role follow the config (the quick config is the held-out recipe)."""
+    from benchmarks.heldout import HELDOUT, HELDOUT_DEV, HELDOUT_NARRATIVE, HELDOUT_QUICK, _report_identity
+
+    title, flag, role = _report_identity(HELDOUT)
+    assert (title, flag) == ("Held-out benchmark", "") and role.startswith("Nothing was tuned")
+    assert _report_identity(HELDOUT_QUICK)[:2] == ("Held-out benchmark", " --quick")
+    for config, expected in ((HELDOUT_DEV, " --dev"), (HELDOUT_NARRATIVE, " --narrative")):
+        title, flag, role = _report_identity(config)
+        assert flag == expected and "dev bench" in title and "Nothing was tuned" not in role
+        assert f"--bench {config.name}" in role
