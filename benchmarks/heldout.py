@@ -550,12 +550,16 @@ def _load_results_file(path: Path) -> tuple[dict[str, Any], dict[str, float]]:
     return out, meta["seconds"]
 
 
+def _corpus_only_setting(config: HeldoutConfig, cache_dir: Path) -> BenchSetting:
+    """A setting with the corpus and no model: enough for its cache key (building it trains nothing)."""
+    return BenchSetting(config, build_heldout_corpus(config), None, None, 0.0, Path(cache_dir))  # type: ignore[arg-type]
+
+
 def saved_results(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR) -> Optional[dict[str, Any]]:
     """The last saved held-out results of any code version (newest first), without training
     anything: ``None`` when there are none. Adds ``code_version`` (the code that computed
     them), ``config`` and ``cache_dir`` to the returned ``out``."""
-    corpus = build_heldout_corpus(config)
-    setting = BenchSetting(config, corpus, None, None, 0.0, Path(cache_dir))  # type: ignore[arg-type]
+    setting = _corpus_only_setting(config, cache_dir)
     found = sorted(Path(cache_dir).glob(f"heldout-results-{setting.key}-code*.npz"),
                    key=lambda f: f.stat().st_mtime, reverse=True)
     if not found:
@@ -644,8 +648,7 @@ def two_seed_summary(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DI
     """The saved summary of the `two_seed_report` with the most subsets (LDS per kind against the
     two-seed mean, STRIDE's paired differences) for scores of ``code_version`` (any when ``None``);
     ``None`` when there is none. Reads no model and trains nothing."""
-    corpus = build_heldout_corpus(config)
-    setting = BenchSetting(config, corpus, None, None, 0.0, Path(cache_dir))  # type: ignore[arg-type]
+    setting = _corpus_only_setting(config, cache_dir)
     best = None
     for path in Path(cache_dir).glob(f"heldout-two-seeds-{setting.key}-m*.json"):
         summary = storage.read_json(path)

@@ -71,8 +71,8 @@ def two_seed_truth(setting: Any, progress: bool = True, n_models: Optional[int] 
     truth = build(c.n_models, two, single)
     if n_models == c.n_models:
         return truth
-    more = single.parent / (single.name.replace(f"-m{c.n_models}-", f"-m{n_models}-", 1) + "-seeds2")
-    return build(n_models, more, two)
+    more = ground_truth_folder(setting, n_models)
+    return build(n_models, more.parent / f"{more.name}-seeds2", two)
 
 
 def ceiling_rows(rho: np.ndarray, kinds: np.ndarray) -> list[str]:

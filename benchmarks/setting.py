@@ -465,9 +465,11 @@ def code_version(root: Optional[Path] = None) -> str:
     return digest.hexdigest()[:10]
 
 
-def ground_truth_folder(setting: BenchSetting) -> Path:
+def ground_truth_folder(setting: BenchSetting, n_models: Optional[int] = None) -> Path:
+    """Cache folder of the setting's retrained ground truth (``n_models``: of that many subsets
+    instead of the config's)."""
     c = setting.config
-    return setting.cache_dir / f"ground_truth-{setting.key}-m{c.n_models}-f{c.fraction}-s{c.gt_seed}"
+    return setting.cache_dir / f"ground_truth-{setting.key}-m{n_models or c.n_models}-f{c.fraction}-s{c.gt_seed}"
 
 
 def ground_truth(setting: BenchSetting, progress: bool = True):

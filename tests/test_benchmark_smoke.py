@@ -127,7 +127,9 @@ def test_noise_ceiling_reuses_seed_zero_and_reports_both_cis(tmp_path, capsys):
     assert more.masks.shape[0] == n + 1 and more.losses.shape[:2] == (n + 1, 2)
     np.testing.assert_array_equal(more.masks[:n], two.masks)
     np.testing.assert_array_equal(more.losses[:n], two.losses)
-    folder = single.parent / (single.name.replace(f"-m{n}-", f"-m{n + 1}-", 1) + "-seeds2")
+    folder = ground_truth_folder(setting, n + 1)
+    folder = folder.parent / f"{folder.name}-seeds2"
+    assert folder.name == single.name.replace(f"-m{n}-", f"-m{n + 1}-", 1) + "-seeds2"
     assert all(os.path.samefile(folder / p.name, single / p.name) for p in pairs)
     with pytest.raises(ValueError, match="below the benchmark"):
         two_seed_truth(setting, progress=False, n_models=n - 1)
