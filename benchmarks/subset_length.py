@@ -31,14 +31,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare_settings import BENCHES, load_bench  # noqa: E402
+from benchmarks.lambda_rules import _row_correlation  # noqa: E402
 
 
 def mean_correlation(values: np.ndarray, signal: np.ndarray) -> float:
-    """Mean over rows of ``values [q, m]`` of the Pearson correlation with ``signal [m]``."""
-    v = values - values.mean(1, keepdims=True)
-    s = signal - signal.mean()
-    r = (v @ s) / (np.linalg.norm(v, axis=1) * np.linalg.norm(s) + 1e-12)
-    return float(r.mean())
+    """Mean over rows of ``values [q, m]`` of the Pearson correlation with ``signal [m]``
+    (a constant row counts 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(_row_correlation(values, np.broadcast_to(signal, values.shape), rank=False).mean())
 
 
 def rows_for(bench: dict, stride) -> list[str]:
