@@ -8,6 +8,14 @@ CPU seconds (``time.process_time``; meaningful only when run alone with OMP_NUM_
 the forward rows it read per training document (distinct documents per step with
 ``sampling="document"``, rows per step otherwise; times the steps, over n).
 
+``--seeds S`` fits every variant with ``seed = 0 .. S-1`` (the seed draws the subset design, the
+operators' initialisation and the fit's sampling) and reports seed-averaged figures: seed ``s``
+of a variant is paired with seed ``s`` of the first variant, and a third interval resamples the
+fit seeds as well as the queries. Use it for any setting whose effect is not far larger than
+the fit-seed spread: on the held-out benchmark's dev twins, the defaults with seed 1 or 2
+instead of 0 differ by -0.06 to +0.03 LDS, with paired query intervals that can exclude 0
+(RESULTS-dev-comparisons.md), so a single-seed comparison can crown a seed, not a setting.
+
 Benchmarks (``--bench``):
 
 * ``gate``: the suite's quality-gate corpus (``tests/test_quality_gate.py``: 150 planted-fact
@@ -57,7 +65,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from stride_nnsight import Stride  # noqa: E402
-from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds, paired_lds_ci  # noqa: E402
+from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds, lds_replicates, paired_lds_ci  # noqa: E402
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -128,38 +136,59 @@ def public_script(argv, doc: str, out: Path) -> tuple[Any, dict[str, Any], Any]:
     return args, bench, lm
 
 
-def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000) -> list[dict[str, Any]]:
+def _fit_and_score(bench: dict[str, Any], changes: dict[str, Any], n_boot: int) -> dict[str, Any]:
+    """One STRIDE fit with ``changes`` on ``bench``: its scores, per-query LDS, recall and cost."""
     from nnsight import TransformersModel
 
+    changes = dict(changes)
+    model = bench["model"]
+    dtype = changes.pop("model_dtype", None)
+    if dtype is not None:
+        import torch
+
+        if dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"model_dtype must be 'bfloat16' or 'float16', got {dtype!r}")
+        model = copy.deepcopy(model).to(getattr(torch, dtype))
+    lm = TransformersModel(model, tokenizer=copy.deepcopy(bench["tokenizer"]), task="text-generation")
+    start = time.process_time()
+    stride = Stride(lm, **changes).fit(bench["documents"], progress=False)
+    fit_s = time.process_time() - start
+    scores = stride.attribute(bench["prompts"], bench["completions"], progress=False).scores.numpy()
+    result = lds(scores, bench["truth"].masks, bench["truth"].losses, n_boot=n_boot)
+    facts = np.asarray(bench["kinds"]) == "fact"
+    args = stride.args
+    n_rows = args.fit_steps(len(bench["documents"])) * stride_rows_per_step(args)
+    return {"scores": scores, "per_query": np.nan_to_num(np.asarray(result.per_query, dtype=float)),
+            "recall@10": fact_tracing(scores[facts], bench["sources"], ks=(10,))["recall@10"],
+            "fit_s": fit_s, "rows_per_doc": n_rows / len(bench["documents"]), "positions": args.loss_positions}
+
+
+def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000, seeds: int = 1) -> list[dict[str, Any]]:
+    """Fit every variant (``seeds > 1``: once per ``seed = 0 .. seeds-1``) and score it on ``bench``.
+
+    A row's ``per_query`` is the per-query LDS averaged over its seeds (``seed_per_query [S, q]``
+    holds each seed's), ``scores`` the first seed's scores (``seed_scores`` every seed's), recall,
+    fit CPU seconds and rows per document the seed means."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     rows = []
     kinds = np.asarray(bench["kinds"])
     for text in variants:
         changes = {**bench["stride_kwargs"], **parse_variant(text)}
-        model = bench["model"]
-        dtype = changes.pop("model_dtype", None)
-        if dtype is not None:
-            import torch
-
-            if dtype not in ("bfloat16", "float16"):
-                raise ValueError(f"model_dtype must be 'bfloat16' or 'float16', got {dtype!r}")
-            model = copy.deepcopy(model).to(getattr(torch, dtype))
-        lm = TransformersModel(model, tokenizer=copy.deepcopy(bench["tokenizer"]), task="text-generation")
-        start = time.process_time()
-        stride = Stride(lm, **changes).fit(bench["documents"], progress=False)
-        fit_s = time.process_time() - start
-        scores = stride.attribute(bench["prompts"], bench["completions"], progress=False).scores.numpy()
-        result = lds(scores, bench["truth"].masks, bench["truth"].losses, n_boot=n_boot)
-        per_query = np.nan_to_num(np.asarray(result.per_query, dtype=float))
-        facts = kinds == "fact"
-        recall = fact_tracing(scores[facts], bench["sources"], ks=(10,))["recall@10"]
-        args = stride.args
-        n_rows = args.fit_steps(len(bench["documents"])) * stride_rows_per_step(args)
-        rows.append({"variant": text or "defaults", "recall@10": recall, "lds": float(per_query.mean()),
-                     "scores": scores, "truth": bench["truth"],
-                     "per_query": per_query, "by_kind": {k: float(per_query[kinds == k].mean())
-                                                        for k in sorted(set(kinds.tolist()))},
-                     "fit_s": fit_s, "rows_per_doc": n_rows / len(bench["documents"]),
-                     "positions": args.loss_positions})
+        if seeds > 1 and "seed" in changes:
+            raise SystemExit(f"variant {text!r} sets seed and --seeds {seeds} sets it too: drop one")
+        fits = [_fit_and_score(bench, {**changes, **({"seed": s} if seeds > 1 else {})}, n_boot)
+                for s in range(seeds)]
+        seed_per_query = np.stack([f["per_query"] for f in fits])
+        per_query = seed_per_query.mean(0)
+        rows.append({"variant": text or "defaults", "recall@10": float(np.mean([f["recall@10"] for f in fits])),
+                     "lds": float(per_query.mean()), "scores": fits[0]["scores"],
+                     "seed_scores": [f["scores"] for f in fits], "seed_per_query": seed_per_query,
+                     "truth": bench["truth"], "per_query": per_query,
+                     "by_kind": {k: float(per_query[kinds == k].mean()) for k in sorted(set(kinds.tolist()))},
+                     "fit_s": float(np.mean([f["fit_s"] for f in fits])),
+                     "rows_per_doc": float(np.mean([f["rows_per_doc"] for f in fits])),
+                     "positions": fits[0]["positions"]})
     return rows
 
 
@@ -172,26 +201,68 @@ def stride_rows_per_step(args) -> int:
     return args.batch_size + n_probe
 
 
+def seed_query_ci(diff: np.ndarray, confidence: float = 0.95, n_boot: int = 1000,
+                  seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``diff [S, q]`` (per fit seed and query),
+    resampling fit seeds and queries together (two-way: a replicate draws ``S`` seeds and ``q``
+    queries with replacement and averages the drawn block)."""
+    diff = np.asarray(diff, dtype=float)
+    if diff.ndim != 2:
+        raise ValueError(f"diff must be [seeds, queries], got shape {diff.shape}")
+    rng = np.random.default_rng(seed)
+    S, q = diff.shape
+    reps = np.array([diff[np.ix_(rng.integers(0, S, S), rng.integers(0, q, q))].mean() for _ in range(int(n_boot))])
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(reps, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def _models_ci(row: dict[str, Any], base: dict[str, Any], n_boot: int) -> str:
+    """Paired interval of the seed-averaged LDS difference, resampling queries and retrains."""
+    truth = row.get("truth")
+    if truth is None or row is base:
+        return "-"
+    a = row.get("seed_scores", [row["scores"]])
+    b = base.get("seed_scores", [base["scores"]])
+    if len(a) == 1 and len(b) == 1:
+        _, lo, hi = paired_lds_ci(a[0], b[0], truth.masks, truth.losses, n_boot=n_boot)
+    else:
+        reps = lds_replicates(list(a) + list(b), truth.masks, truth.losses, n_boot=n_boot)
+        diff = reps[:, :len(a)].mean(1) - reps[:, len(a):].mean(1)
+        lo, hi = np.quantile(diff, [0.025, 0.975])
+    return f"[{lo:+.3f}, {hi:+.3f}]"
+
+
 def report(rows: list[dict[str, Any]], n_boot: int = 1000) -> str:
     kinds = list(rows[0]["by_kind"])
+    n_seeds = len(rows[0].get("seed_per_query", [rows[0]["per_query"]]))
+    seeded = n_seeds > 1
     head = ["variant", "recall@10", "LDS"] + [f"LDS {k}" for k in kinds] + \
-        [f"LDS - {rows[0]['variant']} [95% CI]", "CI, queries + retrains resampled", "rows/doc", "positions/row",
-         "fit CPU s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = rows[0]["per_query"]
+        [f"LDS - {rows[0]['variant']} [95% CI]", "CI, queries + retrains resampled"] + \
+        (["CI, queries + fit seeds resampled", "per seed: LDS - first variant"] if seeded else []) + \
+        ["rows/doc", "positions/row", "fit CPU s"]
+    lines = []
+    if seeded:
+        lines.append(f"Figures are means over fit seeds 0..{n_seeds - 1}; seed s of a variant is paired with seed s "
+                     f"of {rows[0]['variant']!r}.")
+        lines.append("")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows[0]
     for r in rows:
-        diff = r["per_query"] - base
+        diff = r["per_query"] - base["per_query"]
         lo, hi = bootstrap_ci(diff, 0.95, n_boot, 0)
-        truth = r.get("truth")
-        if truth is not None and r is not rows[0]:
-            _, mlo, mhi = paired_lds_ci(r["scores"], rows[0]["scores"], truth.masks, truth.losses, n_boot=n_boot)
-            model_ci = f"[{mlo:+.3f}, {mhi:+.3f}]"
-        else:
-            model_ci = "-"
         cells = [r["variant"], f"{r['recall@10']:.3f}", f"{r['lds']:.3f}"] + \
             [f"{r['by_kind'][k]:.3f}" for k in kinds] + \
-            [f"{diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]", model_ci, f"{r['rows_per_doc']:.1f}",
-             "all" if r["positions"] is None else str(r["positions"]), f"{r['fit_s']:.1f}"]
+            [f"{diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}]", _models_ci(r, base, n_boot)]
+        if seeded:
+            seed_diff = r["seed_per_query"] - base["seed_per_query"]
+            if r is base:
+                cells += ["-", "-"]
+            else:
+                slo, shi = seed_query_ci(seed_diff, 0.95, n_boot, 0)
+                cells += [f"[{slo:+.3f}, {shi:+.3f}]", " / ".join(f"{v:+.3f}" for v in seed_diff.mean(1))]
+        cells += [f"{r['rows_per_doc']:.1f}", "all" if r["positions"] is None else str(r["positions"]),
+                  f"{r['fit_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -215,11 +286,15 @@ def load_bench(name: str) -> dict[str, Any]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare_settings", description=__doc__.split("\n")[0])
     p.add_argument("--bench", choices=BENCHES, default="gate")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="fit every variant with seed 0..SEEDS-1 and report seed means (default 1: seed 0 only)")
     p.add_argument("variants", nargs="*", help="key=value[,key=value] changes to the defaults, one per variant")
     a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {a.seeds}")
     print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     bench = load_bench(a.bench)
-    rows = run(bench, [""] + list(a.variants))
+    rows = run(bench, [""] + list(a.variants), seeds=a.seeds)
     print(f"bench {a.bench}: {len(bench['documents'])} documents, {len(bench['prompts'])} queries, "
           f"{bench['truth'].n_models} retrained models")
     print(report(rows))

@@ -674,6 +674,7 @@ def _heldout_section(out: dict) -> list[str]:
              ""]
     lines += headline(out)
     lines += _two_seed_block(out)
+    lines += _fit_seed_block(out)
     lines += ["", f"Computed by code version {version}" + (
         f", not this report's {code_version()}: the library changed since; rerun `python -m benchmarks.heldout` "
         "to refresh." if stale else " (this report's)."), ""]
@@ -702,6 +703,33 @@ def _two_seed_block(out: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(f"{means[k]:.3f}" for k in sels) + " |")
     lines += ["", "STRIDE minus each baseline against that target (paired 95% CI resampling queries and retrained "
               "models):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
+    return lines + paired_rows(summary["paired"], sels)
+
+
+def _fit_seed_block(out: dict) -> list[str]:
+    """STRIDE refitted with other fit seeds (`benchmarks.heldout_fit_seeds`), when a summary was
+    saved for these scores' code version: the spread of its LDS and the seed mean's verdicts."""
+    from .heldout import SELECTION_TITLES, paired_rows
+    from .heldout_fit_seeds import fit_seed_summary
+
+    if out.get("cache_dir") is None:
+        return []
+    summary = fit_seed_summary(out["config"], out["cache_dir"], code_version=out.get("code_version"))
+    if summary is None:
+        return []
+    sels, S = tuple(summary["selections"]), summary["seeds"]
+    titles = " | ".join(SELECTION_TITLES[k] for k in sels)
+    lines = ["", f"STRIDE's fit seed (it draws the subset design, the operators' initialisation and the fit's "
+             f"sampling; the scores above are seed 0's): refitted with seeds 1 to {S - 1}, against the same "
+             f"{summary['n_models']}-subset two-seed target (`python -m benchmarks.heldout_fit_seeds --seeds {S} "
+             f"--subsets {summary['n_models']}`, `benchmarks/RESULTS-heldout-fit-seeds.md`):", "",
+             f"| STRIDE (defaults) | {titles} |", "|---|" + "---|" * len(sels)]
+    for i, per in enumerate(summary["per_seed"]):
+        lines.append(f"| seed {i} | " + " | ".join(f"{per[k]:.3f}" for k in sels) + " |")
+    lines.append(f"| mean of {S} seeds (SD) | " + " | ".join(f"{summary['mean'][k]:.3f} ({summary['sd'][k]:.3f})"
+                                                          for k in sels) + " |")
+    lines += ["", f"The mean of the {S} fit seeds minus each baseline (paired 95% CI resampling queries and "
+              "retrained models; the seeds fixed):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
     return lines + paired_rows(summary["paired"], sels)
 
 

@@ -183,3 +183,68 @@ def test_token_component_benchmark_rows_are_the_library_recoveries(tiny_model, s
     np.testing.assert_allclose(rows[1]["scores"], default, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(rows[0]["scores"], lasso.scores.numpy())
     assert rows[0]["nnz"] <= 16  # the Lasso alone: at most K non-zeros per query
+
+
+def _seeded_rows(rng, truth, true, n_seeds=3):
+    from stride_nnsight.evaluation import lds
+
+    rows = []
+    q, n = true.shape
+    for name, noise in (("defaults", 0.5), ("worse", 3.0)):
+        seed_scores = [true + noise * rng.normal(size=(q, n)) for _ in range(n_seeds)]
+        spq = np.stack([np.nan_to_num(lds(s, truth.masks, truth.losses).per_query) for s in seed_scores])
+        rows.append({"variant": name, "recall@10": 1.0, "lds": float(spq.mean()), "scores": seed_scores[0],
+                     "seed_scores": seed_scores, "seed_per_query": spq, "truth": truth, "per_query": spq.mean(0),
+                     "by_kind": {"fact": float(spq.mean())}, "fit_s": 1.0, "rows_per_doc": 24.0, "positions": None})
+    return rows
+
+
+def test_seeded_report_pairs_seeds_and_resamples_them():
+    """--seeds: each seed's difference against the same seed of the first variant, and an interval
+    that resamples fit seeds too (wider than the query-only one when seeds disagree)."""
+    from benchmarks.compare_settings import report, seed_query_ci
+    from stride_nnsight.evaluation import draw_subset_masks
+
+    rng = np.random.default_rng(0)
+    q, n, m = 12, 40, 10
+    true = rng.normal(size=(q, n)) * (rng.random((q, n)) < 0.15)
+    masks = draw_subset_masks(n, m, 0.5, 0)
+    truth = SimpleNamespace(masks=masks, losses=-(masks @ true.T) + 0.2 * rng.normal(size=(m, q)))
+    rows = _seeded_rows(rng, truth, true)
+    table = report(rows, n_boot=200)
+    assert "fit seeds 0..2" in table and "CI, queries + fit seeds resampled" in table
+    last = [c.strip() for c in table.splitlines()[-1].split("|")]
+    per_seed = (rows[1]["seed_per_query"] - rows[0]["seed_per_query"]).mean(1)
+    assert last[-5] == " / ".join(f"{v:+.3f}" for v in per_seed)
+    assert float(last[5].split()[0]) < 0  # the noisier variant is worse
+    # seed-level disagreement widens the two-way interval; a constant difference has a point interval
+    offsets = np.array([[0.2], [-0.2], [0.0]]) + 0.01 * rng.normal(size=(3, 30))
+    lo2, hi2 = seed_query_ci(offsets, n_boot=500)
+    assert hi2 - lo2 > 0.1
+    np.testing.assert_allclose(seed_query_ci(np.full((3, 30), 0.05), n_boot=50), (0.05, 0.05))
+
+
+def test_run_fits_each_seed_and_refuses_a_seeded_variant(monkeypatch):
+    import pytest
+
+    import benchmarks.compare_settings as cs
+
+    seen = []
+
+    def fake(bench, changes, n_boot):
+        seen.append(changes.get("seed"))
+        s = changes.get("seed", 0)
+        return {"scores": np.full((2, 3), float(s)), "per_query": np.array([0.1 * s, 0.3]), "recall@10": 1.0,
+                "fit_s": 1.0, "rows_per_doc": 2.0, "positions": None}
+
+    monkeypatch.setattr(cs, "_fit_and_score", fake)
+    bench = {"stride_kwargs": {}, "kinds": ["fact", "text"], "truth": None}
+    rows = cs.run(bench, ["", "lr=0.01"], seeds=3)
+    assert seen == [0, 1, 2, 0, 1, 2]
+    np.testing.assert_allclose(rows[0]["per_query"], [0.1, 0.3])
+    assert rows[0]["seed_per_query"].shape == (3, 2) and len(rows[1]["seed_scores"]) == 3
+    seen.clear()
+    cs.run(bench, [""])
+    assert seen == [None]  # one seed: the library's own default seed
+    with pytest.raises(SystemExit, match="sets seed"):
+        cs.run(bench, ["seed=4"], seeds=2)
