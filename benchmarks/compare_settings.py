@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from stride_nnsight import Stride  # noqa: E402
-from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds, lds_replicates, paired_lds_ci  # noqa: E402
+from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds, lds_replicates  # noqa: E402
 
 
 def parse_variant(text: str) -> dict[str, Any]:
@@ -222,14 +222,11 @@ def _models_ci(row: dict[str, Any], base: dict[str, Any], n_boot: int) -> str:
     truth = row.get("truth")
     if truth is None or row is base:
         return "-"
-    a = row.get("seed_scores", [row["scores"]])
-    b = base.get("seed_scores", [base["scores"]])
-    if len(a) == 1 and len(b) == 1:
-        _, lo, hi = paired_lds_ci(a[0], b[0], truth.masks, truth.losses, n_boot=n_boot)
-    else:
-        reps = lds_replicates(list(a) + list(b), truth.masks, truth.losses, n_boot=n_boot)
-        diff = reps[:, :len(a)].mean(1) - reps[:, len(a):].mean(1)
-        lo, hi = np.quantile(diff, [0.025, 0.975])
+    a = list(row.get("seed_scores", [row["scores"]]))
+    b = list(base.get("seed_scores", [base["scores"]]))
+    # one seed each: exactly `paired_lds_ci`'s interval (the same draws)
+    reps = lds_replicates(a + b, truth.masks, truth.losses, n_boot=n_boot)
+    lo, hi = np.quantile(reps[:, :len(a)].mean(1) - reps[:, len(a):].mean(1), [0.025, 0.975])
     return f"[{lo:+.3f}, {hi:+.3f}]"
 
 

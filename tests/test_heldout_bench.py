@@ -123,6 +123,26 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     assert f"{n + 1} random halves, each retrained with two training seeds" in section
     steady = section.split("steadier ground truth")[1]
     assert "| STRIDE (defaults) |" in steady and sum(ln.count("[") == 5 for ln in steady.splitlines()) == 5
+    # the fit seed: seed 0 is the saved fit (the two-seed report's figures), other seeds are refitted and cached
+    from benchmarks import heldout_fit_seeds
+
+    assert heldout_fit_seeds.main(["--quick", "--seeds", "2", "--cache-dir", str(tmp_path)]) == 0
+    fits = (tmp_path / "RESULTS-heldout-fit-seeds-heldout-quick.md").read_text()
+    mean01 = next(ln for ln in two.splitlines() if ln.startswith("| STRIDE (defaults) | mean of seeds 0 and 1 |"))
+    seed_row = next(ln for ln in fits.splitlines() if ln.startswith("| seed 0 (reported) |"))
+    assert seed_row.split(" | ")[1:] == mean01.split(" | ")[2:]  # the reported scores, the same target
+    assert next(ln for ln in fits.splitlines() if ln.startswith("| seed 1 |"))
+    assert sum(ln.count("[") == 5 for ln in fits.splitlines()) == 5  # a seed-mean row per baseline
+    cached = list(tmp_path.glob("heldout-fit-seed-*-s1.npz"))
+    assert len(cached) == 1
+    again = heldout_fit_seeds.fit_seed_report(HELDOUT_QUICK, tmp_path, seeds=2, log=lambda m: None,
+                                              args_for=lambda s: 1 / 0)  # a refit would raise: resumed from cache
+    assert again.split("## STRIDE's LDS")[1] == fits.split("## STRIDE's LDS")[1]
+    # RESULTS.md's headline shows the seed spread and the seed mean's verdicts
+    section = "\n".join(_heldout_section(saved_results(HELDOUT_QUICK, tmp_path)))
+    block = section.split("STRIDE's fit seed")[1]
+    assert "| seed 0 |" in block and "| seed 1 |" in block and "| mean of 2 seeds (SD) |" in block
+    assert sum(ln.count("[") == 5 for ln in block.splitlines()) == 5
 
 
 def test_narrative_twin_reads_other_books_than_the_heldout_and_public_corpora(corpus):
@@ -163,23 +183,3 @@ def test_each_report_says_which_bench_it_is():
         title, flag, role = _report_identity(config)
         assert flag == expected and "dev bench" in title and "Nothing was tuned" not in role
         assert f"--bench {config.name}" in role
-    # the fit seed: seed 0 is the saved fit (the two-seed report's figures), other seeds are refitted and cached
-    from benchmarks import heldout_fit_seeds
-
-    assert heldout_fit_seeds.main(["--quick", "--seeds", "2", "--cache-dir", str(tmp_path)]) == 0
-    fits = (tmp_path / "RESULTS-heldout-fit-seeds-heldout-quick.md").read_text()
-    mean01 = next(ln for ln in two.splitlines() if ln.startswith("| STRIDE (defaults) | mean of seeds 0 and 1 |"))
-    seed_row = next(ln for ln in fits.splitlines() if ln.startswith("| seed 0 (reported) |"))
-    assert seed_row.split(" | ")[1:] == mean01.split(" | ")[2:]  # the reported scores, the same target
-    assert next(ln for ln in fits.splitlines() if ln.startswith("| seed 1 |"))
-    assert sum(ln.count("[") == 5 for ln in fits.splitlines()) == 5  # a seed-mean row per baseline
-    cached = list(tmp_path.glob("heldout-fit-seed-*-s1.npz"))
-    assert len(cached) == 1
-    again = heldout_fit_seeds.fit_seed_report(HELDOUT_QUICK, tmp_path, seeds=2, log=lambda m: None,
-                                              args_for=lambda s: 1 / 0)  # a refit would raise: resumed from cache
-    assert again.split("## STRIDE's LDS")[1] == fits.split("## STRIDE's LDS")[1]
-    # RESULTS.md's headline shows the seed spread and the seed mean's verdicts
-    section = "\n".join(_heldout_section(saved_results(HELDOUT_QUICK, tmp_path)))
-    block = section.split("STRIDE's fit seed")[1]
-    assert "| seed 0 |" in block and "| seed 1 |" in block and "| mean of 2 seeds (SD) |" in block
-    assert sum(ln.count("[") == 5 for ln in block.splitlines()) == 5
