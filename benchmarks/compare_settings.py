@@ -16,6 +16,11 @@ the fit-seed spread: on the held-out benchmark's dev twins, the defaults with se
 instead of 0 differ by -0.06 to +0.03 LDS, with paired query intervals that can exclude 0
 (RESULTS-dev-comparisons.md), so a single-seed comparison can crown a seed, not a setting.
 
+``--two-seeds`` scores against the mean of two training seeds per retrained subset instead of one
+(public and held-out dev benches): on the held-out recipe one retrain's seed-to-seed correlation is
+only 0.27-0.29 (RESULTS-noise-ceiling-heldout-dev.md), so a one-seed target adds its own noise to
+every difference. ``--save F.npz`` keeps every fit's scores (`save_scores`) for rescoring later.
+
 Benchmarks (``--bench``):
 
 * ``gate``: the suite's quality-gate corpus (``tests/test_quality_gate.py``: 150 planted-fact
@@ -95,13 +100,26 @@ def gate_bench(seed: int) -> dict[str, Any]:
             "sources": corpus.sources, "stride_kwargs": {}}
 
 
-def public_bench(half: bool = False) -> dict[str, Any]:
+def _truth(setting, two_seeds: bool):
+    """The setting's retrained ground truth: one training seed per subset, or (``two_seeds``) the
+    mean of two (`benchmarks.noise_ceiling.two_seed_truth`; the second seed's retrains are built
+    on first use, as long again as the first seed's)."""
+    from benchmarks.setting import ground_truth
+
+    if two_seeds:
+        from benchmarks.noise_ceiling import two_seed_truth
+
+        return two_seed_truth(setting, progress=True)
+    return ground_truth(setting, progress=True)
+
+
+def public_bench(half: bool = False, two_seeds: bool = False) -> dict[str, Any]:
     """The public benchmark (``FULL``), or with ``half`` the same recipe at 1,000 documents (``HALF``)."""
-    from benchmarks.setting import FULL, HALF, build_setting, ground_truth
+    from benchmarks.setting import FULL, HALF, build_setting
 
     config = HALF if half else FULL
     setting = build_setting(config, log=lambda m: print(m, flush=True))
-    return _setting_bench(setting, ground_truth(setting, progress=True), {"max_length": config.max_length})
+    return _setting_bench(setting, _truth(setting, two_seeds), {"max_length": config.max_length})
 
 
 def _setting_bench(setting, truth, stride_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -113,13 +131,12 @@ def _setting_bench(setting, truth, stride_kwargs: dict[str, Any]) -> dict[str, A
             "sources": [list(q.relevant) for q in queries if q.kind == "fact"], "stride_kwargs": stride_kwargs}
 
 
-def heldout_dev_bench(narrative: bool = False) -> dict[str, Any]:
+def heldout_dev_bench(narrative: bool = False, two_seeds: bool = False) -> dict[str, Any]:
     """The held-out benchmark's dev twin (``narrative``: its narrative twin) in the form `run` reads."""
     from benchmarks.heldout import HELDOUT_DEV, HELDOUT_NARRATIVE, build_heldout
-    from benchmarks.setting import ground_truth
 
     setting = build_heldout(HELDOUT_NARRATIVE if narrative else HELDOUT_DEV, log=lambda m: print(m, flush=True))
-    return _setting_bench(setting, ground_truth(setting, progress=True), {})
+    return _setting_bench(setting, _truth(setting, two_seeds), {})
 
 
 def public_script(argv, doc: str, out: Path) -> tuple[Any, dict[str, Any], Any]:
@@ -190,6 +207,16 @@ def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000, seeds: i
                      "rows_per_doc": float(np.mean([f["rows_per_doc"] for f in fits])),
                      "positions": fits[0]["positions"]})
     return rows
+
+
+def save_scores(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Every row's scores to ``path`` (.npz): ``variants [V]`` (str) and ``scores [V, S, q, n]``
+    float32 (variant, fit seed, query, training document)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scores = np.stack([np.stack([np.asarray(s, dtype=np.float32) for s in r["seed_scores"]]) for r in rows])
+    np.savez_compressed(path, variants=np.array([r["variant"] for r in rows]), scores=scores)
+    return path
 
 
 def stride_rows_per_step(args) -> int:
@@ -267,15 +294,20 @@ def report(rows: list[dict[str, Any]], n_boot: int = 1000) -> str:
 BENCHES = ("gate", "gate1", "public", "public-half", "heldout-dev", "heldout-narrative")
 
 
-def load_bench(name: str) -> dict[str, Any]:
-    """The dev benchmark ``name`` (one of `BENCHES`, module docstring) in the form `run` reads."""
+def load_bench(name: str, two_seeds: bool = False) -> dict[str, Any]:
+    """The dev benchmark ``name`` (one of `BENCHES`, module docstring) in the form `run` reads;
+    ``two_seeds``: its ground truth is the mean of two training seeds per retrained subset (not for
+    the gate corpora, whose retrains are the suite's)."""
     import test_quality_gate as gate
 
     if name in ("public", "public-half"):
-        return public_bench(half=name == "public-half")
+        return public_bench(half=name == "public-half", two_seeds=two_seeds)
     if name in ("heldout-dev", "heldout-narrative"):
-        return heldout_dev_bench(narrative=name == "heldout-narrative")
+        return heldout_dev_bench(narrative=name == "heldout-narrative", two_seeds=two_seeds)
     if name in ("gate", "gate1"):
+        if two_seeds:
+            raise ValueError(f"bench {name!r} has no two-seed ground truth (its retrains are the quality gate's, one "
+                             "seed each): drop two_seeds / --two-seeds, or use a public or held-out dev bench")
         return gate_bench(gate.CORPUS_SEED + (name == "gate1"))
     raise ValueError(f"unknown bench {name!r}: use one of {BENCHES}")
 
@@ -285,15 +317,25 @@ def main(argv=None) -> None:
     p.add_argument("--bench", choices=BENCHES, default="gate")
     p.add_argument("--seeds", type=int, default=1,
                    help="fit every variant with seed 0..SEEDS-1 and report seed means (default 1: seed 0 only)")
+    p.add_argument("--two-seeds", action="store_true",
+                   help="score against the mean of two training seeds per retrained subset (public and held-out dev "
+                        "benches; the second seed's retrains are built on first use)")
+    p.add_argument("--save", default=None, metavar="NPZ",
+                   help="also write every variant's scores (each fit seed) to this .npz, to rescore them later")
     p.add_argument("variants", nargs="*", help="key=value[,key=value] changes to the defaults, one per variant")
     a = p.parse_args(argv)
     if a.seeds < 1:
         p.error(f"--seeds must be >= 1, got {a.seeds}")
+    if a.two_seeds and a.bench in ("gate", "gate1"):
+        p.error(f"--two-seeds: bench {a.bench!r} has no two-seed ground truth; use a public or held-out dev bench")
     print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
-    bench = load_bench(a.bench)
+    bench = load_bench(a.bench, two_seeds=a.two_seeds)
     rows = run(bench, [""] + list(a.variants), seeds=a.seeds)
+    if a.save:
+        save_scores(rows, a.save)
+    target = "the mean of 2 training seeds each" if a.two_seeds else "1 training seed each"
     print(f"bench {a.bench}: {len(bench['documents'])} documents, {len(bench['prompts'])} queries, "
-          f"{bench['truth'].n_models} retrained models")
+          f"{bench['truth'].n_models} retrained models ({target})")
     print(report(rows))
     print(f"load after: {os.getloadavg()}")
 

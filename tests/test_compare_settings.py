@@ -248,3 +248,31 @@ def test_run_fits_each_seed_and_refuses_a_seeded_variant(monkeypatch):
     assert seen == [None]  # one seed: the library's own default seed
     with pytest.raises(SystemExit, match="sets seed"):
         cs.run(bench, ["seed=4"], seeds=2)
+
+
+def test_saved_scores_keep_every_variant_and_seed_and_two_seeds_is_refused_on_gates(monkeypatch, tmp_path):
+    """--save writes [variants, seeds, q, n] scores that rescore to the report's LDS; --two-seeds asks
+    the setting for its two-seed truth and is refused, naming the fix, where there is none."""
+    import pytest
+
+    import benchmarks.compare_settings as cs
+
+    def fake(bench, changes, n_boot):
+        s = changes.get("seed", 0) + 10 * ("lr" in changes)
+        return {"scores": np.full((2, 3), float(s)), "per_query": np.array([0.1, 0.3]), "recall@10": 1.0,
+                "fit_s": 1.0, "rows_per_doc": 2.0, "positions": None}
+
+    monkeypatch.setattr(cs, "_fit_and_score", fake)
+    rows = cs.run({"stride_kwargs": {}, "kinds": ["fact", "text"], "truth": None}, ["", "lr=0.01"], seeds=2)
+    with np.load(cs.save_scores(rows, tmp_path / "sub" / "scores.npz")) as saved:
+        assert list(saved["variants"]) == ["defaults", "lr=0.01"]
+        assert saved["scores"].shape == (2, 2, 2, 3) and saved["scores"].dtype == np.float32
+        np.testing.assert_array_equal(saved["scores"][:, :, 0, 0], [[0, 1], [10, 11]])
+    with pytest.raises(ValueError, match="no two-seed ground truth.*drop two_seeds"):
+        cs.load_bench("gate", two_seeds=True)
+    with pytest.raises(SystemExit):
+        cs.main(["--bench", "gate1", "--two-seeds"])
+    calls = []
+    monkeypatch.setattr("benchmarks.noise_ceiling.two_seed_truth", lambda setting, progress: calls.append("two") or "2")
+    monkeypatch.setattr("benchmarks.setting.ground_truth", lambda setting, progress: calls.append("one") or "1")
+    assert cs._truth(None, True) == "2" and cs._truth(None, False) == "1" and calls == ["two", "one"]
