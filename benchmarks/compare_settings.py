@@ -153,11 +153,25 @@ def public_script(argv, doc: str, out: Path) -> tuple[Any, dict[str, Any], Any]:
     return args, bench, lm
 
 
-def _fit_and_score(bench: dict[str, Any], changes: dict[str, Any], n_boot: int) -> dict[str, Any]:
-    """One STRIDE fit with ``changes`` on ``bench``: its scores, per-query LDS, recall and cost."""
+#: settings `Stride.attribute` overrides on a fitted Stride: variants that differ only in these share
+#: one fit (per seed) in `run`, and are measured and recovered from it
+ATTRIBUTE_SETTINGS = ("lambda_rule", "lambda_fraction", "recovery", "token_weights")
+
+
+def _fit_and_score(bench: dict[str, Any], changes: dict[str, Any], n_boot: int,
+                   fits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One STRIDE fit with ``changes`` on ``bench``: its scores, per-query LDS, recall and cost.
+    ``fits`` (a dict kept across calls): a fit with the same settings apart from
+    `ATTRIBUTE_SETTINGS` is reused (its fit CPU seconds reported again) and only measured and
+    recovered with this call's attribute settings."""
     from nnsight import TransformersModel
 
     changes = dict(changes)
+    overrides = {k: changes.pop(k) for k in ATTRIBUTE_SETTINGS if k in changes}
+    key = repr(sorted(changes.items()))
+    if fits is not None and key in fits:
+        stride, fit_s = fits[key]
+        return _score(bench, stride, fit_s, overrides, n_boot)
     model = bench["model"]
     dtype = changes.pop("model_dtype", None)
     if dtype is not None:
@@ -170,7 +184,14 @@ def _fit_and_score(bench: dict[str, Any], changes: dict[str, Any], n_boot: int) 
     start = time.process_time()
     stride = Stride(lm, **changes).fit(bench["documents"], progress=False)
     fit_s = time.process_time() - start
-    scores = stride.attribute(bench["prompts"], bench["completions"], progress=False).scores.numpy()
+    if fits is not None:
+        fits[key] = (stride, fit_s)
+    return _score(bench, stride, fit_s, overrides, n_boot)
+
+
+def _score(bench: dict[str, Any], stride: Any, fit_s: float, overrides: dict[str, Any], n_boot: int) -> dict[str, Any]:
+    """`_fit_and_score`'s result for a fitted ``stride`` attributed with ``overrides``."""
+    scores = stride.attribute(bench["prompts"], bench["completions"], progress=False, **overrides).scores.numpy()
     result = lds(scores, bench["truth"].masks, bench["truth"].losses, n_boot=n_boot)
     facts = np.asarray(bench["kinds"]) == "fact"
     args = stride.args
@@ -190,22 +211,23 @@ def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000, seeds: i
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     rows = []
     kinds = np.asarray(bench["kinds"])
+    fits: dict[str, Any] = {}  # variants differing only in attribute settings share a fit
     for text in variants:
         changes = {**bench["stride_kwargs"], **parse_variant(text)}
         if seeds > 1 and "seed" in changes:
             raise SystemExit(f"variant {text!r} sets seed and --seeds {seeds} sets it too: drop one")
-        fits = [_fit_and_score(bench, {**changes, **({"seed": s} if seeds > 1 else {})}, n_boot)
-                for s in range(seeds)]
-        seed_per_query = np.stack([f["per_query"] for f in fits])
+        fits_ = [_fit_and_score(bench, {**changes, **({"seed": s} if seeds > 1 else {})}, n_boot, fits)
+                 for s in range(seeds)]
+        seed_per_query = np.stack([f["per_query"] for f in fits_])
         per_query = seed_per_query.mean(0)
-        rows.append({"variant": text or "defaults", "recall@10": float(np.mean([f["recall@10"] for f in fits])),
-                     "lds": float(per_query.mean()), "scores": fits[0]["scores"],
-                     "seed_scores": [f["scores"] for f in fits], "seed_per_query": seed_per_query,
+        rows.append({"variant": text or "defaults", "recall@10": float(np.mean([f["recall@10"] for f in fits_])),
+                     "lds": float(per_query.mean()), "scores": fits_[0]["scores"],
+                     "seed_scores": [f["scores"] for f in fits_], "seed_per_query": seed_per_query,
                      "truth": bench["truth"], "per_query": per_query,
                      "by_kind": {k: float(per_query[kinds == k].mean()) for k in sorted(set(kinds.tolist()))},
-                     "fit_s": float(np.mean([f["fit_s"] for f in fits])),
-                     "rows_per_doc": float(np.mean([f["rows_per_doc"] for f in fits])),
-                     "positions": fits[0]["positions"]})
+                     "fit_s": float(np.mean([f["fit_s"] for f in fits_])),
+                     "rows_per_doc": float(np.mean([f["rows_per_doc"] for f in fits_])),
+                     "positions": fits_[0]["positions"]})
     return rows
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 from .operators import OPERATOR_DTYPES, PLACEMENTS, state_bytes
-from .token_component import RECOVERIES
+from .token_component import RECOVERIES, TOKEN_WEIGHTS
 
 __all__ = ["StrideArguments", "LAMBDA_RULES", "SAMPLINGS", "MAX_AUTO_SUBSETS", "DEFAULT_RANK"]
 
@@ -18,7 +18,7 @@ DEFAULT_RANK = 2
 #: settings added after states were first saved, with the value that reproduces an older state
 #: (`StrideArguments.from_saved`): it was fitted on the whole vocabulary, one column per entry
 SAVED_BEFORE: dict[str, Any] = {"fit_vocabulary": None, "logit_columns": None, "max_state_mb": None,
-                                 "recovery": "lasso"}
+                                 "recovery": "lasso", "token_weights": "presence"}
 
 LAMBDA_RULES = ("fraction", "cv", "shared_cv")
 SAMPLINGS = ("document", "membership")
@@ -144,6 +144,10 @@ class StrideArguments:
             continuations that a sparse solution cannot hold (`stride_nnsight.token_component`).
             Applies to the default metric (the completion's loss); a custom ``metric=`` gets the
             Lasso alone.
+        * token_weights: ``"per_document"`` (default) or ``"presence"``: what a training document
+            that holds a completion token contributes to that token's column, ``1 / L`` (``L`` its
+            scored tokens: each document weighs the same in the operators' fit, its tokens share
+            that weight) or 1 (`stride_nnsight.token_component.token_presence`).
 
     seed: seeds the design, the operators' initialisation and the fitting's sampling.
     """
@@ -181,6 +185,7 @@ class StrideArguments:
     lambda_fraction: float = 0.3
     fit_intercept: bool = True
     recovery: str = "lasso+tokens"
+    token_weights: str = "per_document"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -247,6 +252,8 @@ class StrideArguments:
             raise ValueError(f"lambda_rule must be one of {LAMBDA_RULES}, got {self.lambda_rule!r}")
         if self.recovery not in RECOVERIES:
             raise ValueError(f"recovery must be one of {RECOVERIES}, got {self.recovery!r}")
+        if self.token_weights not in TOKEN_WEIGHTS:
+            raise ValueError(f"token_weights must be one of {TOKEN_WEIGHTS}, got {self.token_weights!r}")
         if not 0 < self.lambda_fraction < 1:
             raise ValueError(f"lambda_fraction must lie in (0, 1), got {self.lambda_fraction!r}")
         if self.n_subsets is not None and self.subsets_per_example > self.n_subsets:

@@ -520,6 +520,7 @@ class Stride:
         lambda_rule: Optional[str] = None,
         lambda_fraction: Optional[float] = None,
         recovery: Optional[str] = None,
+        token_weights: Optional[str] = None,
         progress: bool = True,
         allow_partial: bool = False,
         null_permutations: int = 8,
@@ -536,10 +537,11 @@ class Stride:
         callable ``fn(model)`` executed inside the trace (before the steered layer), for
         TransformerLens a list of ``(hook_name, hook_fn)``; the scores then attribute the
         metric *of the patched model*.
-        ``lambda_rule``, ``lambda_fraction``, ``recovery``: override the fitted settings for this
-        call (`StrideArguments`). ``recovery="lasso+tokens"`` (the default) adds, after the Lasso,
-        one non-negative coefficient per completion token, given to every training document that
-        holds the token (`stride_nnsight.token_component`): the scores then have up to the
+        ``lambda_rule``, ``lambda_fraction``, ``recovery``, ``token_weights``: override the fitted
+        settings for this call (`StrideArguments`). ``recovery="lasso+tokens"`` (the default) adds,
+        after the Lasso, one non-negative coefficient per completion token, given to every training
+        document that holds the token in proportion to ``token_weights`` (``"per_document"``: the
+        token's share ``1 / L`` of the document's scored tokens; `stride_nnsight.token_component`): the scores then have up to the
         number of documents holding those tokens as non-zeros per query, not ``K``; it applies to
         the default metric only (a custom ``metric`` gets the Lasso alone). The noise floor is
         the Lasso's (shuffled measurements through the Lasso), so ``above_noise`` keeps only
@@ -560,7 +562,8 @@ class Stride:
         if query_ids is not None:
             check_unique_ids(list(query_ids), "query_ids", "positions", "query")  # before any measuring
         args = self.args.replace(**{k: v for k, v in {"lambda_rule": lambda_rule, "lambda_fraction": lambda_fraction,
-                                                       "recovery": recovery}.items() if v is not None})
+                                                       "recovery": recovery,
+                                                       "token_weights": token_weights}.items() if v is not None})
         if isinstance(null_permutations, bool) or not isinstance(null_permutations, int) or null_permutations < 0:
             raise ValueError(f"null_permutations must be an int >= 0 (0: no noise floor), got {null_permutations!r}")
         y, base, scores, lambdas, floor, selection, tokens = self._measure_and_recover(
@@ -577,6 +580,7 @@ class Stride:
             provenance=self.provenance(lambda_rule=args.lambda_rule, lambda_fraction=fraction,
                                        lambda_selection=selection,
                                        recovery=args.recovery if tokens is not None else "lasso",
+                                       token_weights=args.token_weights if tokens is not None else None,
                                        token_coefficients=tokens,
                                        lambdas=lambdas.tolist(), metric=getattr(metric, "__name__", "custom")
                                        if metric is not None else "negative_completion_loss",
@@ -636,7 +640,7 @@ class Stride:
         if with_tokens and len(local):
             queries = self.encode_queries([prompts[i] for i in local], [completions[i] for i in local])
             scores, found = add_token_component(
-                y.numpy(), self.design.membership, scores, self._token_presence(),
+                y.numpy(), self.design.membership, scores, self._token_presence(weights=args.token_weights),
                 completion_tokens(queries.input_ids.numpy(), queries.loss_mask.numpy()))
             coefficients = [{str(t): v for t, v in c.items()} for c in found]
         if world == 1 or self.remote:
@@ -653,12 +657,15 @@ class Stride:
             coefficients = list(coefs) if with_tokens else None
         return y, base, scores, lambdas, (floor.tolist() if floor is not None else None), selection, coefficients
 
-    def _token_presence(self, batch: Optional[TokenBatch] = None) -> sp.csr_matrix:
+    def _token_presence(self, batch: Optional[TokenBatch] = None,
+                        weights: Optional[str] = None) -> sp.csr_matrix:
         """``P [n, V]``: which tokens each training document holds among its scored tokens, as the
-        fit encoded them (`token_component.token_presence`); computed once per fitted corpus:
+        fit encoded them, weighted by ``weights`` (default: the fitted ``token_weights``;
+        `token_component.token_presence`); computed once per fitted corpus and weighting:
         from ``batch`` (the fit's own encoding) when given, else by encoding the training texts
         again at the fit's length (a loaded Stride)."""
-        key = (id(self.train_texts), len(self.train_texts), self.train_max_length)
+        weights = self.args.token_weights if weights is None else weights
+        key = (id(self.train_texts), len(self.train_texts), self.train_max_length, weights)
         cached = getattr(self, "_presence", None)
         if batch is None:
             if cached is not None and cached[0] == key:
@@ -671,7 +678,7 @@ class Stride:
                 batch = encode_texts(self.backend.tokenizer, self.train_texts, cap, context_length=context)
         ids = batch.input_ids.numpy()
         vocab = max(int(self.backend.vocab_size), int(ids.max()) + 1 if ids.size else 0)
-        presence = token_presence(ids, batch.loss_mask.numpy(), vocab)
+        presence = token_presence(ids, batch.loss_mask.numpy(), vocab, weights=weights)
         self._presence = (key, presence)
         return presence
 

@@ -14,9 +14,15 @@ Fitted to what the Lasso left, ``r = y - M s``:
 
     v = argmin_{v >= 0} || centre(r) - centre(G) v ||^2,   G = M P_T   [K, m]
 
-where ``P [n, V]`` says which tokens each training document holds (its scored tokens) and
-``P_T`` its columns for the completion's tokens (``G[k, t]`` = how many documents of subset
-``k`` hold token ``t``); centring plays the intercept's part. ``v >= 0``: a document that holds
+where ``P [n, V]`` says which tokens each training document holds among its scored tokens and
+``P_T`` its columns for the completion's tokens; centring plays the intercept's part. Each held
+token's entry is ``1 / L_j`` (``L_j``: document ``j``'s number of scored tokens; the default
+``weights="per_document"``), so ``G[k, t]`` sums, over subset ``k``'s documents holding ``t``,
+the share of the document that one of its tokens is. The operators are fitted that way: a
+document's fidelity loss is the mean over its scored positions, so every document weighs the same
+and a long document spreads its weight over more tokens (`stride_nnsight.operators.step_losses`).
+``weights="presence"`` (1 per held token: ``G[k, t]`` counts documents) is the form used before
+2026-12-04. ``v >= 0``: a document that holds
 the completion's tokens can only help predict them (proponent), which also keeps tokens the
 measurements do not support at 0. The scores become ``s + P_T v``.
 
@@ -36,11 +42,15 @@ import scipy.sparse as sp
 from jaxtyping import Float
 from scipy.optimize import nnls
 
-__all__ = ["RECOVERIES", "WARN_BYTES", "token_presence", "completion_tokens", "token_component",
+__all__ = ["RECOVERIES", "TOKEN_WEIGHTS", "WARN_BYTES", "token_presence", "completion_tokens", "token_component",
            "add_token_component"]
 
 #: ``StrideArguments.recovery``: the Lasso alone, or the Lasso plus the token component.
 RECOVERIES = ("lasso", "lasso+tokens")
+
+#: ``StrideArguments.token_weights``: a held token's entry of ``P`` is ``1 / L_j`` (the share of
+#: document ``j``'s scored tokens it is, as in the operators' fit) or 1.
+TOKEN_WEIGHTS = ("per_document", "presence")
 
 #: `add_token_component` warns when the scores it returns take more than this many bytes (CSR:
 #: 12 bytes per non-zero): the token component is dense over the documents holding a chosen
@@ -48,9 +58,15 @@ RECOVERIES = ("lasso", "lasso+tokens")
 WARN_BYTES: float = 1e9
 
 
-def token_presence(input_ids: np.ndarray, loss_mask: np.ndarray, vocab_size: int) -> sp.csr_matrix:
-    """``P [n, V]`` float64 CSR: 1 where document ``j`` holds token ``t`` among its scored tokens
-    (``loss_mask`` 1: every token after BOS for training texts), else 0 (not stored)."""
+def token_presence(input_ids: np.ndarray, loss_mask: np.ndarray, vocab_size: int,
+                   weights: str = "per_document") -> sp.csr_matrix:
+    """``P [n, V]`` float64 CSR, non-zero where document ``j`` holds token ``t`` among its scored
+    tokens (``loss_mask`` 1: every token after BOS for training texts): ``1 / L_j`` with ``L_j``
+    the document's number of scored tokens (``weights="per_document"``, default: each document
+    weighs 1 in total over its distinct tokens' positions, as in the operators' fit) or 1
+    (``weights="presence"``). A document with no scored token has an empty row."""
+    if weights not in TOKEN_WEIGHTS:
+        raise ValueError(f"weights must be one of {TOKEN_WEIGHTS}, got {weights!r}")
     ids = np.asarray(input_ids, dtype=np.int64)
     mask = np.asarray(loss_mask).astype(bool)
     if ids.shape != mask.shape or ids.ndim != 2:
@@ -62,6 +78,9 @@ def token_presence(input_ids: np.ndarray, loss_mask: np.ndarray, vocab_size: int
     P = sp.csr_matrix((np.ones(cols.size), (rows, cols)), shape=(ids.shape[0], int(vocab_size)))
     P.sum_duplicates()
     P.data[:] = 1.0
+    if weights == "per_document":
+        scored = mask.sum(axis=1).astype(np.float64)
+        P = sp.csr_matrix(sp.diags(1.0 / np.maximum(scored, 1.0)) @ P)
     return P
 
 

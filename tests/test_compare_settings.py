@@ -231,7 +231,7 @@ def test_run_fits_each_seed_and_refuses_a_seeded_variant(monkeypatch):
 
     seen = []
 
-    def fake(bench, changes, n_boot):
+    def fake(bench, changes, n_boot, fits=None):
         seen.append(changes.get("seed"))
         s = changes.get("seed", 0)
         return {"scores": np.full((2, 3), float(s)), "per_query": np.array([0.1 * s, 0.3]), "recall@10": 1.0,
@@ -250,6 +250,45 @@ def test_run_fits_each_seed_and_refuses_a_seeded_variant(monkeypatch):
         cs.run(bench, ["seed=4"], seeds=2)
 
 
+def test_variants_differing_only_in_attribute_settings_share_a_fit(monkeypatch):
+    """recovery / token_weights / lambda variants are measured and recovered from the fit of the
+    same fitting settings (per seed), with the override passed to attribute; other variants refit."""
+    import torch
+
+    import benchmarks.compare_settings as cs
+    from stride_nnsight import StrideArguments
+
+    fitted, attributed = [], []
+
+    class FakeStride:
+        def __init__(self, lm, **kw):
+            self.args = StrideArguments(**kw)
+
+        def fit(self, documents, progress=True):
+            fitted.append((self.args.seed, self.args.lr))
+            return self
+
+        def attribute(self, prompts, completions, progress=True, **overrides):
+            attributed.append((self.args.seed, overrides))
+            scores = torch.arange(3, dtype=torch.float32).repeat(len(prompts), 1) * (1 + self.args.seed)
+            return type("A", (), {"scores": scores})()
+
+    monkeypatch.setattr(cs, "Stride", FakeStride)
+    monkeypatch.setattr("nnsight.TransformersModel", lambda *a, **k: None)
+    rng = np.random.default_rng(0)
+    truth = type("T", (), {"masks": rng.random((6, 3)) < 0.5, "losses": rng.random((6, 2))})()
+    bench = {"stride_kwargs": {}, "kinds": ["fact", "text"], "truth": truth, "model": None, "tokenizer": None,
+             "documents": ["a", "b", "c"], "prompts": ["p", "q"], "completions": [" x", " y"], "sources": [[0]]}
+    rows = cs.run(bench, ["", "token_weights='presence'", "recovery='lasso',lambda_fraction=0.5", "lr=0.01"],
+                  seeds=2, n_boot=10)
+    assert len(rows) == 4
+    assert fitted == [(0, StrideArguments().lr), (1, StrideArguments().lr), (0, 0.01), (1, 0.01)]
+    lasso = {"recovery": "lasso", "lambda_fraction": 0.5}
+    assert [o for _, o in attributed] == [{}, {}, {"token_weights": "presence"}, {"token_weights": "presence"},
+                                         lasso, lasso, {}, {}]
+    assert [s for s, _ in attributed] == [0, 1, 0, 1, 0, 1, 0, 1]
+
+
 def test_saved_scores_keep_every_variant_and_seed_and_two_seeds_is_refused_on_gates(monkeypatch, tmp_path):
     """--save writes [variants, seeds, q, n] scores that rescore to the report's LDS; --two-seeds asks
     the setting for its two-seed truth and is refused, naming the fix, where there is none."""
@@ -257,7 +296,7 @@ def test_saved_scores_keep_every_variant_and_seed_and_two_seeds_is_refused_on_ga
 
     import benchmarks.compare_settings as cs
 
-    def fake(bench, changes, n_boot):
+    def fake(bench, changes, n_boot, fits=None):
         s = changes.get("seed", 0) + 10 * ("lr" in changes)
         return {"scores": np.full((2, 3), float(s)), "per_query": np.array([0.1, 0.3]), "recall@10": 1.0,
                 "fit_s": 1.0, "rows_per_doc": 2.0, "positions": None}

@@ -18,12 +18,20 @@ from stride_nnsight.token_component import (
 
 
 def test_token_presence_marks_scored_tokens_once():
-    ids = np.array([[9, 3, 3, 4, 0], [9, 5, 0, 0, 0]])
-    mask = np.array([[0, 1, 1, 1, 0], [0, 1, 0, 0, 0]])  # BOS (9) and padding are not scored
-    P = token_presence(ids, mask, vocab_size=10)
-    assert P.shape == (2, 10)
+    ids = np.array([[9, 3, 3, 4, 0], [9, 5, 0, 0, 0], [9, 0, 0, 0, 0]])
+    mask = np.array([[0, 1, 1, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]])  # BOS (9) and padding are not scored
+    P = token_presence(ids, mask, vocab_size=10, weights="presence")
+    assert P.shape == (3, 10)
     assert P.toarray()[0].tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 0]  # 3 twice counts once; BOS absent
     assert P.toarray()[1].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert P[2].nnz == 0
+    # the default: a held token's entry is 1 / (the document's scored tokens), 3 of them in the first
+    shares = token_presence(ids, mask, vocab_size=10)
+    np.testing.assert_allclose(shares.toarray()[0], [0, 0, 0, 1 / 3, 1 / 3, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(shares.toarray()[1], P.toarray()[1])  # one scored token: its share is 1
+    assert shares[2].nnz == 0  # nothing scored: an empty row, no division by zero
+    with pytest.raises(ValueError, match="weights must be one of"):
+        token_presence(ids, mask, vocab_size=10, weights="counts")
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 4\)"):
         token_presence(ids, mask, vocab_size=4)
     with pytest.raises(ValueError, match="both be \\[n, T\\]"):
@@ -175,15 +183,45 @@ def test_a_lasso_fit_builds_the_presence_only_when_asked(tiny_model, small_texts
     assert (lasso._presence[1] != fitted._presence[1]).nnz == 0
 
 
-def test_recovery_setting_is_validated_and_old_states_keep_the_lasso():
+@pytest.mark.parametrize("name, default, bad, before", [("recovery", "lasso+tokens", "ridge", "lasso"),
+                                                     ("token_weights", "per_document", "counts", "presence")])
+def test_recovery_settings_are_validated_and_old_states_keep_their_form(name, default, bad, before):
+    """A bad value is refused naming the setting; a state saved before the setting existed keeps
+    the form it was fitted with (the Lasso alone; 1 per held token), not today's default."""
     from stride_nnsight import StrideArguments
 
-    assert StrideArguments().recovery == "lasso+tokens"
-    with pytest.raises(ValueError, match="recovery must be one of"):
-        StrideArguments(recovery="ridge")
+    assert getattr(StrideArguments(), name) == default
+    with pytest.raises(ValueError, match=f"{name} must be one of"):
+        StrideArguments(**{name: bad})
     saved = StrideArguments().to_dict()
-    del saved["recovery"]  # a state written before the setting existed
-    assert StrideArguments.from_saved(saved).recovery == "lasso"
+    del saved[name]  # a state written before the setting existed
+    assert getattr(StrideArguments.from_saved(saved), name) == before
+
+
+def test_token_weights_default_override_and_old_states(fitted):
+    """``token_weights="per_document"`` (default) gives a held token ``1 / L`` of a document with
+    ``L`` scored tokens; ``attribute(token_weights="presence")`` reproduces the older form (1 per
+    held token) from the same measurements; the provenance says which; the presence is cached per
+    weighting."""
+    prompts, completions = ["the cat sat", "a dog"], [" on the mat.", " ran"]
+    shares = fitted.attribute(prompts, completions, progress=False, null_permutations=0)
+    ones = fitted.attribute(prompts, completions, progress=False, null_permutations=0, token_weights="presence")
+    assert shares.provenance["token_weights"] == "per_document" and ones.provenance["token_weights"] == "presence"
+    np.testing.assert_array_equal(shares.measurements.numpy(), ones.measurements.numpy())
+    tokens = completion_tokens(*[getattr(fitted.encode_queries(prompts, completions), a).numpy()
+                                 for a in ("input_ids", "loss_mask")])
+    lasso = fitted.attribute(prompts, completions, progress=False, null_permutations=0, recovery="lasso")
+    assert lasso.provenance["token_weights"] is None
+    P_ones = fitted._token_presence(weights="presence")
+    expected, _ = add_token_component(ones.measurements.numpy(), fitted.design.membership,
+                                      sp.csr_matrix(lasso.scores.numpy()), P_ones, tokens)
+    np.testing.assert_allclose(ones.scores.numpy(), expected.toarray(), rtol=1e-6, atol=1e-7)
+    P_shares = fitted._token_presence()
+    enc = fitted._encode_train()
+    scored = enc.loss_mask.numpy().sum(1)
+    np.testing.assert_allclose(P_shares.toarray(), P_ones.toarray() / scored[:, None])
+    again = fitted.attribute(prompts, completions, progress=False, null_permutations=0)  # cache keyed by weights
+    np.testing.assert_array_equal(again.scores.numpy(), shares.scores.numpy())
 
 
 def test_token_coefficients_follow_rows_through_selection_and_cat(fitted):
