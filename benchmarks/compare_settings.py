@@ -60,6 +60,7 @@ import copy
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,11 @@ def public_script(argv, doc: str, out: Path) -> tuple[Any, dict[str, Any], Any]:
 ATTRIBUTE_SETTINGS = ("lambda_rule", "lambda_fraction", "recovery", "token_weights")
 
 
+def _fit_key(changes: dict[str, Any]) -> str:
+    """What identifies a fit among ``changes`` (settings and seed): all but `ATTRIBUTE_SETTINGS`."""
+    return repr(sorted((k, v) for k, v in changes.items() if k not in ATTRIBUTE_SETTINGS))
+
+
 def _fit_and_score(bench: dict[str, Any], changes: dict[str, Any], n_boot: int,
                    fits: dict[str, Any] | None = None) -> dict[str, Any]:
     """One STRIDE fit with ``changes`` on ``bench``: its scores, per-query LDS, recall and cost.
@@ -168,7 +174,7 @@ def _fit_and_score(bench: dict[str, Any], changes: dict[str, Any], n_boot: int,
 
     changes = dict(changes)
     overrides = {k: changes.pop(k) for k in ATTRIBUTE_SETTINGS if k in changes}
-    key = repr(sorted(changes.items()))
+    key = _fit_key(changes)
     if fits is not None and key in fits:
         stride, fit_s = fits[key]
         return _score(bench, stride, fit_s, overrides, n_boot)
@@ -206,28 +212,40 @@ def run(bench: dict[str, Any], variants: list[str], n_boot: int = 1000, seeds: i
 
     A row's ``per_query`` is the per-query LDS averaged over its seeds (``seed_per_query [S, q]``
     holds each seed's), ``scores`` the first seed's scores (``seed_scores`` every seed's), recall,
-    fit CPU seconds and rows per document the seed means."""
+    fit CPU seconds and rows per document the seed means. Variants that differ only in
+    `ATTRIBUTE_SETTINGS` are measured and recovered from one shared fit per seed."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     rows = []
     kinds = np.asarray(bench["kinds"])
-    fits: dict[str, Any] = {}  # variants differing only in attribute settings share a fit
+    plans = []
     for text in variants:
         changes = {**bench["stride_kwargs"], **parse_variant(text)}
         if seeds > 1 and "seed" in changes:
             raise SystemExit(f"variant {text!r} sets seed and --seeds {seeds} sets it too: drop one")
-        fits_ = [_fit_and_score(bench, {**changes, **({"seed": s} if seeds > 1 else {})}, n_boot, fits)
-                 for s in range(seeds)]
-        seed_per_query = np.stack([f["per_query"] for f in fits_])
+        plans.append((text, [{**changes, **({"seed": s} if seeds > 1 else {})} for s in range(seeds)]))
+    # variants differing only in attribute settings share a fit; a fit is kept only while a later
+    # variant still needs it (a fitted Stride holds its operators and activation cache)
+    pending = Counter(_fit_key(c) for _, runs in plans for c in runs)
+    fits: dict[str, Any] = {}
+    for text, runs in plans:
+        results = []
+        for c in runs:
+            key = _fit_key(c)
+            pending[key] -= 1
+            results.append(_fit_and_score(bench, c, n_boot, fits if pending[key] or key in fits else None))
+            if not pending[key]:
+                fits.pop(key, None)
+        seed_per_query = np.stack([f["per_query"] for f in results])
         per_query = seed_per_query.mean(0)
-        rows.append({"variant": text or "defaults", "recall@10": float(np.mean([f["recall@10"] for f in fits_])),
-                     "lds": float(per_query.mean()), "scores": fits_[0]["scores"],
-                     "seed_scores": [f["scores"] for f in fits_], "seed_per_query": seed_per_query,
+        rows.append({"variant": text or "defaults", "recall@10": float(np.mean([f["recall@10"] for f in results])),
+                     "lds": float(per_query.mean()), "scores": results[0]["scores"],
+                     "seed_scores": [f["scores"] for f in results], "seed_per_query": seed_per_query,
                      "truth": bench["truth"], "per_query": per_query,
                      "by_kind": {k: float(per_query[kinds == k].mean()) for k in sorted(set(kinds.tolist()))},
-                     "fit_s": float(np.mean([f["fit_s"] for f in fits_])),
-                     "rows_per_doc": float(np.mean([f["rows_per_doc"] for f in fits_])),
-                     "positions": fits_[0]["positions"]})
+                     "fit_s": float(np.mean([f["fit_s"] for f in results])),
+                     "rows_per_doc": float(np.mean([f["rows_per_doc"] for f in results])),
+                     "positions": results[0]["positions"]})
     return rows
 
 
