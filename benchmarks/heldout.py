@@ -323,7 +323,8 @@ def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, An
                                            "per_query_s": res.batch_s / len(prompts), "single_s": res.single_s,
                                            "provenance": {k: stride.args.to_dict()[k] for k in
                                                           ("n_subsets", "subsets_per_example", "layer", "placement",
-                                                           "rank", "linearity_weight", "fit_passes", "recovery", "token_weights")},
+                                                           "rank", "linearity_weight", "fit_passes", "recovery",
+                                                           "token_weights")},
                                            "steps": res.extra["steps"], "cache_used": stride.cache_used}
     from .methods import EKFAC_HEAD_DAMPING, EKFAC_HEAD_MODULES, EKFAC_TUNED_DAMPING
 
