@@ -68,32 +68,44 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float = 0.05) -> flo
     return float(t[f <= fpr].max()) if (f <= fpr).any() else 0.0
 
 
-def auroc_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """AUROC and a 95% percentile-bootstrap CI that resamples positives and negatives separately."""
-    from sklearn.metrics import roc_auc_score
-
+def _stratified_draws(labels: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(pos, neg, wp [n_boot, |pos|], wn [n_boot, |neg|])``: the positive and negative items and
+    how often each is drawn in each resample (positives and negatives resampled separately, in the
+    order ``rng.choice(pos)``, ``rng.choice(neg)`` per resample)."""
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        boots.append(roc_auc_score(labels[idx], scores[idx]))
-    return float(roc_auc_score(labels, scores)), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
+    wp, wn = np.zeros((n_boot, len(pos))), np.zeros((n_boot, len(neg)))
+    for b in range(n_boot):
+        wp[b] = np.bincount(rng.choice(len(pos), len(pos)), minlength=len(pos))
+        wn[b] = np.bincount(rng.choice(len(neg), len(neg)), minlength=len(neg))
+    return pos, neg, wp, wn
+
+
+def _auroc(scores: np.ndarray, pos: np.ndarray, neg: np.ndarray, wp: np.ndarray, wn: np.ndarray) -> np.ndarray:
+    """AUROC of each weighted resample ``[B]``: the share of (positive, negative) pairs the score
+    orders correctly, ties counting one half (the Mann-Whitney form of `sklearn.metrics.roc_auc_score`);
+    a pair's weight is the product of its items' draw counts."""
+    sp, sn = scores[pos][:, None], scores[neg][None, :]
+    wins = (sp > sn) + 0.5 * (sp == sn)                                   # [|pos|, |neg|]
+    return np.einsum("bp,pn,bn->b", wp, wins, wn) / (wp.sum(1) * wn.sum(1))
+
+
+def auroc_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """AUROC and a 95% percentile-bootstrap CI that resamples positives and negatives separately."""
+    pos, neg, wp, wn = _stratified_draws(labels, n_boot, seed)
+    boots = _auroc(scores, pos, neg, wp, wn)
+    point = _auroc(scores, pos, neg, np.ones((1, len(pos))), np.ones((1, len(neg))))[0]
+    return float(point), float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))
 
 
 def paired_auroc_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 1000,
                             seed: int = 0) -> tuple[float, float, float]:
     """AUROC(a) - AUROC(b) on the same items, with a 95% CI from one stratified bootstrap of the
     items shared by both methods (paired)."""
-    from sklearn.metrics import roc_auc_score
-
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        diffs.append(roc_auc_score(labels[idx], a[idx]) - roc_auc_score(labels[idx], b[idx]))
-    point = roc_auc_score(labels, a) - roc_auc_score(labels, b)
+    pos, neg, wp, wn = _stratified_draws(labels, n_boot, seed)
+    diffs = _auroc(a, pos, neg, wp, wn) - _auroc(b, pos, neg, wp, wn)
+    ones = np.ones((1, len(pos))), np.ones((1, len(neg)))
+    point = _auroc(a, pos, neg, *ones)[0] - _auroc(b, pos, neg, *ones)[0]
     return float(point), float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
 
 

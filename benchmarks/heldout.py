@@ -96,6 +96,9 @@ class HeldoutConfig(BenchConfig):
     model_seed: int = 5
     n_positions: int = 256
     query_max_length: int = 160
+    #: bootstrap resamples behind every CI: a class attribute, not a field, so it is not part of the
+    #: setting's identity (the corpus, model and retrains do not depend on it)
+    n_boot = 1000
 
 
 @dataclass(frozen=True)
@@ -140,9 +143,19 @@ class HeldoutNarrativeConfig(HeldoutDevConfig):
 HELDOUT = HeldoutConfig()
 HELDOUT_DEV = HeldoutDevConfig()
 HELDOUT_NARRATIVE = HeldoutNarrativeConfig()
-HELDOUT_QUICK = HeldoutConfig(name="heldout-quick", n_facts=8, n_fact_queries=8, n_text_docs=24,
-                              n_text_queries=4, vocab_size=600, n_layer=2, n_embd=32, n_head=2, epochs=2,
-                              n_models=3, min_words=40, max_words=80, min_chars=200, max_chars=600)
+
+
+@dataclass(frozen=True)
+class HeldoutQuickConfig(HeldoutConfig):
+    """The smoke-test recipe (`HELDOUT_QUICK`): its intervals over 12 queries and 3 retrains say
+    nothing, so 200 resamples do."""
+
+    n_boot = 200
+
+
+HELDOUT_QUICK = HeldoutQuickConfig(name="heldout-quick", n_facts=8, n_fact_queries=8, n_text_docs=24,
+                                   n_text_queries=4, vocab_size=600, n_layer=2, n_embd=32, n_head=2, epochs=2,
+                                   n_models=3, min_words=40, max_words=80, min_chars=200, max_chars=600)
 
 
 def _clean(text: str) -> str:
@@ -355,13 +368,13 @@ def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, An
     facts = kinds == "fact"
     sources = [list(q.relevant) for q in corpus.queries if q.kind == "fact"]
     for name, m in out["methods"].items():
-        result = lds(m["scores"], truth.masks, truth.losses, n_boot=1000)
+        result = lds(m["scores"], truth.masks, truth.losses, n_boot=setting.config.n_boot)
         m["per_query"] = np.nan_to_num(np.asarray(result.per_query, dtype=float))
         m["lds"] = float(m["per_query"].mean())
         m["by_kind"] = _kind_means(m["per_query"], kinds)
         m["recall@10"] = fact_tracing(m["scores"][facts], sources, ks=(10,))["recall@10"]
     out["kinds"] = kinds
-    out["paired"] = paired_differences(out, truth, kinds)
+    out["paired"] = paired_differences(out, truth, kinds, n_boot=setting.config.n_boot)
     return out
 
 
@@ -383,9 +396,10 @@ def selection(kinds: np.ndarray, name: str) -> np.ndarray:
 
 
 def paired_differences(out: dict[str, Any], truth: Any, kinds: np.ndarray,
-                       selections: tuple = KIND_SELECTIONS) -> dict[str, dict[str, list[float]]]:
+                       selections: tuple = KIND_SELECTIONS, n_boot: int = 1000) -> dict[str, dict[str, list[float]]]:
     """STRIDE minus each baseline, per query kind: ``{baseline: {kind: [difference, low, high]}}``
-    with the paired 95% bootstrap interval resampling queries *and* retrained models."""
+    with the paired 95% bootstrap interval resampling queries *and* retrained models (``n_boot``
+    resamples)."""
     from stride_nnsight.evaluation import paired_lds_ci
 
     stride = out["methods"]["STRIDE (defaults)"]
@@ -398,7 +412,7 @@ def paired_differences(out: dict[str, Any], truth: Any, kinds: np.ndarray,
         for kind in selections:
             sel = selection(kinds, kind)
             result[name][kind] = list(paired_lds_ci(stride["scores"][sel], m["scores"][sel], truth.masks,
-                                                    losses[..., sel], n_boot=1000))
+                                                    losses[..., sel], n_boot=n_boot))
     return result
 
 
@@ -472,7 +486,7 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
         "next 12 words).",
         f"* Ground truth: {out['n_models']} models retrained from scratch on random halves (mask and training "
         f"seeds from `gt_seed={c.gt_seed}`); LDS = mean Spearman over queries (undefined counted as 0); CIs: "
-        "95% paired bootstrap over queries and retrained models (1000 resamples).",
+        f"95% paired bootstrap over queries and retrained models ({c.n_boot} resamples).",
         "",
         "| method | LDS all | LDS facts | LDS scripture | LDS docs | fact recall@10 | index s | per query s "
         "(batch) | single query s |",
@@ -485,7 +499,7 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
                      f"{m['recall@10']:.3f} | {m['index_s']:.1f} | {m['per_query_s']:.4f} | {m['single_s']:.3f} |")
     stride = out["methods"]["STRIDE (defaults)"]
     lines += ["", "Paired differences, STRIDE minus each baseline (95% CI, bootstrap over queries and retrained "
-              "models, 1000 resamples):", ""]
+              f"models, {c.n_boot} resamples):", ""]
     lines += ["| baseline | all | facts | scripture | docs |", "|---|---|---|---|---|"]
     for name, cells in out["paired"].items():
         lines.append(f"| {name} | " + " | ".join(
@@ -626,8 +640,8 @@ def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
             if target is losses:
                 summary["methods"][name] = means
     lines += ["", "STRIDE minus each baseline against the two-seed mean (paired 95% CI resampling queries and "
-              "retrained models, 1000 resamples):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
-    summary["paired"] = paired_differences(out, truth, kinds, sels)  # truth.losses: [m, 2 seeds, q]
+              f"retrained models, {config.n_boot} resamples):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
+    summary["paired"] = paired_differences(out, truth, kinds, sels, n_boot=config.n_boot)  # truth.losses: [m, 2 seeds, q]
     lines += paired_rows(summary["paired"], sels)
     storage.write_text(_two_seed_summary_path(setting, m), json.dumps(summary, indent=1))
     return "\n".join(lines) + "\n"

@@ -107,9 +107,10 @@ def seed_differences(stride_scores: Sequence[np.ndarray], baseline: np.ndarray, 
 
 
 def fit_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR, seeds: int = 3,
-                    n_models: Optional[int] = None, n_boot: int = 1000, log=print,
+                    n_models: Optional[int] = None, n_boot: Optional[int] = None, log=print,
                     args_for: Optional[Callable[[int], Any]] = None) -> str:
-    """The markdown report (module docstring): seeds ``0 .. seeds-1``, seed 0 from the saved results."""
+    """The markdown report (module docstring): seeds ``0 .. seeds-1``, seed 0 from the saved results;
+    ``n_boot`` bootstrap resamples per interval (default: the config's, 1000 on the real benchmarks)."""
     from stride_nnsight.evaluation import lds
 
     from .noise_ceiling import two_seed_truth
@@ -117,6 +118,7 @@ def fit_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
 
     if seeds < 2:
         raise ValueError(f"seeds must be >= 2 (seed 0 is the saved report's fit), got {seeds}")
+    n_boot = config.n_boot if n_boot is None else n_boot
     out = saved_results(config, cache_dir)
     if out is None:
         raise FileNotFoundError("no saved held-out results for this bench: run `python -m benchmarks.heldout` "

@@ -223,6 +223,30 @@ def test_contamination_corpus_and_quick_run(quick_cache):
         assert f"| {name}" in report
 
 
+def test_auroc_bootstrap_matches_sklearn_per_resample():
+    """The vectorised AUROC bootstrap gives what a loop of `roc_auc_score` over the same stratified
+    resamples gives (ties included), so the contamination report's CIs keep their meaning."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from benchmarks.contamination import auroc_ci, paired_auroc_difference
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random(40) < 0.4).astype(int)
+    a, b = np.round(rng.normal(size=40) + labels, 1), np.round(rng.normal(size=40), 1)  # rounded: ties
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    draws, boot = np.random.default_rng(5), []
+    for _ in range(50):
+        idx = np.concatenate([draws.choice(pos, len(pos)), draws.choice(neg, len(neg))])
+        boot.append((roc_auc_score(labels[idx], a[idx]), roc_auc_score(labels[idx], b[idx])))
+    boot = np.asarray(boot)
+    auc, lo, hi = auroc_ci(labels, a, n_boot=50, seed=5)
+    assert np.allclose([auc, lo, hi], [roc_auc_score(labels, a), *np.quantile(boot[:, 0], [0.025, 0.975])])
+    d, lo, hi = paired_auroc_difference(labels, a, b, n_boot=50, seed=5)
+    point = roc_auc_score(labels, a) - roc_auc_score(labels, b)
+    assert np.allclose([d, lo, hi], [point, *np.quantile(boot[:, 0] - boot[:, 1], [0.025, 0.975])])
+
+
 def test_ekfac_damping_dev_split_alternates_within_each_kind():
     import numpy as np
 
