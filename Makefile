@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test benchmark heldout scaling clean
+.PHONY: install demo test benchmark heldout reports scaling clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ benchmark: install
 heldout: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout
+
+# Every report that names the library's code version, in the order they read each other's saved
+# results (docs/benchmarks.md, "After a library change"). Hours from an empty benchmarks/cache/.
+reports: install
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout --two-seeds
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout --two-seeds --subsets 40
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout_fit_seeds --seeds 3 --subsets 40
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.run --skip-ablations
 
 scaling: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.scaling
