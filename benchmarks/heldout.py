@@ -4,7 +4,10 @@
 ground truth, runs STRIDE with the library defaults (nothing tuned on it), EK-FAC (kronfluence)
 and BM25 on it, and writes ``benchmarks/RESULTS-heldout.md``: LDS overall and per kind of text
 with paired 95% bootstrap CIs of STRIDE minus each baseline, fact recall@10, and each method's
-index time and per-query time.
+index time and per-query time. ``--confirm`` (after the main run) runs every method again on
+a larger, fresh query set fixed with the corpus (``corpus.confirm_queries``; "Confirmation queries" in
+``docs/benchmarks.md``), STRIDE from the main run's saved operators, and writes
+``benchmarks/RESULTS-heldout-confirm.md``.
 
 How it differs from the public benchmark (``benchmarks.setting.FULL``), on purpose:
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import itertools
 import json
 import os
 import random
@@ -99,6 +103,13 @@ class HeldoutConfig(BenchConfig):
     #: bootstrap resamples behind every CI: a class attribute, not a field, so it is not part of the
     #: setting's identity (the corpus, model and retrains do not depend on it)
     n_boot = 1000
+    #: fresh continuation queries per text kind in ``corpus.confirm_queries`` (`main` ``--confirm``),
+    #: drawn from passages that are neither training documents, queries nor fact hosts. A class
+    #: attribute: the main setting's identity does not depend on it. 96 per kind was fixed on
+    #: 2026-12-04, before any confirmation result existed, from the main report's paired text
+    #: intervals (half-width 0.13 over 32 text queries: per-query SD about 0.37, so 192 fresh text
+    #: queries give about +-0.05 from the queries)
+    n_confirm_text = 96
 
 
 @dataclass(frozen=True)
@@ -151,11 +162,21 @@ class HeldoutQuickConfig(HeldoutConfig):
     nothing, so 200 resamples do."""
 
     n_boot = 200
+    n_confirm_text = 3
 
 
 HELDOUT_QUICK = HeldoutQuickConfig(name="heldout-quick", n_facts=8, n_fact_queries=8, n_text_docs=24,
                                    n_text_queries=4, vocab_size=600, n_layer=2, n_embd=32, n_head=2, epochs=2,
                                    n_models=3, min_words=40, max_words=80, min_chars=200, max_chars=600)
+
+
+def config_from_dict(config: dict[str, Any]) -> HeldoutConfig:
+    """The held-out configuration whose `to_dict` is ``config`` (a worker process rebuilds its setting
+    from it): the class matters beyond the fields (its class attributes ``n_boot``, ``n_confirm_text``
+    set the confirmation queries, hence the confirmation setting's key)."""
+    if config.get("name") == HELDOUT_QUICK.name:
+        return HeldoutQuickConfig(**config)
+    return (HeldoutDevConfig if "books" in config else HeldoutConfig)(**config)
 
 
 def _clean(text: str) -> str:
@@ -253,6 +274,7 @@ def build_heldout_corpus(config: HeldoutConfig) -> Corpus:
     half = config.n_text_docs // 2
     q_half = config.n_text_queries // 2
     chosen: dict[str, list[tuple[str, str]]] = {}
+    spare: dict[str, list[tuple[str, str]]] = {}
     for kind, pool in pools.items():
         seen, unique = set(), []
         for text, cite in pool:
@@ -264,6 +286,7 @@ def build_heldout_corpus(config: HeldoutConfig) -> Corpus:
         if len(unique) < need:
             raise ValueError(f"only {len(unique)} {kind} passages for the {need} this configuration needs")
         chosen[kind] = unique[:need]
+        spare[kind] = unique[need:]
     train_text = [(t, k) for k in pools for t, _ in chosen[k][:half]]
     query_text = [(t, c, k) for k in pools for t, c in chosen[k][half: half + q_half]]
     hosts = [t for k in pools for t, _ in chosen[k][half + q_half:]]
@@ -292,7 +315,17 @@ def build_heldout_corpus(config: HeldoutConfig) -> Corpus:
     queries = [Query(f["prompt"], f["completion"], "fact", tuple(f["source_ids"]), f["relation"])
                for f in facts[: config.n_fact_queries]]
     queries += [_continuation_query(t, c, k) for t, c, k in query_text]
-    return Corpus(documents=documents, kinds=kinds, queries=queries, text_source="kjv+stdlib", facts=facts)
+    # the confirmation set (`confirmation_report`): the facts not queried above and fresh passages of
+    # each text kind, taken after everything above was drawn (the corpus and queries do not change)
+    confirm = [Query(f["prompt"], f["completion"], "fact", tuple(f["source_ids"]), f["relation"])
+               for f in facts[config.n_fact_queries:]]
+    for kind in pools:
+        fresh = (_continuation_query(t, c, kind) for t, c in spare[kind])
+        # a passage repeated elsewhere (the same docstring in two classes, a parallel verse) is not fresh
+        fresh = (q for q in fresh if not any(q.prompt in d or q.completion.strip() in d for d in documents))
+        confirm += list(itertools.islice(fresh, config.n_confirm_text))
+    return Corpus(documents=documents, kinds=kinds, queries=queries, text_source="kjv+stdlib", facts=facts,
+                  confirm_queries=confirm)
 
 
 #: the EK-FAC row whose damping was chosen on the public benchmark's dev queries
@@ -309,12 +342,26 @@ def build_heldout(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR, 
 # ------------------------------------------------------------------------------ the report
 
 
+#: the main report's query selections (`selection`)
+KIND_SELECTIONS = ("all", "fact", "scripture", "docs")
+#: the two-seed report's selections: "text" is every continuation (scripture and docs), the
+#: issue's second kind of query next to the planted facts
+TWO_SEED_SELECTIONS = ("all", "fact", "text", "scripture", "docs")
+#: column titles of the selections
+SELECTION_TITLES = {"all": "all", "fact": "facts", "text": "text (scripture + docs)", "scripture": "scripture",
+                    "docs": "docs"}
+
+
 def _kind_means(per_query: np.ndarray, kinds: np.ndarray) -> dict[str, float]:
     return {k: float(per_query[kinds == k].mean()) for k in ("fact", "scripture", "docs") if (kinds == k).any()}
 
 
-def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, Any]:
-    """STRIDE (library defaults), EK-FAC and BM25 on the held-out setting: scores, costs, LDS."""
+def evaluate(setting: BenchSetting, args: Any = None, log=print, fitted: Any = None, save_dir: Optional[Path] = None,
+             selections: tuple = KIND_SELECTIONS) -> dict[str, Any]:
+    """STRIDE (library defaults), EK-FAC and BM25 on the held-out setting: scores, costs, LDS, and
+    STRIDE's paired differences on each of ``selections``. ``fitted``: a ``Stride`` already fitted
+    on these documents (the confirmation queries reuse the main run's operators; its index time is
+    then NaN); ``save_dir``: keep the fitted state there."""
     from stride_nnsight import baselines
     from stride_nnsight.arguments import StrideArguments
     from stride_nnsight.evaluation import fact_tracing, lds
@@ -331,7 +378,8 @@ def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, An
 
     log("  STRIDE (library defaults) ...")
     args = StrideArguments() if args is None else args
-    res, stride = run_stride(setting, setting.language_model(), args, single=True, log=log)
+    res, stride = run_stride(setting, setting.language_model(), args, single=True, log=log, fitted=fitted,
+                             save_dir=save_dir)
     out["methods"]["STRIDE (defaults)"] = {"scores": res.scores, "index_s": res.index_s,
                                            "per_query_s": res.batch_s / len(prompts), "single_s": res.single_s,
                                            "provenance": {k: stride.args.to_dict()[k] for k in
@@ -372,19 +420,11 @@ def evaluate(setting: BenchSetting, args: Any = None, log=print) -> dict[str, An
         m["per_query"] = np.nan_to_num(np.asarray(result.per_query, dtype=float))
         m["lds"] = float(m["per_query"].mean())
         m["by_kind"] = _kind_means(m["per_query"], kinds)
-        m["recall@10"] = fact_tracing(m["scores"][facts], sources, ks=(10,))["recall@10"]
+        m["recall@10"] = fact_tracing(m["scores"][facts], sources, ks=(10,))["recall@10"] if facts.any() else np.nan
     out["kinds"] = kinds
-    out["paired"] = paired_differences(out, truth, kinds, n_boot=setting.config.n_boot)
+    selections = tuple(k for k in selections if selection(kinds, k).any())
+    out["paired"] = paired_differences(out, truth, kinds, selections, n_boot=setting.config.n_boot)
     return out
-
-
-KIND_SELECTIONS = ("all", "fact", "scripture", "docs")
-#: the two-seed report's selections: "text" is every continuation (scripture and docs), the
-#: issue's second kind of query next to the planted facts
-TWO_SEED_SELECTIONS = ("all", "fact", "text", "scripture", "docs")
-#: column titles of the selections
-SELECTION_TITLES = {"all": "all", "fact": "facts", "text": "text (scripture + docs)", "scripture": "scripture",
-                    "docs": "docs"}
 
 
 def selection(kinds: np.ndarray, name: str) -> np.ndarray:
@@ -436,9 +476,19 @@ def headline(out: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _report_identity(config: HeldoutConfig) -> tuple[str, str, str]:
+def _report_identity(config: HeldoutConfig, confirm: bool = False) -> tuple[str, str, str]:
     """``(title, command-line flag, what the bench is for)`` of a report on ``config``: the held-out
-    benchmark is the one nothing was tuned on; its twins are dev benches settings were compared on."""
+    benchmark is the one nothing was tuned on; its twins are dev benches settings were compared on;
+    ``confirm``: the report on the fresh confirmation queries."""
+    if confirm:
+        title, flag, role = _report_identity(config)
+        return (f"{title}, fresh confirmation queries", f"{flag} --confirm",
+                f"{role} The queries are `corpus.confirm_queries`: the planted facts the main report does not "
+                "query and continuations of passages that are neither training documents, fact hosts nor main "
+                f"queries ({config.n_confirm_text} per text kind, a count fixed on 2026-12-04 before any result "
+                "on them existed); nothing was chosen on them. STRIDE reuses the operators fitted for the main "
+                "report (its index time is not re-measured here); the ground truth retrains the same subsets "
+                "with the same seeds and checks that the main queries' losses repeat.")
     if isinstance(config, HeldoutNarrativeConfig):
         twin, flag = "narrative dev twin", " --narrative"
     elif isinstance(config, HeldoutDevConfig):
@@ -454,15 +504,17 @@ def _report_identity(config: HeldoutConfig) -> tuple[str, str, str]:
             "(`StrideArguments()`).")
 
 
-def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]) -> str:
-
+def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float], confirm: bool = False) -> str:
+    """The markdown report of `evaluate`'s ``out`` (``confirm``: on the confirmation queries)."""
     c = setting.config
-    kinds = out["kinds"]
+    kinds = np.asarray(out["kinds"])
+    cells = next(iter(out["paired"].values()))
+    sels = tuple(k for k in TWO_SEED_SELECTIONS if k in cells)  # the main report: all, fact, scripture, docs
     n_docs = {k: int(sum(1 for x in setting.corpus.kinds if x == k)) for k in ("scripture", "docs", "fact")}
     lengths = np.asarray([len(setting.tokenizer(d)["input_ids"]) + 1 for d in setting.documents])  # + BOS
     p5, p50, p95 = np.percentile(lengths, [5, 50, 95])
     cut = int((lengths > c.max_length).sum())
-    title, flag, role = _report_identity(c)
+    title, flag, role = _report_identity(c, confirm)
     books = getattr(c, "books", HELDOUT_BOOKS)
     lines = [
         f"# {title}: STRIDE defaults vs EK-FAC and BM25",
@@ -488,23 +540,19 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
         f"seeds from `gt_seed={c.gt_seed}`); LDS = mean Spearman over queries (undefined counted as 0); CIs: "
         f"95% paired bootstrap over queries and retrained models ({c.n_boot} resamples).",
         "",
-        "| method | LDS all | LDS facts | LDS scripture | LDS docs | fact recall@10 | index s | per query s "
-        "(batch) | single query s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | " + " | ".join(f"LDS {SELECTION_TITLES[k]}" for k in sels) + " | fact recall@10 | index s | "
+        "per query s (batch) | single query s |",
+        "|---|" + "---|" * (len(sels) + 4),
     ]
     for name, m in out["methods"].items():
-        bk = m["by_kind"]
-        lines.append(f"| {name} | {m['lds']:.3f} | {bk.get('fact', float('nan')):.3f} | "
-                     f"{bk.get('scripture', float('nan')):.3f} | {bk.get('docs', float('nan')):.3f} | "
-                     f"{m['recall@10']:.3f} | {m['index_s']:.1f} | {m['per_query_s']:.4f} | {m['single_s']:.3f} |")
+        per = np.asarray(m["per_query"], dtype=float)
+        lines.append(f"| {name} | " + " | ".join(f"{per[selection(kinds, k)].mean():.3f}" for k in sels) +
+                     f" | {m['recall@10']:.3f} | {m['index_s']:.1f} | {m['per_query_s']:.4f} | {m['single_s']:.3f} |")
     stride = out["methods"]["STRIDE (defaults)"]
     lines += ["", "Paired differences, STRIDE minus each baseline (95% CI, bootstrap over queries and retrained "
               f"models, {c.n_boot} resamples):", ""]
-    lines += ["| baseline | all | facts | scripture | docs |", "|---|---|---|---|---|"]
-    for name, cells in out["paired"].items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {_verdict(lo, hi)}" for d, lo, hi in
-            (cells[k] for k in KIND_SELECTIONS)) + " |")
+    lines += ["| baseline | " + " | ".join(SELECTION_TITLES[k] for k in sels) + " |", "|---|" + "---|" * len(sels)]
+    lines += paired_rows(out["paired"], sels)
     lines += ["", f"STRIDE settings: {stride['provenance']}; {stride['steps']} fit steps; activation cache used: "
               f"{stride['cache_used']}. EK-FAC: kronfluence defaults of `stride_nnsight.baselines.ekfac` "
               f"(heuristic damping) with max_length={c.max_length}, and the same with the damping chosen on the "
@@ -528,6 +576,11 @@ def _code_version() -> str:
 
 def _results_path(setting: BenchSetting) -> Path:
     return setting.cache_dir / f"heldout-results-{setting.key}-code{_code_version()}.npz"
+
+
+def _stride_state_dir(setting: BenchSetting) -> Path:
+    """Where the main run keeps STRIDE's fitted state, for the confirmation queries (`main` ``--confirm``)."""
+    return setting.cache_dir / f"heldout-stride-{setting.key}-code{_code_version()}"
 
 
 def save_results(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]) -> Path:
@@ -674,6 +727,35 @@ def two_seed_summary(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DI
     return best
 
 
+def _confirm(plan: Any, setting: BenchSetting, seconds: dict[str, float], path: Path) -> int:
+    """``--confirm``: the confirmation queries' ground truth (retrains of the same subsets and seeds,
+    checked against the main queries' losses), then every method on them, STRIDE from the main run's
+    saved operators."""
+    from stride_nnsight import Stride
+
+    from .run import stage_ground_truth
+    from .setting import ground_truth, ground_truth_folder
+
+    t0 = time.perf_counter()
+    stage_ground_truth(plan, setting, confirm=True, label="confirmation queries: LDS ground truth")
+    seconds["confirmation ground truth"] = time.perf_counter() - t0
+    csetting = setting.confirmation()
+    main_losses = np.asarray(ground_truth(setting, progress=False).losses)
+    for i in range(setting.config.n_models):  # the same subsets and seeds: the same models
+        with np.load(ground_truth_folder(csetting) / f"retrain_{i:05d}_s0.npz") as z:
+            if not np.allclose(z["losses_main"], main_losses[i], atol=1e-4):
+                raise RuntimeError(f"confirmation retrain {i} does not repeat the main retrain (main queries' losses "
+                                   "differ): the two ground truths would come from different models")
+    fitted = Stride.load(_stride_state_dir(setting), csetting.language_model())
+    out = evaluate(csetting, fitted=fitted, selections=TWO_SEED_SELECTIONS)
+    save_results(csetting, out, seconds)
+    text = report(csetting, out, seconds, confirm=True)
+    path.write_text(text)
+    print(text)
+    print(f"written to {path}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from .run import Plan, _set_threads, stage_ground_truth
 
@@ -695,6 +777,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--ground-truth-only", action="store_true", help="build the setting and the retrains, stop")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the last run's saved results")
+    p.add_argument("--confirm", action="store_true", help="every method on the fresh confirmation queries "
+                   "(`corpus.confirm_queries`) with STRIDE's operators from the main run and their own ground truth "
+                   "(the same subsets and seeds retrained); run after the main report (writes "
+                   "benchmarks/RESULTS-heldout-confirm.md)")
     a = p.parse_args(argv)
     _set_threads(1)
     config = HELDOUT_QUICK if a.quick else HELDOUT_DEV if a.dev else HELDOUT_NARRATIVE if a.narrative else HELDOUT
@@ -703,6 +789,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         import tempfile
 
         cache_dir = Path(tempfile.mkdtemp(prefix="stride-heldout-"))
+    if a.confirm and a.two_seeds:
+        p.error("--confirm and --two-seeds do not combine: the two-seed reports judge the main queries")
+    if a.confirm and not a.report_only and not _stride_state_dir(_corpus_only_setting(config, cache_dir)).is_dir():
+        p.error("--confirm reuses the main run's STRIDE operators, and none are saved for this code version in "
+                f"{cache_dir}: run the main report first (the same command without --confirm)")
     if a.two_seeds:
         text = two_seed_report(config, cache_dir, n_models=a.subsets)
         name = "RESULTS-heldout-two-seeds.md" if not a.subsets else f"RESULTS-heldout-two-seeds-m{a.subsets}.md"
@@ -716,11 +807,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"load before: {os.getloadavg()}", flush=True)
     setting = build_heldout(config, cache_dir)
     name = "RESULTS-heldout-dev.md" if a.dev else "RESULTS-heldout-narrative.md" if a.narrative else "RESULTS-heldout.md"
+    if a.confirm:
+        name = name.replace(".md", "-confirm.md")
     default_path = cache_dir / name if a.quick else Path(__file__).resolve().parent / name
     path = a.out or default_path
     if a.report_only:
-        out, seconds = load_results(setting)
-        path.write_text(report(setting, out, seconds))
+        out, seconds = load_results(setting.confirmation() if a.confirm else setting)
+        path.write_text(report(setting.confirmation() if a.confirm else setting, out, seconds, confirm=a.confirm))
         print(path.read_text())
         return 0
     seconds["setting"] = time.perf_counter() - t0
@@ -732,8 +825,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     from stride_nnsight.arguments import StrideArguments
 
+    if a.confirm:
+        return _confirm(plan, setting, seconds, path)
     # --quick: 40 documents cannot hold the default K=256 subsets (d=4); a smoke test of the code only
-    out = evaluate(setting, StrideArguments(n_subsets=32) if a.quick else None)
+    out = evaluate(setting, StrideArguments(n_subsets=32) if a.quick else None, save_dir=_stride_state_dir(setting))
     save_results(setting, out, seconds)
     text = report(setting, out, seconds)
     path.write_text(text)

@@ -229,13 +229,13 @@ def _worker_setting(config_dict: dict, cache_dir: str, threads: int):
     if _WORKER_SETTING is None or _WORKER_KEY != key:
         _WORKER_KEY = key
         _set_threads(threads)
-        if "books" in config_dict:  # the held-out benchmark's dev twin
-            from .heldout import HeldoutDevConfig as config_class
-        elif "n_positions" in config_dict:  # the held-out benchmark's config
-            from .heldout import HeldoutConfig as config_class
+        if "n_positions" in config_dict:  # the held-out benchmark or one of its twins
+            from .heldout import config_from_dict
+
+            config = config_from_dict(config_dict)
         else:
-            config_class = BenchConfig
-        _WORKER_SETTING = build_setting(config_class(**config_dict), Path(cache_dir), log=_quiet)
+            config = BenchConfig(**config_dict)
+        _WORKER_SETTING = build_setting(config, Path(cache_dir), log=_quiet)
     return _WORKER_SETTING
 
 

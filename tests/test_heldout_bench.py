@@ -74,6 +74,35 @@ def test_fact_positions_vary(corpus):
     assert (where < 0.1).any() and ((where > 0.3) & (where < 0.7)).any() and (where > 0.9).any()
 
 
+def test_confirmation_queries_are_fresh_and_leave_the_corpus_unchanged(corpus):
+    """`corpus.confirm_queries`: the facts the main queries leave out and `n_confirm_text` fresh
+    passages of each text kind, none of them in training or among the main queries; drawing them
+    changes neither the documents nor the main queries (the reported figures stay comparable)."""
+    from dataclasses import dataclass
+
+    from benchmarks.heldout import HELDOUT, HeldoutConfig, build_heldout_corpus
+
+    confirm = corpus.confirm_queries
+    kinds = [q.kind for q in confirm]
+    assert kinds.count("fact") == HELDOUT.n_facts - HELDOUT.n_fact_queries
+    assert kinds.count("scripture") == kinds.count("docs") == HELDOUT.n_confirm_text == 96
+    assert {q.completion for q in confirm if q.kind == "fact"} == \
+        {f["completion"] for f in corpus.facts[HELDOUT.n_fact_queries:]}
+    assert not {q.prompt for q in confirm} & {q.prompt for q in corpus.queries}
+    assert len({q.prompt for q in confirm}) == len(confirm)
+    for q in confirm:
+        if q.kind != "fact":  # neither half of a fresh passage occurs in any training document
+            assert not any(q.prompt in d or q.completion.strip() in d for d in corpus.documents)
+
+    @dataclass(frozen=True)
+    class NoConfirmation(HeldoutConfig):
+        n_confirm_text = 0
+
+    before = build_heldout_corpus(NoConfirmation())
+    assert before.documents == corpus.documents and before.queries == corpus.queries
+    assert before.fingerprint() == corpus.fingerprint()
+
+
 def test_quick_pipeline_writes_a_report(tmp_path):
     from benchmarks.heldout import (BM25_COMPLETION_LABEL, EKFAC_HEAD_LABEL, EKFAC_TUNED_LABEL, HELDOUT_QUICK,
                                    build_heldout, headline, load_results, main)
@@ -104,6 +133,17 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     assert main(["--quick", "--report-only", "--cache-dir", str(tmp_path)]) == 0  # from the saved results
     assert (tmp_path / "RESULTS-heldout.md").read_text().split("Setup wall time")[0].split("\n", 3)[3] == \
         text.split("Setup wall time")[0].split("\n", 3)[3]
+    # --confirm: every method on the fresh queries, STRIDE from the main run's saved operators
+    with pytest.raises(SystemExit):  # nothing saved in an empty folder: refused before any training
+        main(["--quick", "--confirm", "--cache-dir", str(tmp_path / "nothing-saved")])
+    assert not (tmp_path / "nothing-saved").exists() or not any((tmp_path / "nothing-saved").iterdir())
+    assert main(["--quick", "--confirm", "--jobs", "1", "--cache-dir", str(tmp_path)]) == 0
+    confirm = (tmp_path / "RESULTS-heldout-confirm.md").read_text()
+    assert "fresh confirmation queries" in confirm and "| LDS all | LDS text (scripture + docs) |" in confirm
+    row = next(line for line in confirm.splitlines() if line.startswith("| STRIDE (defaults) |")).split(" | ")
+    assert row[6] == "nan"  # index time: the operators were loaded, not fitted again
+    paired = [ln for ln in confirm.splitlines() if ln.startswith("| ") and "[" in ln]
+    assert len(paired) == 5 and all(ln.count("[") == 4 for ln in paired)  # all, text, scripture, docs (no facts)
     # --two-seeds: the saved scores judged against the same subsets retrained with a second seed too
     assert main(["--quick", "--two-seeds", "--cache-dir", str(tmp_path)]) == 0
     two = (tmp_path / "RESULTS-heldout-two-seeds.md").read_text()
