@@ -11,7 +11,7 @@ import numpy as np
 
 from stride_nnsight.evaluation import bootstrap_ci, fact_tracing, lds
 
-from .setting import code_version
+from .setting import code_version, environment
 
 LAST_SUMMARY: dict[str, Any] = {}
 
@@ -182,7 +182,7 @@ def render(*, plan, setting, gt, gt_info, methods, ablations, lambdas, stages, d
       f"worker processes: {plan.jobs}). Setting, protocol and how to regenerate: `docs/benchmarks.md`. "
       f"Code version {code_version()} (hash of `stride_nnsight/` and `benchmarks/methods.py`): every method result "
       "below was computed by this code (results are cached per code version; the retrained ground truth is cached "
-      "per setting).")
+      f"per setting). Environment: {environment()}.")
     w("")
     if heldout is not None:
         L.extend(_heldout_section(heldout))
@@ -673,12 +673,40 @@ def _heldout_section(out: dict) -> list[str]:
              "chosen on the same dev queries). Times: wall seconds, one thread.",
              ""]
     lines += headline(out)
+    lines += _confirm_block(out)
     lines += _two_seed_block(out)
     lines += _fit_seed_block(out)
     lines += ["", f"Computed by code version {version}" + (
         f", not this report's {code_version()}: the library changed since; rerun `python -m benchmarks.heldout` "
         "to refresh." if stale else " (this report's)."), ""]
     return lines
+
+
+def _confirm_block(out: dict) -> list[str]:
+    """The same code's results on the held-out benchmark's fresh confirmation queries
+    (`benchmarks.heldout` ``--confirm``), when they were saved for these scores' code version."""
+    from .heldout import SELECTION_TITLES, TWO_SEED_SELECTIONS, paired_rows, saved_results, selection
+
+    if out.get("cache_dir") is None:
+        return []
+    conf = saved_results(out["config"], out["cache_dir"], confirm=True)
+    if conf is None or conf["code_version"] != out.get("code_version"):
+        return []
+    kinds = np.asarray(conf["kinds"])
+    sels = tuple(k for k in TWO_SEED_SELECTIONS if k in next(iter(conf["paired"].values())))
+    titles = " | ".join(SELECTION_TITLES[k] for k in sels)
+    lines = ["", f"The same fit on {len(kinds)} fresh queries fixed with the corpus before any result on them existed "
+             f"({int((kinds == 'fact').sum())} facts the queries above leave out, {int((kinds == 'scripture').sum())} "
+             f"scripture and {int((kinds == 'docs').sum())} documentation continuations; `python -m benchmarks.heldout "
+             "--confirm`, full report `benchmarks/RESULTS-heldout-confirm.md`): STRIDE's saved operators, every "
+             "baseline run again, ground truth from the same subsets retrained with the same seeds. LDS:", "",
+             f"| method | {titles} |", "|---|" + "---|" * len(sels)]
+    for name, m in conf["methods"].items():
+        per = np.asarray(m["per_query"], dtype=float)
+        lines.append(f"| {name} | " + " | ".join(f"{per[selection(kinds, k)].mean():.3f}" for k in sels) + " |")
+    lines += ["", "STRIDE minus each baseline on those queries (paired 95% CI resampling queries and retrained "
+              "models):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
+    return lines + paired_rows(conf["paired"], sels)
 
 
 def _two_seed_block(out: dict) -> list[str]:

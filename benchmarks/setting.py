@@ -465,6 +465,34 @@ def code_version(root: Optional[Path] = None) -> str:
     return digest.hexdigest()[:10]
 
 
+#: the packages whose versions can change a retrained model's numbers (with the CPU's kernels)
+ENVIRONMENT_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "nnsight", "kronfluence", "rank-bm25")
+
+
+def environment() -> str:
+    """One line naming what besides the code shapes a report's numbers: Python, the versions of
+    `ENVIRONMENT_PACKAGES` and the CPU. Retraining is deterministic on one machine, but another
+    package version or CPU (other kernels, other rounding) trains other models, which moves every
+    LDS like another training seed would (`docs/benchmarks.md`, "Reproducing")."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _version(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    packages = ", ".join(f"{name} {_version(name)}" for name in ENVIRONMENT_PACKAGES)
+    return f"Python {platform.python_version()}, {packages}; CPU {cpu}"
+
+
 def ground_truth_folder(setting: BenchSetting, n_models: Optional[int] = None) -> Path:
     """Cache folder of the setting's retrained ground truth (``n_models``: of that many subsets
     instead of the config's)."""

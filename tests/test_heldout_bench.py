@@ -114,6 +114,12 @@ def test_quick_pipeline_writes_a_report(tmp_path):
         values = [float(v) for v in re.findall(r"-?\d+\.\d+", row)[:6]]
         assert len(values) == 6 and all(np.isfinite(values))
     assert "Paired differences" in text
+    # what besides the code shapes the numbers: package versions and the CPU (another environment
+    # trains other retrains, docs/benchmarks.md "Reproducing")
+    from benchmarks.setting import ENVIRONMENT_PACKAGES
+
+    env = text.split("Environment: ")[1].split("\n")[0]
+    assert env.startswith("Python 3.") and all(f"{p} " in env for p in ENVIRONMENT_PACKAGES) and "; CPU " in env
     # the fragment RESULTS.md leads with: every method, and STRIDE's paired differences with CIs
     out, _ = load_results(build_heldout(HELDOUT_QUICK, tmp_path, log=lambda m: None))
     frag = "\n".join(headline(out))
@@ -144,6 +150,10 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     assert row[6] == "nan"  # index time: the operators were loaded, not fitted again
     paired = [ln for ln in confirm.splitlines() if ln.startswith("| ") and "[" in ln]
     assert len(paired) == 5 and all(ln.count("[") == 4 for ln in paired)  # all, text, scripture, docs (no facts)
+    # RESULTS.md's headline shows them under the main figures (the same code version)
+    section = "\n".join(_heldout_section(saved_results(HELDOUT_QUICK, tmp_path)))
+    assert "fresh queries fixed with the corpus" in section and "--confirm" in section
+    assert sum(ln.startswith("| STRIDE (defaults) |") for ln in section.splitlines()) == 2
     # --two-seeds: the saved scores judged against the same subsets retrained with a second seed too
     assert main(["--quick", "--two-seeds", "--cache-dir", str(tmp_path)]) == 0
     two = (tmp_path / "RESULTS-heldout-two-seeds.md").read_text()
