@@ -68,7 +68,8 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float = 0.05) -> flo
     return float(t[f <= fpr].max()) if (f <= fpr).any() else 0.0
 
 
-def _stratified_draws(labels: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _stratified_draws(labels: np.ndarray, n_boot: int,
+                      seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(pos, neg, wp [n_boot, |pos|], wn [n_boot, |neg|])``: the positive and negative items and
     how often each is drawn in each resample (positives and negatives resampled separately, in the
     order ``rng.choice(pos)``, ``rng.choice(neg)`` per resample)."""

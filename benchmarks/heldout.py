@@ -427,6 +427,12 @@ def evaluate(setting: BenchSetting, args: Any = None, log=print, fitted: Any = N
     return out
 
 
+def selection_means(per_query: np.ndarray, kinds: np.ndarray, selections: tuple) -> dict[str, float]:
+    """Mean of ``per_query [q]`` (or ``[..., q]``, averaged over everything) on each selection."""
+    per, kinds = np.asarray(per_query, dtype=float), np.asarray(kinds)
+    return {k: float(per[..., selection(kinds, k)].mean()) for k in selections}
+
+
 def selection(kinds: np.ndarray, name: str) -> np.ndarray:
     """The queries of selection ``name`` (``all``, ``text`` = not a fact, or one kind): bool ``[q]``."""
     kinds = np.asarray(kinds)
@@ -545,8 +551,8 @@ def report(setting: BenchSetting, out: dict[str, Any], seconds: dict[str, float]
         "|---|" + "---|" * (len(sels) + 4),
     ]
     for name, m in out["methods"].items():
-        per = np.asarray(m["per_query"], dtype=float)
-        lines.append(f"| {name} | " + " | ".join(f"{per[selection(kinds, k)].mean():.3f}" for k in sels) +
+        means = selection_means(m["per_query"], kinds, sels)
+        lines.append(f"| {name} | " + " | ".join(f"{means[k]:.3f}" for k in sels) +
                      f" | {m['recall@10']:.3f} | {m['index_s']:.1f} | {m['per_query_s']:.4f} | {m['single_s']:.3f} |")
     stride = out["methods"]["STRIDE (defaults)"]
     lines += ["", "Paired differences, STRIDE minus each baseline (95% CI, bootstrap over queries and retrained "
@@ -690,13 +696,15 @@ def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
     for name in out["methods"]:
         for label, target in targets:
             per = np.nan_to_num(np.asarray(lds(out["methods"][name]["scores"], truth.masks, target).per_query, float))
-            means = {k: float(per[selection(kinds, k)].mean()) for k in sels}
+            means = selection_means(per, kinds, sels)
             lines.append(f"| {name} | {label} | " + " | ".join(f"{means[k]:.3f}" for k in sels) + " |")
             if target is losses:
                 summary["methods"][name] = means
     lines += ["", "STRIDE minus each baseline against the two-seed mean (paired 95% CI resampling queries and "
-              f"retrained models, {config.n_boot} resamples):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
-    summary["paired"] = paired_differences(out, truth, kinds, sels, n_boot=config.n_boot)  # truth.losses: [m, 2 seeds, q]
+              f"retrained models, {config.n_boot} resamples):", "", f"| baseline | {titles} |",
+              "|---|" + "---|" * len(sels)]
+    # truth.losses: [m, 2 seeds, q]
+    summary["paired"] = paired_differences(out, truth, kinds, sels, n_boot=config.n_boot)
     lines += paired_rows(summary["paired"], sels)
     storage.write_text(_two_seed_summary_path(setting, m), json.dumps(summary, indent=1))
     return "\n".join(lines) + "\n"
@@ -814,8 +822,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     default_path = cache_dir / name if a.quick else Path(__file__).resolve().parent / name
     path = a.out or default_path
     if a.report_only:
-        out, seconds = load_results(setting.confirmation() if a.confirm else setting)
-        path.write_text(report(setting.confirmation() if a.confirm else setting, out, seconds, confirm=a.confirm))
+        setting = setting.confirmation() if a.confirm else setting
+        out, seconds = load_results(setting)
+        path.write_text(report(setting, out, seconds, confirm=a.confirm))
         print(path.read_text())
         return 0
     seconds["setting"] = time.perf_counter() - t0

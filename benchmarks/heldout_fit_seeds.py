@@ -35,7 +35,7 @@ from stride_nnsight import storage
 
 from .heldout import (HELDOUT, HELDOUT_DEV, HELDOUT_NARRATIVE, HELDOUT_QUICK, SELECTION_TITLES, TWO_SEED_SELECTIONS,
                       HeldoutConfig, _corpus_only_setting, _report_identity, _verdict, build_heldout, saved_results,
-                      selection)
+                      selection, selection_means)
 from .setting import CACHE_DIR, environment
 
 STRIDE_LABEL = "STRIDE (defaults)"
@@ -154,23 +154,24 @@ def fit_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
     for s, scores in enumerate(stride):
         per = np.nan_to_num(np.asarray(lds(scores, truth.masks, losses).per_query, dtype=float))
         per_seed_lds.append(per)
+        means = selection_means(per, kinds, sels)
         lines.append(f"| seed {s}{' (reported)' if s == 0 else ''} | "
-                     + " | ".join(f"{per[selection(kinds, k)].mean():.3f}" for k in sels) + " |")
+                     + " | ".join(f"{means[k]:.3f}" for k in sels) + " |")
     stacked = np.stack(per_seed_lds)
     summary: dict[str, Any] = {
         "code_version": version, "seeds": seeds, "n_models": m, "selections": list(sels),
-        "per_seed": [{k: float(per[selection(kinds, k)].mean()) for k in sels} for per in per_seed_lds],
-        "mean": {k: float(stacked[:, selection(kinds, k)].mean()) for k in sels},
+        "per_seed": [selection_means(per, kinds, sels) for per in per_seed_lds],
+        "mean": selection_means(stacked, kinds, sels),
         "sd": {k: float(stacked[:, selection(kinds, k)].mean(1).std(ddof=1)) for k in sels}, "paired": {}}
-    lines.append(f"| mean of {seeds} seeds | " + " | ".join(f"{stacked[:, selection(kinds, k)].mean():.3f}"
-                                                           for k in sels) + " |")
+    lines.append(f"| mean of {seeds} seeds | " + " | ".join(f"{summary['mean'][k]:.3f}" for k in sels) + " |")
     lines.append(f"| seed-to-seed SD | " + " | ".join(f"{stacked[:, selection(kinds, k)].mean(1).std(ddof=1):.3f}"
                                                      for k in sels) + " |")
     for name, m_out in out["methods"].items():
         if name == STRIDE_LABEL:
             continue
         per = np.nan_to_num(np.asarray(lds(m_out["scores"], truth.masks, losses).per_query, dtype=float))
-        lines.append(f"| {name} | " + " | ".join(f"{per[selection(kinds, k)].mean():.3f}" for k in sels) + " |")
+        means = selection_means(per, kinds, sels)
+        lines.append(f"| {name} | " + " | ".join(f"{means[k]:.3f}" for k in sels) + " |")
     lines += ["", "## STRIDE minus each baseline", "",
               "Seed mean first (difference [95% CI] verdict), then each seed's difference.", "",
               f"| baseline | fit | {titles} |", "|---|---|" + "---|" * len(sels)]

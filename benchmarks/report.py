@@ -685,7 +685,7 @@ def _heldout_section(out: dict) -> list[str]:
 def _confirm_block(out: dict) -> list[str]:
     """The same code's results on the held-out benchmark's fresh confirmation queries
     (`benchmarks.heldout` ``--confirm``), when they were saved for these scores' code version."""
-    from .heldout import SELECTION_TITLES, TWO_SEED_SELECTIONS, paired_rows, saved_results, selection
+    from .heldout import SELECTION_TITLES, TWO_SEED_SELECTIONS, paired_rows, saved_results, selection_means
 
     if out.get("cache_dir") is None:
         return []
@@ -702,8 +702,8 @@ def _confirm_block(out: dict) -> list[str]:
              "baseline run again, ground truth from the same subsets retrained with the same seeds. LDS:", "",
              f"| method | {titles} |", "|---|" + "---|" * len(sels)]
     for name, m in conf["methods"].items():
-        per = np.asarray(m["per_query"], dtype=float)
-        lines.append(f"| {name} | " + " | ".join(f"{per[selection(kinds, k)].mean():.3f}" for k in sels) + " |")
+        means = selection_means(m["per_query"], kinds, sels)
+        lines.append(f"| {name} | " + " | ".join(f"{means[k]:.3f}" for k in sels) + " |")
     lines += ["", "STRIDE minus each baseline on those queries (paired 95% CI resampling queries and retrained "
               "models):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
     return lines + paired_rows(conf["paired"], sels)
