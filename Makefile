@@ -36,6 +36,7 @@ reports: install
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout --confirm
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout --two-seeds --confirm --subsets 40
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout --two-seeds
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout --two-seeds --subsets 40
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout_fit_seeds --seeds 3 --subsets 40

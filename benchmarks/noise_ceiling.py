@@ -44,6 +44,26 @@ from stride_nnsight.evaluation import (bootstrap_ci, lds, lds_replicates, retrai
 OUT = Path(__file__).resolve().parent / "RESULTS-noise-ceiling.md"
 
 
+def two_seed_folders(setting: Any, n_models: Optional[int] = None) -> list[tuple[int, Path, Path]]:
+    """Where `two_seed_truth` keeps ``setting``'s two-seed retrains: ``(subsets, folder, reused
+    folder)`` in the order it builds them: the benchmark's subsets (reusing the single-seed cache),
+    then, for ``n_models`` above them, all ``n_models`` (reusing the first). Subset ``i``'s
+    retrain with seed ``r`` lives in the first folder whose count exceeds ``i``."""
+    from benchmarks.setting import ground_truth_folder
+
+    c = setting.config
+    n_models = int(n_models or c.n_models)
+    if n_models < c.n_models:
+        raise ValueError(f"n_models={n_models} is below the benchmark's {c.n_models} subsets; pass at least that")
+    single = ground_truth_folder(setting)
+    two = single.parent / f"{single.name}-seeds2"
+    folders = [(int(c.n_models), two, single)]
+    if n_models > c.n_models:
+        more = ground_truth_folder(setting, n_models)
+        folders.append((n_models, more.parent / f"{more.name}-seeds2", two))
+    return folders
+
+
 def two_seed_truth(setting: Any, progress: bool = True, n_models: Optional[int] = None):
     """The benchmark's ground truth with a second training seed per subset (cached beside the
     first; its seed-0 files are hard links to the single-seed cache).
@@ -51,28 +71,20 @@ def two_seed_truth(setting: Any, progress: bool = True, n_models: Optional[int] 
     ``n_models`` above the benchmark's own count adds subsets: the masks are drawn one after the
     other from the same seed, so the first ``config.n_models`` are the benchmark's and their retrains
     (both seeds) are reused from the two-seed cache; only the new subsets are trained (two seeds each).
+    Trains one retrain at a time; `benchmarks.run.stage_two_seed_truth` trains them in parallel first.
     """
-    from benchmarks.setting import ground_truth, ground_truth_folder
+    from benchmarks.setting import ground_truth, retrain_extra
 
+    folders = two_seed_folders(setting, n_models)  # checks n_models
     c = setting.config
-    n_models = int(n_models or c.n_models)
-    if n_models < c.n_models:
-        raise ValueError(f"n_models={n_models} is below the benchmark's {c.n_models} subsets; pass at least that")
     ground_truth(setting, progress=progress)  # make sure the single-seed retrains exist
-    single = ground_truth_folder(setting)
-    extra = {"setting": setting.key, "corpus": setting.corpus.fingerprint(), "config": c.to_dict()}
-
-    def build(m: int, folder: Path, reuse: Path):
-        return retrain_ground_truth(
+    truth = None
+    for m, folder, reuse in folders:
+        truth = retrain_ground_truth(
             setting.train_fn, setting.eval_fn, n_train=len(setting.documents), n_models=m, fraction=c.fraction,
-            seed=c.gt_seed, cache_dir=folder, progress=progress, n_seeds=2, reuse_dir=reuse, extra=extra)
-
-    two = single.parent / f"{single.name}-seeds2"
-    truth = build(c.n_models, two, single)
-    if n_models == c.n_models:
-        return truth
-    more = ground_truth_folder(setting, n_models)
-    return build(n_models, more.parent / f"{more.name}-seeds2", two)
+            seed=c.gt_seed, cache_dir=folder, progress=progress, n_seeds=2, reuse_dir=reuse,
+            extra=retrain_extra(setting))
+    return truth
 
 
 def ceiling_rows(rho: np.ndarray, kinds: np.ndarray) -> list[str]:

@@ -706,24 +706,30 @@ def _confirm_block(out: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(f"{means[k]:.3f}" for k in sels) + " |")
     lines += ["", "STRIDE minus each baseline on those queries (paired 95% CI resampling queries and retrained "
               "models):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
-    return lines + paired_rows(conf["paired"], sels)
+    return lines + paired_rows(conf["paired"], sels) + _two_seed_block(out, confirm=True)
 
 
-def _two_seed_block(out: dict) -> list[str]:
+def _two_seed_block(out: dict, confirm: bool = False) -> list[str]:
     """The same scores against the steadier ground truth of `benchmarks.heldout.two_seed_report`
-    (more subsets, two training seeds each), when one was saved for these scores' code version."""
+    (more subsets, two training seeds each), when one was saved for these scores' code version
+    (``confirm``: the confirmation queries' scores)."""
     from .heldout import KIND_SELECTIONS, SELECTION_TITLES, paired_rows, two_seed_summary
 
     if out.get("cache_dir") is None:
         return []
-    summary = two_seed_summary(out["config"], out["cache_dir"], code_version=out.get("code_version"))
+    summary = two_seed_summary(out["config"], out["cache_dir"], code_version=out.get("code_version"),
+                               confirm=confirm)
     if summary is None:
         return []
     m = summary["n_models"]
-    lines = ["", f"The same scores (not refitted) against a steadier ground truth: {m} random halves, each retrained "
-             "with two training seeds, LDS against the mean of the two (`python -m benchmarks.heldout --two-seeds"
-             + (f" --subsets {m}" if m != out["n_models"] else "") + "`; why: one seed's target is unreliable on "
-             "this recipe, `benchmarks/RESULTS-heldout-two-seeds.md`):", ""]
+    flags = "--two-seeds" + (f" --subsets {m}" if m != out["n_models"] else "") + (" --confirm" if confirm else "")
+    name = "RESULTS-heldout" + ("-confirm" if confirm else "") + "-two-seeds" + \
+        (f"-m{m}" if m != out["n_models"] else "") + ".md"
+    whose = "The fresh queries' scores" if confirm else "The same scores"
+    lines = ["", f"{whose} (not refitted) against a steadier ground "
+             f"truth: {m} random halves, each retrained with two training seeds, LDS against the mean of the two "
+             f"(`python -m benchmarks.heldout {flags}`, `benchmarks/{name}`; why: one seed's target is unreliable "
+             "on this recipe):", ""]
     sels = tuple(summary.get("selections", KIND_SELECTIONS))
     titles = " | ".join(SELECTION_TITLES[k] for k in sels)
     lines += [f"| method | {titles} |", "|---|" + "---|" * len(sels)]
@@ -846,8 +852,9 @@ def _confirmation_section(confirmation: dict, plan, default_args: dict, main_row
     d = info.get("max_abs_diff_main_losses")
     if d is not None:
         w("")
-        w(f"Check that these retrains are the main ones again: largest difference of their losses on the main "
-          f"queries from the main ground truth, {d:.2e} nats.")
+        w(f"Check that these retrains are the main ones (the main stage scores both query sets with each model it "
+          f"trains; one trained separately must repeat it): largest difference of their losses on the main queries "
+          f"from the main ground truth, {d:.2e} nats.")
     w("")
     w(f"| method | LDS all [95% CI] | LDS fact | LDS text | nan | recall@10 | MRR | time / query (batch of {Q}) | "
       "single query | load |")

@@ -240,28 +240,39 @@ def _worker_setting(config_dict: dict, cache_dir: str, threads: int):
 
 
 def _retrain_task(task: dict) -> dict:
-    """Train LDS model ``i`` and write its cache file in `retrain_ground_truth`'s format."""
+    """Train LDS model ``i`` (training seed ``rep``, default 0; the masks drawn for ``n_models``
+    subsets, default the config's: subset ``i`` is the same whatever the count) and write its cache
+    file in `retrain_ground_truth`'s format to ``folder`` (the confirmation queries' losses when
+    ``confirm``, else the main queries'). One model can fill both ground truths: ``main_folder``
+    (with ``confirm``) or ``confirm_folder`` (without) names where the other query set's file goes.
+    A confirmation file also keeps the main queries' losses (``losses_main``), to check that both
+    ground truths come from the same models."""
     from stride_nnsight import evaluation as E
     from stride_nnsight import storage
 
     main = _worker_setting(task["config"], task["cache_dir"], task["threads"])
-    setting = main.confirmation() if task.get("confirm") else main
-    i, folder = task["i"], Path(task["folder"])
-    path = folder / f"retrain_{i:05d}_s0.npz"
-    if path.exists():
+    i, rep = task["i"], int(task.get("rep", 0))
+    name = f"retrain_{i:05d}_s{rep}.npz"
+    targets = {"confirm" if task.get("confirm") else "main": Path(task["folder"]) / name}
+    for which in ("main", "confirm"):
+        if task.get(f"{which}_folder"):
+            targets[which] = Path(task[f"{which}_folder"]) / name
+    todo = {which: path for which, path in targets.items() if not path.exists()}
+    if not todo:
         return {"i": i, "s": 0.0, "skipped": True}
-    c = setting.config
-    masks = E.draw_subset_masks(len(setting.documents), c.n_models, c.fraction, c.gt_seed)
-    seed = E._train_seed(c.gt_seed, i, 0)
+    c = main.config
+    masks = E.draw_subset_masks(len(main.documents), int(task.get("n_models") or c.n_models), c.fraction, c.gt_seed)
+    seed = E._train_seed(c.gt_seed, i, rep)
     t0 = time.perf_counter()
-    model = setting.train_fn(np.flatnonzero(masks[i]).astype(np.int64), seed)
-    loss = np.asarray(setting.eval_fn(model), dtype=np.float64)
-    # the confirmation retrains repeat the main ones (same masks and seeds): their losses on the
-    # main queries are kept too, to check that the two ground truths come from the same models
-    more = {"losses_main": np.asarray(main.eval_fn(model), dtype=np.float64)} if task.get("confirm") else {}
-    digest = E._mask_digest(masks[i])
-    storage.write_arrays(path, losses=loss, train_seed=np.int64(seed), mask_digest=np.str_(digest), model=np.int64(i),
-                         rep=np.int64(0), **more)
+    model = main.train_fn(np.flatnonzero(masks[i]).astype(np.int64), seed)
+    losses = {"main": np.asarray(main.eval_fn(model), dtype=np.float64)}
+    if "confirm" in targets:
+        losses["confirm"] = np.asarray(main.confirmation().eval_fn(model), dtype=np.float64)
+    common = {"train_seed": np.int64(seed), "mask_digest": np.str_(E._mask_digest(masks[i])), "model": np.int64(i),
+              "rep": np.int64(rep)}
+    for which, path in todo.items():
+        more = {"losses_main": losses["main"]} if which == "confirm" else {}
+        storage.write_arrays(path, losses=losses[which], **common, **more)
     return {"i": i, "s": time.perf_counter() - t0, "skipped": False}
 
 
@@ -368,7 +379,10 @@ class _Deferred(Exception):
 
 def stage_ground_truth(plan: Plan, setting, confirm: bool = False, label: str = "[2/6] LDS ground truth") \
         -> tuple[Any, dict]:
-    """Ground truth of ``setting`` (``confirm``: of ``setting.confirmation()``), retrains in parallel."""
+    """Ground truth of ``setting`` (``confirm``: of ``setting.confirmation()``), retrains in parallel.
+    The main queries' retrains also record the confirmation queries' losses (their own cache) when the
+    corpus has some and ``plan.confirm``: the same models serve both, so the confirmation stage then
+    trains nothing."""
     from .setting import ground_truth, ground_truth_folder
 
     main_setting = setting
@@ -376,25 +390,20 @@ def stage_ground_truth(plan: Plan, setting, confirm: bool = False, label: str = 
     c = setting.config
     info: dict[str, Any] = {"retrain_seconds": []}
     folder = ground_truth_folder(setting)
-    # let the library write (or check) the cache manifest, then fill the cache in parallel
-    from stride_nnsight.evaluation import retrain_ground_truth
-
-    def defer(*_a):
-        raise _Deferred
-
+    both = not confirm and plan.confirm and bool(setting.corpus.confirm_queries)
     missing = [i for i in range(c.n_models) if not (folder / f"retrain_{i:05d}_s0.npz").exists()]
     _log(f"{label}: {c.n_models} retrains on {c.fraction:.0%} subsets "
-         f"({c.n_models - len(missing)} cached, {len(missing)} to train, {plan.jobs} jobs) in {folder}")
+         f"({c.n_models - len(missing)} cached, {len(missing)} to train, {plan.jobs} jobs) in {folder}"
+         + ("; each also scores the confirmation queries" if both and missing else ""))
     if missing:
-        try:
-            retrain_ground_truth(defer, defer, n_train=len(setting.documents), n_models=c.n_models,
-                                 fraction=c.fraction, seed=c.gt_seed, cache_dir=folder, progress=False,
-                                 extra={"setting": setting.key, "corpus": setting.corpus.fingerprint(),
-                                        "config": c.to_dict()})
-        except _Deferred:
-            pass
+        _prepare_cache(setting, folder, None, c.n_models, 1)  # the manifest, written (or checked) by the library
+        extra = {}
+        if both:
+            csetting = setting.confirmation()
+            _prepare_cache(csetting, ground_truth_folder(csetting), None, c.n_models, 1)
+            extra = {"confirm_folder": str(ground_truth_folder(csetting))}
         tasks = [{"i": i, "config": c.to_dict(), "cache_dir": str(main_setting.cache_dir), "folder": str(folder),
-                  "threads": plan.threads, "confirm": confirm} for i in missing]
+                  "threads": plan.threads, "confirm": confirm, **extra} for i in missing]
         t0 = time.perf_counter()
         results = _pool(plan, _retrain_task, tasks, "retrain",
                         lambda t, r: f"model {t['i']} done")
@@ -407,6 +416,73 @@ def stage_ground_truth(plan: Plan, setting, confirm: bool = False, label: str = 
     if files and (folder / "manifest.json").exists():  # wall time of the (possibly earlier) run that made them
         info["cache_wall_seconds"] = max(f.stat().st_mtime for f in files) - (folder / "manifest.json").stat().st_mtime
     return gt, info
+
+
+def _prepare_cache(setting, folder: Path, reuse: Optional[Path], n_models: int, n_seeds: int) -> None:
+    """Let the library write (or check) ``folder``'s manifest and link what ``reuse`` holds, training nothing."""
+    from stride_nnsight.evaluation import retrain_ground_truth
+
+    from .setting import retrain_extra
+
+    def defer(*_a):
+        raise _Deferred
+
+    c = setting.config
+    try:
+        retrain_ground_truth(defer, defer, n_train=len(setting.documents), n_models=n_models, fraction=c.fraction,
+                             seed=c.gt_seed, cache_dir=folder, progress=False, n_seeds=n_seeds, reuse_dir=reuse,
+                             extra=retrain_extra(setting))
+    except _Deferred:
+        pass
+
+
+def stage_two_seed_truth(plan: Plan, setting, n_models: Optional[int] = None, confirm: bool = False) -> Any:
+    """`benchmarks.noise_ceiling.two_seed_truth` of ``setting`` (``confirm``: of its confirmation
+    queries) with the missing retrains trained first in ``plan.jobs`` worker processes. With
+    ``confirm`` each model is the one the main queries' two-seed ground truth needs too (the same
+    subsets and seeds): its main-query losses are written to that cache as well, so one training
+    serves both."""
+    from .noise_ceiling import two_seed_folders, two_seed_truth
+    from .setting import ground_truth
+
+    main_setting = setting
+    target = setting.confirmation() if confirm else setting
+    if confirm:  # the seed-0 retrains of both query sets, checked to be the same models (`heldout._confirm`)
+        stage_ground_truth(plan, main_setting, confirm=True, label="confirmation queries: LDS ground truth")
+    settings = [target, main_setting] if confirm else [target]
+    plans = []
+    for one in settings:
+        ground_truth(one, progress=False)
+        folders = two_seed_folders(one, n_models)
+        for m, folder, reuse in folders:
+            _prepare_cache(one, folder, reuse, m, 2)
+        plans.append(folders)
+    c = setting.config
+    tasks = []
+    for k, (m, folder, _) in enumerate(plans[0]):
+        for i in range(plans[0][k - 1][0] if k else 0, m):
+            for rep in range(2):
+                name = f"retrain_{i:05d}_s{rep}.npz"
+                main_folder = plans[1][k][1] if confirm else None
+                if (folder / name).exists() and (main_folder is None or (main_folder / name).exists()):
+                    continue
+                tasks.append({"i": i, "rep": rep, "n_models": m, "config": c.to_dict(),
+                              "cache_dir": str(main_setting.cache_dir), "folder": str(folder),
+                              "threads": plan.threads, "confirm": confirm,
+                              "main_folder": str(main_folder) if main_folder is not None else None})
+    _log(f"two-seed ground truth{' (confirmation queries)' if confirm else ''}: {plans[0][-1][0]} subsets x 2 "
+         f"seeds, {len(tasks)} retrains to train ({plan.jobs} jobs) in {plans[0][-1][1]}")
+    _pool(plan, _retrain_task, tasks, "retrain", lambda t, r: f"model {t['i']} seed {t['rep']} done")
+    truth = two_seed_truth(target, progress=False, n_models=n_models)  # trains (serially) whatever is still missing
+    if confirm:
+        two_seed_truth(main_setting, progress=False, n_models=n_models)  # loads (links) what was written
+        for path in sorted(plans[0][-1][1].glob("retrain_*.npz")):  # one model behind both files of a retrain
+            other = plans[1][-1][1] / path.name
+            with np.load(path) as mine, np.load(other) as theirs:
+                if "losses_main" in mine and not np.allclose(mine["losses_main"], theirs["losses"], atol=1e-4):
+                    raise RuntimeError(f"{path} and the main queries' {other} come from different models: delete "
+                                       "both and train them again")
+    return truth
 
 
 def stage_methods(plan: Plan, setting, lm) -> dict[str, Any]:

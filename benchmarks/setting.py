@@ -500,6 +500,12 @@ def ground_truth_folder(setting: BenchSetting, n_models: Optional[int] = None) -
     return setting.cache_dir / f"ground_truth-{setting.key}-m{n_models or c.n_models}-f{c.fraction}-s{c.gt_seed}"
 
 
+def retrain_extra(setting: BenchSetting) -> dict[str, Any]:
+    """What identifies ``setting``'s retrains in their caches' manifests (``retrain_ground_truth(extra=)``):
+    the setting's key, the corpus fingerprint and the configuration."""
+    return {"setting": setting.key, "corpus": setting.corpus.fingerprint(), "config": setting.config.to_dict()}
+
+
 def ground_truth(setting: BenchSetting, progress: bool = True):
     """LDS ground truth (`retrain_ground_truth`), resumable: one cached file per finished retrain."""
     from stride_nnsight.evaluation import retrain_ground_truth
@@ -508,8 +514,7 @@ def ground_truth(setting: BenchSetting, progress: bool = True):
     folder = ground_truth_folder(setting)
     return retrain_ground_truth(
         setting.train_fn, setting.eval_fn, n_train=len(setting.documents), n_models=c.n_models,
-        fraction=c.fraction, seed=c.gt_seed, cache_dir=folder, progress=progress,
-        extra={"setting": setting.key, "corpus": setting.corpus.fingerprint(), "config": c.to_dict()},
+        fraction=c.fraction, seed=c.gt_seed, cache_dir=folder, progress=progress, extra=retrain_extra(setting),
     )
 
 

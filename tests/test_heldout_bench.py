@@ -103,7 +103,7 @@ def test_confirmation_queries_are_fresh_and_leave_the_corpus_unchanged(corpus):
     assert before.fingerprint() == corpus.fingerprint()
 
 
-def test_quick_pipeline_writes_a_report(tmp_path):
+def test_quick_pipeline_writes_a_report(tmp_path, capsys, monkeypatch):
     from benchmarks.heldout import (BM25_COMPLETION_LABEL, EKFAC_HEAD_LABEL, EKFAC_TUNED_LABEL, HELDOUT_QUICK,
                                    build_heldout, headline, load_results, main)
 
@@ -136,14 +136,22 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     assert "(this report's)" in section
     assert saved_results(HELDOUT_QUICK, tmp_path / "empty") is None
     (tmp_path / "RESULTS-heldout.md").unlink()
-    assert main(["--quick", "--report-only", "--cache-dir", str(tmp_path)]) == 0  # from the saved results
-    assert (tmp_path / "RESULTS-heldout.md").read_text().split("Setup wall time")[0].split("\n", 3)[3] == \
-        text.split("Setup wall time")[0].split("\n", 3)[3]
+    # from the saved results: the same text, the run's date and load at its end included (saved with
+    # the results, not read again at re-render time)
+    assert "load average" in text.split("\n")[2]
+    with monkeypatch.context() as m:
+        m.setattr("benchmarks.heldout.os.getloadavg", lambda: (99.0, 99.0, 99.0))
+        assert main(["--quick", "--report-only", "--cache-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "RESULTS-heldout.md").read_text().split("Setup wall time")[0] == text.split("Setup wall time")[0]
     # --confirm: every method on the fresh queries, STRIDE from the main run's saved operators
     with pytest.raises(SystemExit):  # nothing saved in an empty folder: refused before any training
         main(["--quick", "--confirm", "--cache-dir", str(tmp_path / "nothing-saved")])
     assert not (tmp_path / "nothing-saved").exists() or not any((tmp_path / "nothing-saved").iterdir())
+    capsys.readouterr()
     assert main(["--quick", "--confirm", "--jobs", "1", "--cache-dir", str(tmp_path)]) == 0
+    # the main run's retrains scored the confirmation queries too: nothing is trained again
+    n_models = HELDOUT_QUICK.n_models
+    assert f"{n_models} retrains on 50% subsets ({n_models} cached, 0 to train" in capsys.readouterr().out
     confirm = (tmp_path / "RESULTS-heldout-confirm.md").read_text()
     assert "fresh confirmation queries" in confirm and "| LDS all | LDS text (scripture + docs) |" in confirm
     row = next(line for line in confirm.splitlines() if line.startswith("| STRIDE (defaults) |")).split(" | ")
@@ -155,7 +163,7 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     assert "fresh queries fixed with the corpus" in section and "--confirm" in section
     assert sum(ln.startswith("| STRIDE (defaults) |") for ln in section.splitlines()) == 2
     # --two-seeds: the saved scores judged against the same subsets retrained with a second seed too
-    assert main(["--quick", "--two-seeds", "--cache-dir", str(tmp_path)]) == 0
+    assert main(["--quick", "--two-seeds", "--jobs", "1", "--cache-dir", str(tmp_path)]) == 0
     two = (tmp_path / "RESULTS-heldout-two-seeds.md").read_text()
     assert "seed-to-seed rho" in two and "Shared retrain factor" in two
     seed0 = [ln for ln in two.splitlines() if ln.startswith("| STRIDE (defaults) | seed 0")]
@@ -166,12 +174,47 @@ def test_quick_pipeline_writes_a_report(tmp_path):
     # --subsets: more random halves (two seeds each); RESULTS.md's headline then shows the scores against them
     assert "steadier ground truth" not in section  # no two-seed summary was saved yet
     n = HELDOUT_QUICK.n_models
-    assert main(["--quick", "--two-seeds", "--subsets", str(n + 1), "--cache-dir", str(tmp_path)]) == 0
+    # --two-seeds --confirm: the confirmation queries' saved results against their own two-seed ground
+    # truth; each model trained for it serves the main queries' two-seed ground truth as well
+    capsys.readouterr()
+    assert main(["--quick", "--two-seeds", "--confirm", "--subsets", str(n + 1), "--jobs", "1",
+                 "--cache-dir", str(tmp_path)]) == 0
+    both = (tmp_path / f"RESULTS-heldout-confirm-two-seeds-m{n + 1}.md").read_text()
+    assert both.startswith("# Held-out benchmark, fresh confirmation queries, against a two-seed ground truth")
+    assert f"--two-seeds --subsets {n + 1} --confirm" in both and "RESULTS-heldout-confirm.md" in both
+    assert sum(ln.count("[") == 4 for ln in both.splitlines()) == 5  # all, text, scripture, docs (no facts)
+    seed0 = next(ln for ln in both.splitlines() if ln.startswith("| STRIDE (defaults) | seed 0"))
+    assert seed0.split(" | ")[2] != "nan"
+    # seed 1 of the first n subsets (the main queries' exist), both seeds of the new one
+    assert f"seeds, {n + 2} retrains to train" in capsys.readouterr().out
+    assert main(["--quick", "--two-seeds", "--subsets", str(n + 1), "--jobs", "1", "--cache-dir", str(tmp_path)]) == 0
+    assert "seeds, 0 retrains to train" in capsys.readouterr().out  # trained above, with the confirmation queries
+    # a main-query file from another model than its confirmation twin is refused
+    from benchmarks.noise_ceiling import two_seed_folders
+    from benchmarks.run import Plan, stage_two_seed_truth
+
+    setting = build_heldout(HELDOUT_QUICK, tmp_path, log=lambda m: None)
+    folder = two_seed_folders(setting, n + 1)[-1][1]
+    from stride_nnsight import storage
+
+    victim = folder / f"retrain_{n:05d}_s1.npz"
+    z = dict(np.load(victim))
+    victim.unlink()  # a hard link may be shared: write a new file, not into the old one
+    storage.write_arrays(victim, **{**z, "losses": z["losses"] + 1.0})
+    with pytest.raises(RuntimeError, match="different models"):
+        stage_two_seed_truth(Plan(config=HELDOUT_QUICK, cache_dir=tmp_path, out=tmp_path, jobs=1), setting,
+                             n_models=n + 1, confirm=True)
+    victim.unlink()
+    storage.write_arrays(victim, **z)
+    assert main(["--quick", "--two-seeds", "--subsets", str(n + 1), "--jobs", "1", "--cache-dir", str(tmp_path)]) == 0
     more = (tmp_path / f"RESULTS-heldout-two-seeds-m{n + 1}.md").read_text()
     assert f"the ground truth is {n + 1} subsets" in more and f"seed 0 ({n + 1} subsets)" in more
     section = "\n".join(_heldout_section(saved_results(HELDOUT_QUICK, tmp_path)))
     assert f"{n + 1} random halves, each retrained with two training seeds" in section
-    steady = section.split("steadier ground truth")[1]
+    fresh = section.split("The fresh queries' scores (not refitted)")[1].split("The same scores")[0]
+    assert f"--two-seeds --subsets {n + 1} --confirm" in fresh
+    assert sum(ln.count("[") == 4 for ln in fresh.splitlines()) == 5  # all, text, scripture, docs
+    steady = section.split("The same scores (not refitted) against a steadier ground truth")[1]
     assert "| STRIDE (defaults) |" in steady and sum(ln.count("[") == 5 for ln in steady.splitlines()) == 5
     # the fit seed: seed 0 is the saved fit (the two-seed report's figures), other seeds are refitted and cached
     from benchmarks import heldout_fit_seeds
