@@ -671,7 +671,7 @@ def saved_results(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR,
 
 def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR, log=print,
                     n_models: Optional[int] = None, confirm: bool = False, flags: str = "--two-seeds",
-                    scores_from: Optional[str] = None) -> str:
+                    scores_from: Optional[str] = None, setting: Optional[BenchSetting] = None) -> str:
     """The last saved held-out results (`saved_results`: every method's scores, unchanged) judged
     against a second ground truth: the same subsets retrained with a second training seed
     (`benchmarks.noise_ceiling.two_seed_truth`; seed 0's retrains are reused, only seed 1 is
@@ -681,7 +681,8 @@ def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
     refitted, so the scores are exactly the reported ones (their code version is named).
     ``confirm``: the results on the confirmation queries (``--confirm``) instead. ``flags``: the
     command line the title names; ``scores_from``: the report the scores were shown in (default
-    ``benchmarks/RESULTS-heldout.md``, ``-confirm.md`` with ``confirm``)."""
+    ``benchmarks/RESULTS-heldout.md``, ``-confirm.md`` with ``confirm``); ``setting``: the built
+    `build_heldout` setting of ``config``, if the caller has it (built here otherwise)."""
     from stride_nnsight.evaluation import lds, seed_to_seed_lds
 
     from .noise_ceiling import ceiling_rows, shared_factor_rows, two_seed_truth
@@ -690,7 +691,7 @@ def two_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
     if out is None:
         raise FileNotFoundError("no saved held-out results: run `python -m benchmarks.heldout"
                                 f"{' --confirm' if confirm else ''}` first")
-    setting = build_heldout(config, cache_dir, log=log)
+    setting = setting or build_heldout(config, cache_dir, log=log)
     setting = setting.confirmation() if confirm else setting
     truth = two_seed_truth(setting, progress=True, n_models=n_models)
     m = int(truth.masks.shape[0])
@@ -840,14 +841,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .run import Plan, stage_two_seed_truth
 
         if saved_results(config, cache_dir, confirm=a.confirm) is None:
-            p.error(f"--two-seeds judges the saved results of `python -m benchmarks.heldout{' --confirm' if a.confirm else ''}`"
-                    f" and there are none in {cache_dir}: run that first")
+            command = "python -m benchmarks.heldout" + (" --confirm" if a.confirm else "")
+            p.error(f"--two-seeds judges the saved results of `{command}` and there are none in {cache_dir}: run that "
+                    "first")
         print(f"load before: {os.getloadavg()}", flush=True)
         plan = Plan(config=config, cache_dir=cache_dir, out=a.out or Path(), jobs=a.jobs)
-        stage_two_seed_truth(plan, build_heldout(config, cache_dir), n_models=a.subsets, confirm=a.confirm)
+        setting = build_heldout(config, cache_dir)
+        stage_two_seed_truth(plan, setting, n_models=a.subsets, confirm=a.confirm)
         flags = "--two-seeds" + (f" --subsets {a.subsets}" if a.subsets else "") + (" --confirm" if a.confirm else "")
         text = two_seed_report(config, cache_dir, n_models=a.subsets, confirm=a.confirm, flags=flags,
-                               scores_from=a.scores_from)
+                               scores_from=a.scores_from, setting=setting)
         name = "RESULTS-heldout" + ("-confirm" if a.confirm else "") + "-two-seeds" + \
             (f"-m{a.subsets}" if a.subsets else "") + ".md"
         path = a.out or (cache_dir / name if a.quick else Path(__file__).resolve().parent / name)
