@@ -40,6 +40,7 @@ reports: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout --two-seeds
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout --two-seeds --subsets 40
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout_fit_seeds --seeds 3 --subsets 40
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.heldout_fit_seeds --seeds 3 --subsets 40 --confirm
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.run --skip-ablations
 
 scaling: install

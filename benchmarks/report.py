@@ -706,7 +706,8 @@ def _confirm_block(out: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(f"{means[k]:.3f}" for k in sels) + " |")
     lines += ["", "STRIDE minus each baseline on those queries (paired 95% CI resampling queries and retrained "
               "models):", "", f"| baseline | {titles} |", "|---|" + "---|" * len(sels)]
-    return lines + paired_rows(conf["paired"], sels) + _two_seed_block(out, confirm=True)
+    return lines + paired_rows(conf["paired"], sels) + _two_seed_block(out, confirm=True) + \
+        _fit_seed_block(out, confirm=True)
 
 
 def _two_seed_block(out: dict, confirm: bool = False) -> list[str]:
@@ -740,23 +741,26 @@ def _two_seed_block(out: dict, confirm: bool = False) -> list[str]:
     return lines + paired_rows(summary["paired"], sels)
 
 
-def _fit_seed_block(out: dict) -> list[str]:
+def _fit_seed_block(out: dict, confirm: bool = False) -> list[str]:
     """STRIDE refitted with other fit seeds (`benchmarks.heldout_fit_seeds`), when a summary was
-    saved for these scores' code version: the spread of its LDS and the seed mean's verdicts."""
+    saved for these scores' code version: the spread of its LDS and the seed mean's verdicts
+    (``confirm``: on the confirmation queries)."""
     from .heldout import SELECTION_TITLES, paired_rows
     from .heldout_fit_seeds import fit_seed_summary
 
     if out.get("cache_dir") is None:
         return []
-    summary = fit_seed_summary(out["config"], out["cache_dir"], code_version=out.get("code_version"))
+    summary = fit_seed_summary(out["config"], out["cache_dir"], code_version=out.get("code_version"), confirm=confirm)
     if summary is None:
         return []
     sels, S = tuple(summary["selections"]), summary["seeds"]
     titles = " | ".join(SELECTION_TITLES[k] for k in sels)
-    lines = ["", f"STRIDE's fit seed (it draws the subset design, the operators' initialisation and the fit's "
-             f"sampling; the scores above are seed 0's): refitted with seeds 1 to {S - 1}, against the same "
-             f"{summary['n_models']}-subset two-seed target (`python -m benchmarks.heldout_fit_seeds --seeds {S} "
-             f"--subsets {summary['n_models']}`, `benchmarks/RESULTS-heldout-fit-seeds.md`):", "",
+    flag, name = (" --confirm", "-confirm") if confirm else ("", "")
+    lines = ["", f"STRIDE's fit seed{' on those fresh queries' if confirm else ''} (it draws the subset design, "
+             f"the operators' initialisation and the fit's sampling; the scores above are seed 0's): refitted with "
+             f"seeds 1 to {S - 1}, against the same {summary['n_models']}-subset two-seed target (`python -m "
+             f"benchmarks.heldout_fit_seeds --seeds {S} --subsets {summary['n_models']}{flag}`, "
+             f"`benchmarks/RESULTS-heldout{name}-fit-seeds.md`):", "",
              f"| STRIDE (defaults) | {titles} |", "|---|" + "---|" * len(sels)]
     for i, per in enumerate(summary["per_seed"]):
         lines.append(f"| seed {i} | " + " | ".join(f"{per[k]:.3f}" for k in sels) + " |")

@@ -231,11 +231,24 @@ def test_quick_pipeline_writes_a_report(tmp_path, capsys, monkeypatch):
     again = heldout_fit_seeds.fit_seed_report(HELDOUT_QUICK, tmp_path, seeds=2, log=lambda m: None,
                                               args_for=lambda s: 1 / 0)  # a refit would raise: resumed from cache
     assert again.split("## STRIDE's LDS")[1] == fits.split("## STRIDE's LDS")[1]
+    # --confirm: the same on the confirmation queries (seed 0: the main run's fit applied to them)
+    assert heldout_fit_seeds.main(["--quick", "--seeds", "2", "--subsets", str(n + 1), "--confirm",
+                                   "--cache-dir", str(tmp_path)]) == 0
+    cfits = (tmp_path / "RESULTS-heldout-confirm-fit-seeds-heldout-quick.md").read_text()
+    assert "fresh confirmation queries: STRIDE's fit seed" in cfits.split("\n")[0]
+    cmean01 = next(ln for ln in both.splitlines() if ln.startswith("| STRIDE (defaults) | mean of seeds 0 and 1 |"))
+    cseed0 = next(ln for ln in cfits.splitlines() if ln.startswith("| seed 0 (reported) |"))
+    assert cseed0.split(" | ")[1:] == cmean01.split(" | ")[2:]  # the confirmation report's scores, same target
+    assert sum(ln.count("[") == 4 for ln in cfits.splitlines()) == 5  # all, text, scripture, docs (no facts)
+    assert len(list(tmp_path.glob("heldout-fit-seed-*-s1.npz"))) == 2  # one per query set
     # RESULTS.md's headline shows the seed spread and the seed mean's verdicts
     section = "\n".join(_heldout_section(saved_results(HELDOUT_QUICK, tmp_path)))
-    block = section.split("STRIDE's fit seed")[1]
+    block = section.split("STRIDE's fit seed (")[1]
     assert "| seed 0 |" in block and "| seed 1 |" in block and "| mean of 2 seeds (SD) |" in block
     assert sum(ln.count("[") == 5 for ln in block.splitlines()) == 5
+    fresh = section.split("STRIDE's fit seed on those fresh queries")[1].split("The same scores (not refitted)")[0]
+    assert "--confirm`" in fresh and "| mean of 2 seeds (SD) |" in fresh
+    assert sum(ln.count("[") == 4 for ln in fresh.splitlines()) == 5
 
 
 def test_narrative_twin_reads_other_books_than_the_heldout_and_public_corpora(corpus):
