@@ -241,6 +241,14 @@ def test_quick_pipeline_writes_a_report(tmp_path, capsys, monkeypatch):
     assert cseed0.split(" | ")[1:] == cmean01.split(" | ")[2:]  # the confirmation report's scores, same target
     assert sum(ln.count("[") == 4 for ln in cfits.splitlines()) == 5  # all, text, scripture, docs (no facts)
     assert len(list(tmp_path.glob("heldout-fit-seed-*-s1.npz"))) == 2  # one per query set
+    # EK-FAC's query batch: the same scores with batches of 8 and with one batch of all queries
+    from benchmarks import ekfac_query_batch
+
+    assert ekfac_query_batch.main(["--quick", "--cache-dir", str(tmp_path)]) == 0
+    rows = [ln.split(" | ") for ln in (tmp_path / "RESULTS-ekfac-query-batch.md").read_text().splitlines()
+            if ln.startswith("| main queries |") or ln.startswith("| confirmation queries |")]
+    assert len(rows) == 2 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert all(float(r[6].split(" ")[0]) <= 1e-3 * float(r[6].split("max ")[1].rstrip(")")) for r in rows)
     # RESULTS.md's headline shows the seed spread and the seed mean's verdicts
     section = "\n".join(_heldout_section(saved_results(HELDOUT_QUICK, tmp_path)))
     block = section.split("STRIDE's fit seed (")[1]
