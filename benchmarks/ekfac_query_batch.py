@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .heldout import HELDOUT, HELDOUT_QUICK, build_heldout
-from .setting import CACHE_DIR, environment
+from .setting import CACHE_DIR, environment, write_report
 
 OUT = Path(__file__).resolve().parent / "RESULTS-ekfac-query-batch.md"
 
@@ -90,11 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _set_threads(1)
     print(f"load before: {os.getloadavg()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
     text = run(HELDOUT_QUICK if a.quick else HELDOUT, a.cache_dir or CACHE_DIR)
-    path = a.out or (a.cache_dir / OUT.name if a.quick else OUT)
-    path.write_text(text)
-    print(text)
-    print(f"written to {path}")
-    return 0
+    return write_report(a.out or (a.cache_dir / OUT.name if a.quick else OUT), text)
 
 
 if __name__ == "__main__":

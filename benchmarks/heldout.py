@@ -49,7 +49,8 @@ import numpy as np
 from stride_nnsight import storage
 
 from .setting import (CACHE_DIR, BenchConfig, BenchSetting, Corpus, Query, _kjv_verses, _make_corpus_module,
-                      build_setting, draw_fact, environment, kjv_available, name_pool, shuffle_documents)
+                      build_setting, draw_fact, environment, kjv_available, name_pool, shuffle_documents,
+                      write_report)
 
 #: KJV books the held-out corpus reads (disjoint from the public benchmark's ``KJV_BOOKS``).
 HELDOUT_BOOKS = ("1 Samuel", "2 Samuel", "1 Kings", "2 Kings", "Proverbs", "Isaiah", "Jeremiah",
@@ -745,6 +746,14 @@ def paired_rows(paired: dict[str, dict[str, list[float]]], selections: tuple = K
             for name, by_kind in paired.items()]
 
 
+def two_seed_command(confirm: bool, subsets: Optional[int]) -> tuple[str, str]:
+    """``(flags, report file name)`` of ``python -m benchmarks.heldout --two-seeds`` with ``--confirm``
+    and ``--subsets`` as given (``subsets=None``: the benchmark's own count)."""
+    flags = "--two-seeds" + (f" --subsets {subsets}" if subsets else "") + (" --confirm" if confirm else "")
+    name = "RESULTS-heldout" + ("-confirm" if confirm else "") + "-two-seeds" + (f"-m{subsets}" if subsets else "")
+    return flags, name + ".md"
+
+
 def _two_seed_summary_path(setting: BenchSetting, n_models: int) -> Path:
     return Path(setting.cache_dir) / f"heldout-two-seeds-{setting.key}-m{n_models}.json"
 
@@ -789,11 +798,7 @@ def _confirm(plan: Any, setting: BenchSetting, seconds: dict[str, float], path: 
     fitted = Stride.load(_stride_state_dir(setting), csetting.language_model())
     out = evaluate(csetting, fitted=fitted, selections=TWO_SEED_SELECTIONS)
     save_results(csetting, out, seconds)
-    text = report(csetting, out, seconds, confirm=True)
-    path.write_text(text)
-    print(text)
-    print(f"written to {path}")
-    return 0
+    return write_report(path, report(csetting, out, seconds, confirm=True))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -848,16 +853,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan = Plan(config=config, cache_dir=cache_dir, out=a.out or Path(), jobs=a.jobs)
         setting = build_heldout(config, cache_dir)
         stage_two_seed_truth(plan, setting, n_models=a.subsets, confirm=a.confirm)
-        flags = "--two-seeds" + (f" --subsets {a.subsets}" if a.subsets else "") + (" --confirm" if a.confirm else "")
+        flags, name = two_seed_command(a.confirm, a.subsets)
         text = two_seed_report(config, cache_dir, n_models=a.subsets, confirm=a.confirm, flags=flags,
                                scores_from=a.scores_from, setting=setting)
-        name = "RESULTS-heldout" + ("-confirm" if a.confirm else "") + "-two-seeds" + \
-            (f"-m{a.subsets}" if a.subsets else "") + ".md"
-        path = a.out or (cache_dir / name if a.quick else Path(__file__).resolve().parent / name)
-        path.write_text(text)
-        print(text)
-        print(f"written to {path}")
-        return 0
+        return write_report(a.out or (cache_dir / name if a.quick else Path(__file__).resolve().parent / name), text)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     print(f"load before: {os.getloadavg()}", flush=True)
@@ -887,11 +886,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # --quick: 40 documents cannot hold the default K=256 subsets (d=4); a smoke test of the code only
     out = evaluate(setting, StrideArguments(n_subsets=32) if a.quick else None, save_dir=_stride_state_dir(setting))
     save_results(setting, out, seconds)
-    text = report(setting, out, seconds)
-    path.write_text(text)
-    print(text)
-    print(f"written to {path}")
-    return 0
+    return write_report(path, report(setting, out, seconds))
 
 
 if __name__ == "__main__":

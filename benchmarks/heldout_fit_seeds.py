@@ -36,7 +36,7 @@ from stride_nnsight import storage
 from .heldout import (HELDOUT, HELDOUT_DEV, HELDOUT_NARRATIVE, HELDOUT_QUICK, SELECTION_TITLES, TWO_SEED_SELECTIONS,
                       HeldoutConfig, _corpus_only_setting, _report_identity, _verdict, build_heldout, saved_results,
                       selection, selection_means)
-from .setting import CACHE_DIR, environment
+from .setting import CACHE_DIR, environment, write_report
 
 STRIDE_LABEL = "STRIDE (defaults)"
 
@@ -155,10 +155,10 @@ def fit_seed_report(config: HeldoutConfig = HELDOUT, cache_dir: Path = CACHE_DIR
              f"`seed` = 0 .. {seeds - 1} (the seed draws the subset design, the operators' initialisation and the "
              "fit's sampling; seed 0 is the held-out report's own fit, not refitted"
              + (", its operators applied to the confirmation queries" if confirm else "") + "); the baselines' scores "
-             f"are the report's{' on the confirmation queries' if confirm else ''}. Target: the mean of two training seeds' retrains of {m} random halves (as the two-seed "
-             "report). Intervals: paired 95% bootstrap resampling queries and retrained models together; the fit "
-             "seeds are fixed, so a seed-mean interval says how well these seeds are measured, the per-seed rows "
-             "how much one user's fit can differ.", "",
+             f"are the report's{' on the confirmation queries' if confirm else ''}. Target: the mean of two training "
+             f"seeds' retrains of {m} random halves (as the two-seed report). Intervals: paired 95% bootstrap "
+             "resampling queries and retrained models together; the fit seeds are fixed, so a seed-mean interval "
+             "says how well these seeds are measured, the per-seed rows how much one user's fit can differ.", "",
              "## STRIDE's LDS per fit seed", "", f"| fit | {titles} |", "|---|" + "---|" * len(sels)]
     per_seed_lds = []
     for s, scores in enumerate(stride):
@@ -231,11 +231,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            confirm=a.confirm)
     suffix = "" if config is HELDOUT else f"-{config.name}"
     folder = a.cache_dir if a.quick else Path(__file__).resolve().parent
-    path = a.out or folder / f"RESULTS-heldout{'-confirm' if a.confirm else ''}-fit-seeds{suffix}.md"
-    storage.write_text(path, text)
-    print(text)
-    print(f"written to {path}")
-    return 0
+    return write_report(a.out or folder / f"RESULTS-heldout{'-confirm' if a.confirm else ''}-fit-seeds{suffix}.md",
+                        text)
 
 
 if __name__ == "__main__":

@@ -714,7 +714,7 @@ def _two_seed_block(out: dict, confirm: bool = False) -> list[str]:
     """The same scores against the steadier ground truth of `benchmarks.heldout.two_seed_report`
     (more subsets, two training seeds each), when one was saved for these scores' code version
     (``confirm``: the confirmation queries' scores)."""
-    from .heldout import KIND_SELECTIONS, SELECTION_TITLES, paired_rows, two_seed_summary
+    from .heldout import KIND_SELECTIONS, SELECTION_TITLES, paired_rows, two_seed_command, two_seed_summary
 
     if out.get("cache_dir") is None:
         return []
@@ -723,9 +723,7 @@ def _two_seed_block(out: dict, confirm: bool = False) -> list[str]:
     if summary is None:
         return []
     m = summary["n_models"]
-    flags = "--two-seeds" + (f" --subsets {m}" if m != out["n_models"] else "") + (" --confirm" if confirm else "")
-    name = "RESULTS-heldout" + ("-confirm" if confirm else "") + "-two-seeds" + \
-        (f"-m{m}" if m != out["n_models"] else "") + ".md"
+    flags, name = two_seed_command(confirm, m if m != out["n_models"] else None)
     whose = "The fresh queries' scores" if confirm else "The same scores"
     lines = ["", f"{whose} (not refitted) against a steadier ground "
              f"truth: {m} random halves, each retrained with two training seeds, LDS against the mean of the two "

@@ -500,6 +500,16 @@ def ground_truth_folder(setting: BenchSetting, n_models: Optional[int] = None) -
     return setting.cache_dir / f"ground_truth-{setting.key}-m{n_models or c.n_models}-f{c.fraction}-s{c.gt_seed}"
 
 
+def write_report(path: Path, text: str) -> int:
+    """Write a benchmark report (atomically, `stride_nnsight.storage`), print it and where it went; 0 (an exit code)."""
+    from stride_nnsight import storage
+
+    storage.write_text(path, text)
+    print(text)
+    print(f"written to {path}")
+    return 0
+
+
 def retrain_extra(setting: BenchSetting) -> dict[str, Any]:
     """What identifies ``setting``'s retrains in their caches' manifests (``retrain_ground_truth(extra=)``):
     the setting's key, the corpus fingerprint and the configuration."""
