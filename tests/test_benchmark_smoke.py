@@ -223,6 +223,20 @@ def test_contamination_corpus_and_quick_run(quick_cache):
         assert f"| {name}" in report
 
 
+def test_ekfac_query_batch_on_the_public_benchmark(quick_cache):
+    """benchmarks.ekfac_query_batch --public: EK-FAC timed with query batches of 8 and in one batch on
+    the public recipe's main and confirmation queries; the scores do not depend on the batch."""
+    from benchmarks.ekfac_query_batch import main as query_batch
+
+    assert query_batch(["--quick", "--public", "--cache-dir", str(quick_cache)]) == 0
+    text = (quick_cache / "RESULTS-ekfac-query-batch-public.md").read_text()
+    assert "The public benchmark's model" in text and "--public" in text
+    rows = [ln.split(" | ") for ln in text.splitlines()
+            if ln.startswith("| main queries |") or ln.startswith("| confirmation queries |")]
+    assert len(rows) == 2 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert all(float(r[6].split(" ")[0]) <= 1e-3 * float(r[6].split("max ")[1].rstrip(")")) for r in rows)
+
+
 def test_auroc_bootstrap_matches_sklearn_per_resample():
     """The vectorised AUROC bootstrap gives what a loop of `roc_auc_score` over the same stratified
     resamples gives (ties included), so the contamination report's CIs keep their meaning."""
