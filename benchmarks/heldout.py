@@ -782,19 +782,16 @@ def _confirm(plan: Any, setting: BenchSetting, seconds: dict[str, float], path: 
     saved operators."""
     from stride_nnsight import Stride
 
-    from .run import stage_ground_truth
-    from .setting import ground_truth, ground_truth_folder
+    from .run import SAME_MODEL_ATOL, stage_ground_truth
 
     t0 = time.perf_counter()
-    stage_ground_truth(plan, setting, confirm=True, label="confirmation queries: LDS ground truth")
+    _, info = stage_ground_truth(plan, setting, confirm=True, label="confirmation queries: LDS ground truth")
     seconds["confirmation ground truth"] = time.perf_counter() - t0
     csetting = setting.confirmation()
-    main_losses = np.asarray(ground_truth(setting, progress=False).losses)
-    for i in range(setting.config.n_models):  # the same subsets and seeds: the same models
-        with np.load(ground_truth_folder(csetting) / f"retrain_{i:05d}_s0.npz") as z:
-            if not np.allclose(z["losses_main"], main_losses[i], atol=1e-4):
-                raise RuntimeError(f"confirmation retrain {i} does not repeat the main retrain (main queries' losses "
-                                   "differ): the two ground truths would come from different models")
+    gap = info["max_abs_diff_main_losses"]  # the same subsets and seeds: the same models
+    if gap is None or gap > SAME_MODEL_ATOL:
+        raise RuntimeError(f"the confirmation retrains do not repeat the main retrains (main queries' losses differ by "
+                           f"up to {gap}): the two ground truths would come from different models")
     fitted = Stride.load(_stride_state_dir(setting), csetting.language_model())
     out = evaluate(csetting, fitted=fitted, selections=TWO_SEED_SELECTIONS)
     save_results(csetting, out, seconds)
