@@ -2,8 +2,9 @@
 
 kronfluence scores a query batch against the whole training set by recomputing every training
 document's gradient for that batch, so ``Q`` queries in batches of ``b`` cost about ``Q / b`` passes
-over the training set. `stride_nnsight.baselines.ekfac` defaults to ``query_batch_size=8``, the
-setting of every EK-FAC row in the held-out reports. This script times the same call (kronfluence
+over the training set. `stride_nnsight.baselines.ekfac` defaulted to ``query_batch_size=8`` until
+2026-12-05 (every EK-FAC row of the reports until then); its default is now all queries whose
+gradients fit 1 GiB (`query_batch_size_for`: one batch on both benchmarks). This script times the same call (kronfluence
 heuristic damping, ``max_length`` = the model's context, the held-out benchmark's model and
 documents) with ``query_batch_size=8`` and with all queries in one batch, in one process, one after
 the other, on the held-out benchmark's main queries and on its confirmation queries. Index (the
@@ -76,7 +77,8 @@ def run(config: Any = HELDOUT, cache_dir: Path = CACHE_DIR, log=print, public: A
         f"{time.strftime('%Y-%m-%d')} ({environment()}). {what}, every call in this process one after the other, "
         "one thread. Query time = the call's wall time minus its factor fit (timed inside the call), as in the "
         f"{'held-out ' if public is None else ''}reports.", "",
-        "| queries | Q | query s per query, batch 8 (the reports' setting) | query s per query, one batch of Q | "
+        "| queries | Q | query s per query, batch 8 (the wrapper's default until 2026-12-05) | "
+        "query s per query, one batch of Q (its default since) | "
         "ratio | index s (batch 8 / Q) | max abs score difference | load at the end (8 / Q) |",
         "|---|---|---|---|---|---|---|---|", *rows, "",
         "kronfluence recomputes every training gradient for each query batch, so a batch of 8 pays "

@@ -25,7 +25,7 @@ from .inputs import TokenBatch, as_text_list, encode_queries, encode_texts, reso
 from .measurement import Metric, measure
 from .operators import SteeringOperators, edit_width, state_bytes
 from .recovery import noise_floor, recover, shared_fraction
-from .token_component import add_token_component, completion_tokens, token_presence
+from .token_component import add_token_component, completion_tokens, token_presence, weigh_presence
 from .results import Attribution, AttributionCache, check_unique_ids
 
 __all__ = ["Stride", "STATE_FILE", "PartialFitError", "attribute_layers", "find_state_file"]
@@ -541,11 +541,11 @@ class Stride:
         settings for this call (`StrideArguments`). ``recovery="lasso+tokens"`` (the default) adds,
         after the Lasso, one non-negative coefficient per completion token, given to every training
         document that holds the token in proportion to ``token_weights`` (``"per_document"``: the
-        token's share ``1 / L`` of the document's scored tokens; `stride_nnsight.token_component`): the scores then have up to the
-        number of documents holding those tokens as non-zeros per query, not ``K``; it applies to
-        the default metric only (a custom ``metric`` gets the Lasso alone). The noise floor is
-        the Lasso's (shuffled measurements through the Lasso), so ``above_noise`` keeps only
-        scores above what the Lasso gives noise.
+        token's share ``1 / L`` of the document's scored tokens; `stride_nnsight.token_component`):
+        the scores then have up to the number of documents holding those tokens as non-zeros per
+        query, not ``K``; it applies to the default metric only (a custom ``metric`` gets the Lasso
+        alone). The noise floor is the Lasso's (shuffled measurements through the Lasso), so
+        ``above_noise`` keeps only scores above what the Lasso gives noise.
         ``allow_partial``: accept operators whose fit stopped early (``PartialFitError``
         otherwise); the provenance's ``steps_run`` / ``steps_planned`` show it.
         ``null_permutations``: how many times each query's measurements are shuffled across the
@@ -661,15 +661,22 @@ class Stride:
                         weights: Optional[str] = None) -> sp.csr_matrix:
         """``P [n, V]``: which tokens each training document holds among its scored tokens, as the
         fit encoded them, weighted by ``weights`` (default: the fitted ``token_weights``;
-        `token_component.token_presence`); computed once per fitted corpus and weighting:
-        from ``batch`` (the fit's own encoding) when given, else by encoding the training texts
-        again at the fit's length (a loaded Stride)."""
+        `token_component.token_presence`); computed once per fitted corpus: from ``batch`` (the
+        fit's own encoding) when given, else by encoding the training texts again at the fit's
+        length (a loaded Stride). Another weighting of the same corpus is derived from the kept one
+        and the documents' scored-token counts, without encoding again."""
         weights = self.args.token_weights if weights is None else weights
-        key = (id(self.train_texts), len(self.train_texts), self.train_max_length, weights)
+        corpus = (id(self.train_texts), len(self.train_texts), self.train_max_length)
+        key = corpus + (weights,)
         cached = getattr(self, "_presence", None)
         if batch is None:
             if cached is not None and cached[0] == key:
                 return cached[1]
+            counts = getattr(self, "_scored_counts", None)
+            if cached is not None and cached[0][:3] == corpus and counts is not None and counts[0] == corpus:
+                presence = weigh_presence(cached[1], counts[1], weights)
+                self._presence = (key, presence)
+                return presence
             context = self.backend.context_length
             cap = self.train_max_length if self.train_max_length is not None else \
                 resolve_max_length(self.args.max_length, context)
@@ -678,8 +685,10 @@ class Stride:
                 batch = encode_texts(self.backend.tokenizer, self.train_texts, cap, context_length=context)
         ids = batch.input_ids.numpy()
         vocab = max(int(self.backend.vocab_size), int(ids.max()) + 1 if ids.size else 0)
-        presence = token_presence(ids, batch.loss_mask.numpy(), vocab, weights=weights)
+        mask = batch.loss_mask.numpy()
+        presence = token_presence(ids, mask, vocab, weights=weights)
         self._presence = (key, presence)
+        self._scored_counts = (corpus, mask.astype(bool).sum(axis=1))
         return presence
 
     # ----------------------------------------------------------------- steer

@@ -42,8 +42,8 @@ import scipy.sparse as sp
 from jaxtyping import Float
 from scipy.optimize import nnls
 
-__all__ = ["RECOVERIES", "TOKEN_WEIGHTS", "WARN_BYTES", "token_presence", "completion_tokens", "token_component",
-           "add_token_component"]
+__all__ = ["RECOVERIES", "TOKEN_WEIGHTS", "WARN_BYTES", "token_presence", "weigh_presence", "completion_tokens",
+           "token_component", "add_token_component"]
 
 #: ``StrideArguments.recovery``: the Lasso alone, or the Lasso plus the token component.
 RECOVERIES = ("lasso", "lasso+tokens")
@@ -78,9 +78,20 @@ def token_presence(input_ids: np.ndarray, loss_mask: np.ndarray, vocab_size: int
     P = sp.csr_matrix((np.ones(cols.size), (rows, cols)), shape=(ids.shape[0], int(vocab_size)))
     P.sum_duplicates()
     P.data[:] = 1.0
+    return weigh_presence(P, mask.sum(axis=1), weights)
+
+
+def weigh_presence(presence: sp.spmatrix, scored: np.ndarray, weights: str) -> sp.csr_matrix:
+    """``presence [n, V]`` (any positive entries where a document holds a token) with its entries
+    set as `token_presence` sets them: ``1 / scored[j]`` in row ``j`` (``weights="per_document"``;
+    ``scored [n]``: each document's number of scored tokens) or 1 (``"presence"``). Lets a caller
+    that kept one weighting and the counts switch without encoding the corpus again."""
+    if weights not in TOKEN_WEIGHTS:
+        raise ValueError(f"weights must be one of {TOKEN_WEIGHTS}, got {weights!r}")
+    P = sp.csr_matrix(presence, dtype=np.float64, copy=True)
+    P.data[:] = 1.0
     if weights == "per_document":
-        scored = mask.sum(axis=1).astype(np.float64)
-        P = sp.csr_matrix(sp.diags(1.0 / np.maximum(scored, 1.0)) @ P)
+        P = sp.csr_matrix(sp.diags(1.0 / np.maximum(np.asarray(scored, dtype=np.float64), 1.0)) @ P)
     return P
 
 

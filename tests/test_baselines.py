@@ -313,6 +313,29 @@ def test_ekfac_sign_large_damping_is_gradient_dot(setting):
     assert ek.provenance["conv1d_converted"] == 8 and ek.provenance["conversion_max_abs_logit_diff"] <= 1e-5
 
 
+def test_ekfac_query_batch_default_fits_memory_and_keeps_scores(setting, attributions):
+    """The default query batch is all queries within the gradient budget (one pass over the training
+    set), smaller when the budget is small; a batch of one gives the same scores; bad values raise."""
+    from stride_nnsight.baselines.ekfac import QUERY_GRADIENT_BUDGET_BYTES, conv1d_to_linear, query_batch_size_for
+
+    lm, hf, _, texts = setting
+    default = attributions[0]["ekfac"]
+    assert default.provenance["query_batch_size"] == len(PROMPTS)
+    converted = conv1d_to_linear(hf)
+    tracked = default.provenance["tracked_modules"]
+    per_query = 4 * sum(converted.get_submodule(m).weight.numel() + converted.get_submodule(m).bias.numel()
+                        for m in tracked)
+    assert query_batch_size_for(converted, tracked, 10_000) == min(10_000, QUERY_GRADIENT_BUDGET_BYTES // per_query)
+    assert query_batch_size_for(converted, tracked, 10_000, budget_bytes=3 * per_query + 1) == 3
+    assert query_batch_size_for(converted, tracked, 10_000, budget_bytes=1) == 1
+    one = B.ekfac(lm, texts, PROMPTS, COMPLETIONS, query_batch_size=1)
+    assert one.provenance["query_batch_size"] == 1
+    assert torch.allclose(one.scores, default.scores, rtol=1e-5, atol=1e-6 * default.scores.abs().max())
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="query_batch_size must be a positive int"):
+            B.ekfac(lm, texts, PROMPTS, COMPLETIONS, query_batch_size=bad)
+
+
 # ----------------------------------------------------------------------------- backends
 def test_transformer_lens_bridge_gives_the_same_scores(setting, attributions, tmp_path):
     from stride_nnsight.backends.transformer_lens import bridge_from_hf

@@ -14,6 +14,7 @@ from stride_nnsight.token_component import (
     completion_tokens,
     token_component,
     token_presence,
+    weigh_presence,
 )
 
 
@@ -222,6 +223,27 @@ def test_token_weights_default_override_and_old_states(fitted):
     np.testing.assert_allclose(P_shares.toarray(), P_ones.toarray() / scored[:, None])
     again = fitted.attribute(prompts, completions, progress=False, null_permutations=0)  # cache keyed by weights
     np.testing.assert_array_equal(again.scores.numpy(), shares.scores.numpy())
+
+
+def test_switching_token_weights_does_not_encode_the_corpus_again(fitted, monkeypatch):
+    """The other weighting is derived from the kept matrix and the scored-token counts: the same
+    matrices as a fresh encoding gives, and no second tokenisation of the training texts."""
+    import stride_nnsight.stride as stride_module
+
+    fresh = {}
+    for w in ("presence", "per_document"):  # each from its own encoding of the corpus
+        fitted._presence, fitted._scored_counts = None, None
+        fresh[w] = fitted._token_presence(weights=w)
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the corpus was encoded again")
+
+    monkeypatch.setattr(stride_module, "encode_texts", no_encoding)
+    for w in ("presence", "per_document", "presence"):
+        got = fitted._token_presence(weights=w)
+        assert got.shape == fresh[w].shape and abs(got - fresh[w]).max() < 1e-12
+    with pytest.raises(ValueError, match="weights must be one of"):
+        weigh_presence(fresh["presence"], np.ones(fresh["presence"].shape[0]), "counts")
 
 
 def test_token_coefficients_follow_rows_through_selection_and_cat(fitted):

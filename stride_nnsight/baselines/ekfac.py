@@ -27,7 +27,10 @@ from ..operators import token_nll
 from ..results import Attribution
 from ._common import ModelHandle, base_provenance, call_logits, check_inputs, eval_mode, require
 
-__all__ = ["ekfac", "conv1d_to_linear", "linear_module_names"]
+__all__ = ["ekfac", "conv1d_to_linear", "linear_module_names", "query_batch_size_for", "QUERY_GRADIENT_BUDGET_BYTES"]
+
+#: Memory the default query batch may spend on the queries' preconditioned gradients (bytes).
+QUERY_GRADIENT_BUDGET_BYTES = 1 << 30
 
 
 def _is_conv1d(module: torch.nn.Module) -> bool:
@@ -142,6 +145,24 @@ def _make_task(Task, tracked: list[str], seed: int):
     return StrideLMTask()
 
 
+def query_batch_size_for(model: torch.nn.Module, tracked: Sequence[str], n_queries: int,
+                         budget_bytes: int = QUERY_GRADIENT_BUDGET_BYTES) -> int:
+    """The default query batch: as many queries as fit ``budget_bytes`` of gradients, at most all.
+
+    kronfluence holds each query's preconditioned gradient of every tracked module (float32,
+    weight plus bias: ``4 x (out x in + out)`` bytes per module and query) while it passes over
+    the training set, and it recomputes every training gradient once per query batch; so the
+    fewest batches that fit memory are the cheapest. Returns
+    ``clamp(budget_bytes // per_query_bytes, 1, n_queries)``.
+    """
+    per_query = 0
+    for name in tracked:
+        module = model.get_submodule(name)
+        per_query += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+    per_query *= 4
+    return int(max(1, min(int(n_queries), int(budget_bytes) // max(per_query, 1))))
+
+
 def _plain_hf_copy(handle: ModelHandle) -> torch.nn.Module:
     """A deep copy of the Hugging Face model behind the backend, as plain HF modules.
 
@@ -180,7 +201,7 @@ def ekfac(
     empirical_fisher: bool = False,
     factor_texts: Any = None,
     batch_size: int = 8,
-    query_batch_size: int = 8,
+    query_batch_size: Optional[int] = None,
     max_length: int = 64,
     seed: int = 0,
     output_dir: Optional[str] = None,
@@ -205,6 +226,11 @@ def ekfac(
             eigenvalue, per module).
         modules: ``nn.Linear`` names/patterns to track (after Conv1D conversion);
             ``None`` = every ``nn.Linear`` but the output head.
+        query_batch_size: queries per pass over the training set; kronfluence recomputes every
+            training gradient once per query batch, so the query time falls with fewer batches
+            (scores are the same). ``None`` = all queries, or as many as keep their
+            preconditioned gradients within `QUERY_GRADIENT_BUDGET_BYTES` (1 GiB;
+            `query_batch_size_for`).
         output_dir: where kronfluence writes factors and scores (a temporary
             directory, removed afterwards, if ``None``).
         check_atol: the Conv1D->Linear copy's logits must match the original's within
@@ -218,6 +244,10 @@ def ekfac(
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
+    if query_batch_size is not None and (isinstance(query_batch_size, bool) or not isinstance(query_batch_size, int)
+                                         or query_batch_size < 1):
+        raise ValueError(f"ekfac: query_batch_size must be a positive int, or None for all queries within "
+                         f"{QUERY_GRADIENT_BUDGET_BYTES >> 20} MiB of gradients; got {query_batch_size!r}")
     train, prompts, completions, qids, tids = check_inputs(train_texts, prompts, completions, query_ids, train_ids)
     handle = ModelHandle(model, tokenizer)
     queries = handle.encode_queries(prompts, completions, max_length)
@@ -239,6 +269,8 @@ def ekfac(
                            f"(max |logit diff| {diff:.3g} > {check_atol} x {scale:.3g}); refusing to use it")
 
     tracked = linear_module_names(converted, modules)
+    if query_batch_size is None:
+        query_batch_size = query_batch_size_for(converted, tracked, len(queries))
     for p in converted.parameters():
         p.requires_grad_(False)
     task = _make_task(Task, tracked, seed)
@@ -286,6 +318,7 @@ def ekfac(
             "ekfac", handle.backend, damping=damping, damping_rule="kronfluence heuristic (0.1 x mean eigenvalue)"
             if damping is None else "absolute", tracked_modules=tracked, empirical_fisher=empirical_fisher,
             factor_examples=len(factor_batch), max_length=max_length, seed=seed,
+            query_batch_size=query_batch_size,
             conv1d_converted=n_converted, conversion_max_abs_logit_diff=diff,
             implementation=f"kronfluence {_version('kronfluence')}",
             query_loss="mean completion NLL (kronfluence measurement)",
