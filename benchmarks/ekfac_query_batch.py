@@ -4,12 +4,12 @@ kronfluence scores a query batch against the whole training set by recomputing e
 document's gradient for that batch, so ``Q`` queries in batches of ``b`` cost about ``Q / b`` passes
 over the training set. `stride_nnsight.baselines.ekfac` defaulted to ``query_batch_size=8`` until
 2026-12-05 (every EK-FAC row of the reports until then); its default is now all queries whose
-gradients fit 1 GiB (`query_batch_size_for`: one batch on both benchmarks). This script times the same call (kronfluence
-heuristic damping, ``max_length`` = the model's context, the held-out benchmark's model and
-documents) with ``query_batch_size=8`` and with all queries in one batch, in one process, one after
-the other, on the held-out benchmark's main queries and on its confirmation queries. Index (the
-factor fit) is timed inside the call and subtracted, as in the reports. It also checks that the
-scores agree (batching must not change them). Nothing is tuned; the reports are unchanged.
+gradients fit 1 GiB (`query_batch_size_for`: one batch on both benchmarks). This script times the
+same call (kronfluence heuristic damping, ``max_length`` = the model's context, the held-out
+benchmark's model and documents) with ``query_batch_size=8`` and with all queries in one batch, in
+one process, one after the other, on the held-out benchmark's main queries and on its confirmation
+queries. Index (the factor fit) is timed inside the call and subtracted, as in the reports. It also
+checks that the scores agree (batching must not change them). Nothing is tuned.
 Writes ``benchmarks/RESULTS-ekfac-query-batch.md``; ``--public``: the same on the public
 benchmark (its reports call the wrapper with its default ``max_length``), written to
 ``benchmarks/RESULTS-ekfac-query-batch-public.md``.
