@@ -156,7 +156,7 @@ def public_script(argv, doc: str, out: Path) -> tuple[Any, dict[str, Any], Any]:
 
 #: settings `Stride.attribute` overrides on a fitted Stride: variants that differ only in these share
 #: one fit (per seed) in `run`, and are measured and recovered from it
-ATTRIBUTE_SETTINGS = ("lambda_rule", "lambda_fraction", "recovery", "token_weights")
+ATTRIBUTE_SETTINGS = ("lambda_rule", "lambda_fraction", "recovery", "token_weights", "measurement")
 
 
 def _fit_key(changes: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 from .operators import OPERATOR_DTYPES, PLACEMENTS, state_bytes
 from .token_component import RECOVERIES, TOKEN_WEIGHTS
 
-__all__ = ["StrideArguments", "LAMBDA_RULES", "SAMPLINGS", "MAX_AUTO_SUBSETS", "DEFAULT_RANK"]
+__all__ = ["StrideArguments", "LAMBDA_RULES", "SAMPLINGS", "MEASUREMENTS", "MAX_AUTO_SUBSETS", "DEFAULT_RANK"]
 
 #: the most subsets ``n_subsets=None`` chooses (see `StrideArguments.subsets_for`)
 MAX_AUTO_SUBSETS = 512
@@ -18,10 +18,11 @@ DEFAULT_RANK = 2
 #: settings added after states were first saved, with the value that reproduces an older state
 #: (`StrideArguments.from_saved`): it was fitted on the whole vocabulary, one column per entry
 SAVED_BEFORE: dict[str, Any] = {"fit_vocabulary": None, "logit_columns": None, "max_state_mb": None,
-                                 "recovery": "lasso", "token_weights": "presence"}
+                                 "recovery": "lasso", "token_weights": "presence", "measurement": "exact"}
 
 LAMBDA_RULES = ("fraction", "cv", "shared_cv")
 SAMPLINGS = ("document", "membership")
+MEASUREMENTS = ("auto", "first_order", "exact")
 
 
 @dataclass
@@ -132,6 +133,18 @@ class StrideArguments:
 
     Measurement and recovery:
         * measure_batch_size: forward rows per chunk when measuring all K operators;
+        * measurement: ``"auto"`` (default), ``"first_order"`` or ``"exact"``: what an operator's
+            measurement is. ``"exact"``: the change of the query's metric with the operator's edit
+            applied. ``"first_order"``: its first-order part, the directional derivative of the
+            metric along the edit (the metric's gradient w.r.t. the edited vector, dotted with the
+            edit): additive over operators, as the recovery assumes, free of the log-sum-exp's
+            curvature, and with no log-sum-exp per operator (`operators.completion_measurements`).
+            It needs the default metric and the ``"logits"`` or ``"head"`` placement; ``"auto"``
+            takes it there and ``"exact"`` elsewhere (residual placement, a custom ``metric=``).
+            Over three fit seeds on five dev benches first-order minus exact was +0.084, +0.017,
+            +0.001, -0.004 and +0.052 LDS (above on two, level on three) at half the attribute
+            time on the public benchmark (docs/method.md, section 4). The provenance's
+            ``measurement`` records the one used; states saved before the setting measure exactly;
         * lambda_rule: ``"fraction"`` (lambda = lambda_fraction * lambda_max, per query),
             ``"cv"`` (5-fold cross-validated Lasso per query) or ``"shared_cv"`` (one fraction
             for the batch of queries, chosen by cross-validating held-out operators' measurements:
@@ -181,6 +194,7 @@ class StrideArguments:
     activation_cache_dtype: str = "float32"
     operator_dtype: str = "float32"
     measure_batch_size: int = 256
+    measurement: str = "auto"
     lambda_rule: str = "fraction"
     lambda_fraction: float = 0.3
     fit_intercept: bool = True
@@ -248,6 +262,11 @@ class StrideArguments:
                              f"computed in; their weights stay float32), got {self.operator_dtype!r}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.measurement not in MEASUREMENTS:
+            raise ValueError(f"measurement must be one of {MEASUREMENTS}, got {self.measurement!r}")
+        if self.measurement == "first_order" and self.placement == "residual":
+            raise ValueError("measurement='first_order' needs the 'logits' or 'head' placement (the residual "
+                             "placement's edit passes through the later blocks): use measurement='auto' or 'exact'")
         if self.lambda_rule not in LAMBDA_RULES:
             raise ValueError(f"lambda_rule must be one of {LAMBDA_RULES}, got {self.lambda_rule!r}")
         if self.recovery not in RECOVERIES:
@@ -295,6 +314,19 @@ class StrideArguments:
             fixed = size(rank, None) - 4 * K * rank * out_dim + 8 * out_dim   # basis and the column map
             columns = max(16, int((cap - fixed) // (4 * K * rank)))
         return self.replace(rank=rank, logit_columns=columns if logits else self.logit_columns)
+
+    def first_order_measurement(self, default_metric: bool = True) -> bool:
+        """Whether measurements are first-order (`measurement`): ``"auto"`` for the default metric
+        under the logits or head placement, or ``"first_order"`` (which raises with a custom
+        metric: its gradient is not derived here)."""
+        if self.measurement == "exact":
+            return False
+        if not default_metric:
+            if self.measurement == "first_order":
+                raise ValueError("measurement='first_order' needs the default metric (minus the completion's "
+                                 "loss); a custom metric= is measured exactly: pass measurement='auto' or 'exact'")
+            return False
+        return self.placement in ("logits", "head")
 
     def subsets_for(self, n_examples: int) -> int:
         """``K`` for a fit on ``n_examples`` texts: ``n_subsets`` when set, else

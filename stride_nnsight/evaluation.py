@@ -395,15 +395,18 @@ def lds_replicates(
     if any(x.shape != (q, n) for x in mats):
         raise ValueError(f"every score matrix must have the shape of the first, {(q, n)}")
     m, loss, _ = _ground_truth_arrays(masks, losses, n, q)
-    preds = [m.astype(np.float64) @ x.T for x in mats]  # [m, q] each
+    preds = np.stack([m.astype(np.float64) @ x.T for x in mats])  # [methods, m, q]
+    n_methods, n_models = len(mats), m.shape[0]
     rng = np.random.default_rng(seed)
-    out = np.empty((int(n_boot), len(mats)))
+    out = np.empty((int(n_boot), n_methods))
     for b in range(int(n_boot)):
-        rows = rng.integers(0, m.shape[0], m.shape[0]) if resample_models else np.arange(m.shape[0])
+        rows = rng.integers(0, n_models, n_models) if resample_models else np.arange(n_models)
         cols = rng.integers(0, q, q) if resample_queries else np.arange(q)
         target = -loss[rows][:, cols]
-        for i, pred in enumerate(preds):
-            out[b, i] = np.nan_to_num(_spearman_columns(pred[rows][:, cols], target), nan=0.0).mean()
+        # every method's drawn predictions side by side, [m, methods * q]: one ranking call per draw
+        drawn = preds[:, rows][:, :, cols].transpose(1, 0, 2).reshape(n_models, n_methods * q)
+        rho = _spearman_columns(drawn, np.tile(target, (1, n_methods))).reshape(n_methods, q)
+        out[b] = np.nan_to_num(rho, nan=0.0).mean(axis=1)
     return out
 
 

@@ -141,7 +141,13 @@ def _ids(tokenizer: Any, text: str, what: str) -> list[int]:
     """Token ids of ``text`` (no special tokens); a tokenizer failure names ``what`` (e.g.
     ``"training text 3"``), shows the text's start and says how to fix it."""
     try:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        try:  # verbose=False: the library truncates and warns itself (`encode_texts`), so the
+            # tokenizer's own "longer than the specified maximum ... indexing errors" is moot
+            return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        except TypeError as e:
+            if "verbose" not in str(e):
+                raise
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # a tokenizer without verbose=
     except Exception as e:
         raise ValueError(f"{what} could not be tokenized ({type(e).__name__}: {e}); it starts "
                          f"{text[:40]!r}. {_tokenize_fix(text)}") from e

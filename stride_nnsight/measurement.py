@@ -49,6 +49,7 @@ def measure(
     progress: bool = True,
     intervention: Any = None,
     head: Optional[Callable[[Tensor], Tensor]] = None,
+    first_order: bool = False,
 ) -> tuple[Float[Tensor, "q K"], Float[Tensor, "q"]]:
     """All ``K`` measurements for every query.
 
@@ -65,7 +66,12 @@ def measure(
     every operator's logits are ``head(h + B(z) a_k)`` (``head``: the model's output head,
     default `stride_nnsight.activations.head_function`), at the scored positions only with the
     default metric (`head_measurements`).
+    ``first_order`` (default metric, logits or head placement only): each ``y[i, k]`` is the
+    first-order part of the change, the metric's gradient w.r.t. the edited vector dotted with
+    operator ``k``'s edit (`operators.completion_measurements`); ``StrideArguments.measurement``.
     """
+    if first_order and (metric is not None or operators.placement == "residual"):
+        raise ValueError("first-order measurements need the default metric and the 'logits' or 'head' placement")
     default_metric = metric is None
     metric = metric or negative_completion_loss
     operators.eval()
@@ -92,11 +98,13 @@ def measure(
         base_values = _check_metric_output(metric(logits, batch), len(idx)).float().cpu()
         base[idx] = base_values
         if operators.placement == "head" and default_metric:
-            values, _ = head_measurements(operators, head, z, h, batch.input_ids, batch.loss_mask)
+            values, _ = head_measurements(operators, head, z, h, batch.input_ids, batch.loss_mask,
+                                          first_order=first_order)
             y[idx] = values.float().cpu()
             bar.update(len(idx) * K)
         elif operators.placement == "logits" and default_metric:
-            values, _ = completion_measurements(operators, z, logits, batch.input_ids, batch.loss_mask)
+            values, _ = completion_measurements(operators, z, logits, batch.input_ids, batch.loss_mask,
+                                                first_order=first_order)
             y[idx] = values.float().cpu()
             bar.update(len(idx) * K)
         elif operators.placement in ("logits", "head"):  # a custom metric: full steered logits, one query at a time

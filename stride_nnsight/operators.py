@@ -441,8 +441,15 @@ def candidate_forward(forward, index: torch.Tensor, n_candidates: int, seed: int
 
 
 def completion_measurements(operators: SteeringOperators, z: torch.Tensor, logits: torch.Tensor,
-                            input_ids: torch.Tensor, loss_mask: torch.Tensor, max_elements: int = 1 << 20) -> tuple:
+                            input_ids: torch.Tensor, loss_mask: torch.Tensor, max_elements: int = 1 << 20,
+                            first_order: bool = False) -> tuple:
     """All ``K`` logits-placement measurements of the default metric for a batch of queries at once.
+
+    ``first_order=True``: each operator's first-order effect instead of its exact one, the
+    directional derivative of the metric along the operator's edit ``e_k = B(z) a_k``: per scored
+    position ``-(p . e_k - e_k[target])`` with ``p`` the base softmax (the linear term of the
+    log-sum-exp in the edit), averaged over the completion like the loss; no log-sum-exp per
+    operator (`first_order_measurements`).
 
     Only the positions that predict a scored token matter, so the work is done on those
     ``P`` positions alone: their base logits ``[P, V]`` plus every operator's edit, in chunks
@@ -470,6 +477,10 @@ def completion_measurements(operators: SteeringOperators, z: torch.Tensor, logit
         base = -torch.zeros(n_rows, device=device).index_add(0, rows, base_nll) / counts
         coef = operators.coefficients
         basis = operators.basis(z[:, :-1][rows, cols].to(device=coef.device, dtype=coef.dtype)).to(device).float()
+        if first_order:  # the metric's gradient w.r.t. the logits, (onehot(target) - p) per position
+            grad = -torch.softmax(base_p, -1)
+            grad[torch.arange(int(rows.shape[0]), device=device), targets] += 1.0
+            return first_order_measurements(operators, basis, grad, rows, counts, n_rows, max_elements), base
         n_pos, vocab, K = int(rows.shape[0]), int(base_p.shape[-1]), operators.n_operators
         # log-sum-exp of (base + edit) per position, shifted by the base logits' max: exp stays in
         # range unless an edit exceeds ~88 nats, and such operators are redone with their own max
@@ -496,8 +507,36 @@ def completion_measurements(operators: SteeringOperators, z: torch.Tensor, logit
         return y, base
 
 
+def first_order_measurements(operators: SteeringOperators, basis: torch.Tensor, grad: torch.Tensor,
+                             rows: torch.Tensor, counts: torch.Tensor, n_rows: int,
+                             max_elements: int = 1 << 20) -> torch.Tensor:
+    """First-order measurements ``y [b, K]``: per query row, the mean over its scored positions of
+    ``grad_P . e_k`` with ``e_k = basis_P @ a_k`` (the edit operator ``k`` adds at that position).
+
+    ``basis [P, r]`` (``B(z)`` at the ``P`` scored positions), ``grad [P, out]`` (the metric's
+    gradient w.r.t. the edited vector there: the logits, or the output head's input), ``rows [P]``
+    (each position's query row), ``counts [b]`` (scored positions per row). Operators are taken in
+    chunks holding at most ``max_elements`` coefficients (``k * r * out``).
+    """
+    K, rank, out = operators.n_operators, int(basis.shape[1]), int(grad.shape[1])
+    device = grad.device
+    k_chunk = max(1, int(max_elements) // max(1, rank * out))
+    per_position = torch.empty(K, int(basis.shape[0]), device=device)
+    for k0 in range(0, K, k_chunk):
+        if operators.placement == "logits":
+            a = operators.vocabulary_coefficients(slice(k0, k0 + k_chunk))
+        else:
+            a = operators.coefficients[k0: k0 + k_chunk]
+        a = a.to(device=device, dtype=torch.float32)                         # [k, r, out]
+        projected = torch.matmul(a, grad.t())                                  # [k, r, P]
+        per_position[k0: k0 + int(a.shape[0])] = torch.einsum("pr,krp->kp", basis, projected)
+    per_row = torch.zeros(K, int(n_rows), device=device).index_add(1, rows, per_position) / counts
+    return per_row.t().contiguous()
+
+
 def head_measurements(operators: SteeringOperators, head, z: torch.Tensor, h: torch.Tensor,
-                      input_ids: torch.Tensor, loss_mask: torch.Tensor, max_elements: int = 1 << 20) -> tuple:
+                      input_ids: torch.Tensor, loss_mask: torch.Tensor, max_elements: int = 1 << 20,
+                      first_order: bool = False) -> tuple:
     """All ``K`` head-placement measurements of the default metric for a batch of queries.
 
     Like `completion_measurements`, on the ``P`` positions that predict a scored token only:
@@ -505,6 +544,9 @@ def head_measurements(operators: SteeringOperators, head, z: torch.Tensor, h: to
     ``max_elements`` logits. ``z``/``h [b, t, d]`` (residual at the operators' layer, output
     head's input), ``head(h) -> logits``. Returns ``(y [b, K], base [b])`` float32 with
     ``base = -token_nll(head(h))`` and ``y[:, k] = -token_nll(head(h + edit_k)) - base`` (nats).
+    ``first_order=True``: the directional derivative of the metric along each edit instead, from
+    one backward pass through ``head`` (the gradient of minus the NLL w.r.t. ``h_P``), as in
+    `completion_measurements`.
     """
     with torch.no_grad():
         coef = operators.coefficients
@@ -516,6 +558,16 @@ def head_measurements(operators: SteeringOperators, head, z: torch.Tensor, h: to
         counts = scored.sum(1).clamp(min=1).to(torch.float32)              # [b]
         h_p = h[:, :-1].to(device)[rows, cols].to(coef.dtype)             # [P, d]
         basis = operators.basis(z[:, :-1].to(device)[rows, cols].to(coef.dtype))   # [P, r]
+        if first_order:
+            with torch.enable_grad():
+                h_grad = h_p.detach().float().requires_grad_(True)
+                base_logits = head(h_grad).to(device).float()
+                base_nll = torch.logsumexp(base_logits, -1) - base_logits.gather(-1, targets[:, None]).squeeze(-1)
+                (grad,) = torch.autograd.grad(-base_nll.sum(), h_grad)      # [P, d]
+            base = -torch.zeros(n_rows, device=device).index_add(0, rows, base_nll.detach()) / counts
+            y = first_order_measurements(operators, basis.float(), grad.to(device), rows, counts, n_rows,
+                                         max_elements)
+            return y, base
         base_logits = head(h_p).to(device).float()
         base_nll = torch.logsumexp(base_logits, -1) - base_logits.gather(-1, targets[:, None]).squeeze(-1)
         base = -torch.zeros(n_rows, device=device).index_add(0, rows, base_nll) / counts
@@ -889,12 +941,14 @@ def measure_queries(
     attention_mask: torch.Tensor,
     loss_mask: torch.Tensor,
     batch_size: int,
+    first_order: bool = False,
 ) -> tuple:
     """Measurements of all ``K`` operators for ``q`` queries, default metric (minus the mean
     completion NLL), the same chunking as ``measurement.measure``.
 
     Token tensors are ``[q, t]`` CPU tensors. Returns ``(y [q, K], base [q])`` float32 CPU with
-    ``y[i, k] = -loss_k(x_i) + loss_base(x_i)``.
+    ``y[i, k] = -loss_k(x_i) + loss_base(x_i)``; ``first_order`` (logits placement only): its
+    first-order part instead (`completion_measurements`).
     """
     device = module_device(operators)
     operators.eval()
@@ -912,7 +966,7 @@ def measure_queries(
             base_values = (-token_nll(logits, ids.to(logits.device), lmask.to(logits.device))).float().cpu()
             base[idx] = base_values
             if operators.placement == "logits":
-                values, _ = completion_measurements(operators, z, logits, ids, lmask)
+                values, _ = completion_measurements(operators, z, logits, ids, lmask, first_order=first_order)
                 y[idx] = values.float().cpu()
             else:
                 pairs = [(row, k) for row in range(len(idx)) for k in range(K)]

@@ -284,7 +284,7 @@ def _fit_session(model, remote, verbose, operator_settings, layers_path, operato
 
 
 def _measure_session(model, remote, verbose, operator_settings, layers_path, operator_state, input_ids,
-                     attention_mask, loss_mask, batch_size) -> dict:
+                     attention_mask, loss_mask, batch_size, first_order=False) -> dict:
     """One measurement session. Everything inside the ``with`` runs on the server."""
     import nnsight
 
@@ -292,7 +292,8 @@ def _measure_session(model, remote, verbose, operator_settings, layers_path, ope
         operators = SteeringOperators(**operator_settings)
         operators.to(block_device(model, layers_path, operator_settings["layer"]))
         operators.load_state_dict(operator_state)
-        y, base = measure_queries(model, layers_path, operators, input_ids, attention_mask, loss_mask, batch_size)
+        y, base = measure_queries(model, layers_path, operators, input_ids, attention_mask, loss_mask, batch_size,
+                                  first_order)
         result = nnsight.save(cpu_state({"y": y, "base": base}))
     return result
 
@@ -523,9 +524,15 @@ def fit_remote(stride: Any, fitter: OperatorFitter, *, progress: bool = True,
 
 
 # ---------------------------------------------------------------------------- measurement
-def _measure_key(operators: SteeringOperators, queries: TokenBatch, batch_size: int) -> str:
+def _measure_key(operators: SteeringOperators, queries: TokenBatch, batch_size: int,
+                 first_order: bool = False) -> str:
+    """Names a measurement's checkpoint folder: the operators (settings and weights), the queries'
+    tokens, the chunking and the kind of measurement (first-order ones never resume exact ones)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"settings": operators.settings(), "batch_size": batch_size}, sort_keys=True).encode())
+    what = {"settings": operators.settings(), "batch_size": batch_size}
+    if first_order:  # absent for exact measurements, so their folders keep their earlier names
+        what["first_order"] = True
+    h.update(json.dumps(what, sort_keys=True).encode())
     for t in (queries.input_ids, queries.attention_mask, queries.loss_mask):
         h.update(str(tuple(t.shape)).encode())
         h.update(t.contiguous().numpy().tobytes())
@@ -536,8 +543,9 @@ def _measure_key(operators: SteeringOperators, queries: TokenBatch, batch_size: 
 
 
 def measure_remote(stride: Any, queries: TokenBatch, *, metric: Any = None,
-                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ``K`` measurements for every query, in remote sessions (default metric only).
+                   progress: bool = True, first_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``K`` measurements for every query, in remote sessions (default metric only);
+    ``first_order``: their first-order part (`operators.completion_measurements`).
 
     Returns ``(y [q, K], base [q])`` as ``measurement.measure``. With ``remote_checkpoint_dir``
     set, finished chunks are kept under ``remote_measure-<key>/`` (key: a hash of the queries'
@@ -558,7 +566,8 @@ def measure_remote(stride: Any, queries: TokenBatch, *, metric: Any = None,
     cap = max(1, settings.queries_per_session // q_chunk)
     directory = None
     if settings.checkpoint_dir is not None:
-        directory = Path(settings.checkpoint_dir) / f"{MEASURE_PREFIX}{_measure_key(operators, queries, batch_size)}"
+        directory = Path(settings.checkpoint_dir) / \
+            f"{MEASURE_PREFIX}{_measure_key(operators, queries, batch_size, first_order)}"
     y, base, done_units, log = torch.empty(n_q, K), torch.empty(n_q), 0, []
     found = storage.find(directory, MEASURE_STATE, LEGACY_MEASURE_STATE) if directory is not None else None
     if found is not None:
@@ -592,7 +601,8 @@ def measure_remote(stride: Any, queries: TokenBatch, *, metric: Any = None,
                 with shipped_by_value():
                     result = _measure_session(stride.backend.model, stride.remote, settings.verbose,
                                               operator_settings, _layers_path(stride), operator_state,
-                                              part.input_ids, part.attention_mask, part.loss_mask, batch_size)
+                                              part.input_ids, part.attention_mask, part.loss_mask, batch_size,
+                                              first_order)
                 _check_small(result, "result")
                 if tuple(result["y"].shape) != (stop - start, K) or tuple(result["base"].shape) != (stop - start,):
                     raise RuntimeError(f"remote session returned y {tuple(result['y'].shape)} / base "

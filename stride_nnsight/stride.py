@@ -490,10 +490,14 @@ class Stride:
         metric: Optional[Metric] = None,
         intervention: Any = None,
         progress: bool = True,
+        measurement: Optional[str] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw measurements ``y [q, K]`` (metric change under each operator) and base metric ``[q]``."""
+        """Raw measurements ``y [q, K]`` (metric change under each operator, first-order or exact:
+        ``measurement``, default the fitted `StrideArguments.measurement`) and base metric ``[q]``."""
         self._require_fit()
         self._check_model_unchanged()
+        args = self.args if measurement is None else self.args.replace(measurement=measurement)
+        first_order = args.first_order_measurement(default_metric=metric is None)
         queries = self.encode_queries(prompts, completions)
         if intervention is not None and self.remote:
             raise NotImplementedError("intervention= is not supported with remote=...: run the patch locally")
@@ -501,10 +505,10 @@ class Stride:
             if self.remote:
                 from .remote import measure_remote
 
-                return measure_remote(self, queries, metric=metric, progress=progress)
+                return measure_remote(self, queries, metric=metric, progress=progress, first_order=first_order)
             head = self.output_head(queries) if self.operators.placement == "head" else None
             return measure(self.backend, self.operators, queries, self.args.measure_batch_size, metric, progress,
-                           intervention=intervention, head=head)
+                           intervention=intervention, head=head, first_order=first_order)
         except FloatingPointError:
             self._check_finite_model()  # NaN/inf weights are the likelier cause: name them
             raise
@@ -521,6 +525,7 @@ class Stride:
         lambda_fraction: Optional[float] = None,
         recovery: Optional[str] = None,
         token_weights: Optional[str] = None,
+        measurement: Optional[str] = None,
         progress: bool = True,
         allow_partial: bool = False,
         null_permutations: int = 8,
@@ -537,8 +542,10 @@ class Stride:
         callable ``fn(model)`` executed inside the trace (before the steered layer), for
         TransformerLens a list of ``(hook_name, hook_fn)``; the scores then attribute the
         metric *of the patched model*.
-        ``lambda_rule``, ``lambda_fraction``, ``recovery``, ``token_weights``: override the fitted
-        settings for this call (`StrideArguments`). ``recovery="lasso+tokens"`` (the default) adds,
+        ``lambda_rule``, ``lambda_fraction``, ``recovery``, ``token_weights``, ``measurement``:
+        override the fitted settings for this call (`StrideArguments`; ``measurement="exact"``
+        measures each operator's exact effect instead of its first-order one, which ``"auto"``, the
+        default, takes for the default metric under the logits and head placements). ``recovery="lasso+tokens"`` (the default) adds,
         after the Lasso, one non-negative coefficient per completion token, given to every training
         document that holds the token in proportion to ``token_weights`` (``"per_document"``: the
         token's share ``1 / L`` of the document's scored tokens; `stride_nnsight.token_component`):
@@ -562,8 +569,9 @@ class Stride:
         if query_ids is not None:
             check_unique_ids(list(query_ids), "query_ids", "positions", "query")  # before any measuring
         args = self.args.replace(**{k: v for k, v in {"lambda_rule": lambda_rule, "lambda_fraction": lambda_fraction,
-                                                       "recovery": recovery,
-                                                       "token_weights": token_weights}.items() if v is not None})
+                                                       "recovery": recovery, "token_weights": token_weights,
+                                                       "measurement": measurement}.items() if v is not None})
+        first_order = args.first_order_measurement(default_metric=metric is None)  # bad combinations raise here
         if isinstance(null_permutations, bool) or not isinstance(null_permutations, int) or null_permutations < 0:
             raise ValueError(f"null_permutations must be an int >= 0 (0: no noise floor), got {null_permutations!r}")
         y, base, scores, lambdas, floor, selection, tokens = self._measure_and_recover(
@@ -582,6 +590,7 @@ class Stride:
                                        recovery=args.recovery if tokens is not None else "lasso",
                                        token_weights=args.token_weights if tokens is not None else None,
                                        token_coefficients=tokens,
+                                       measurement="first_order" if first_order else "exact",
                                        lambdas=lambdas.tolist(), metric=getattr(metric, "__name__", "custom")
                                        if metric is not None else "negative_completion_loss",
                                        base_metric=base.tolist(), patched=intervention is not None,
@@ -613,7 +622,8 @@ class Stride:
         if len(local):
             y, base = self.measure([prompts[i] for i in local] if mine else prompts,
                                    [completions[i] for i in local] if mine else completions, metric=metric,
-                                   intervention=intervention, progress=progress and rank == 0)
+                                   intervention=intervention, progress=progress and rank == 0,
+                                   measurement=args.measurement)
         else:  # more processes than queries
             y, base = torch.zeros(0, K), torch.zeros(0)
         rule, fraction, selection = args.lambda_rule, args.lambda_fraction, None

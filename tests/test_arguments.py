@@ -100,3 +100,26 @@ def test_state_cap_lowers_the_rank_then_cuts_columns():
         assert real == state_bytes(K, a.rank, d, V, hidden, a.logit_columns) <= cap
     assert StrideArguments(basis_hidden=hidden, max_state_mb=4 * K * V // 2 / 1e6).capped_state(K, d, V) \
         .logit_columns < V
+
+
+def test_measurement_setting_rules_and_old_states():
+    """``measurement``: ``"auto"`` (default) is first-order for the default metric under the logits
+    and head placements and exact otherwise; an explicit ``"first_order"`` where it cannot apply
+    is refused naming the fix; a state saved before the setting existed measures exactly, as it
+    did when it was written."""
+    assert StrideArguments().measurement == "auto"
+    assert StrideArguments().first_order_measurement() is True
+    assert StrideArguments(placement="head").first_order_measurement() is True
+    assert StrideArguments(placement="residual").first_order_measurement() is False
+    assert StrideArguments().first_order_measurement(default_metric=False) is False
+    assert StrideArguments(measurement="exact").first_order_measurement() is False
+    assert StrideArguments(measurement="first_order").first_order_measurement() is True
+    with pytest.raises(ValueError, match="measurement must be one of"):
+        StrideArguments(measurement="linear")
+    with pytest.raises(ValueError, match="needs the 'logits' or 'head' placement"):
+        StrideArguments(measurement="first_order", placement="residual")
+    with pytest.raises(ValueError, match="needs the default metric"):
+        StrideArguments(measurement="first_order").first_order_measurement(default_metric=False)
+    saved = StrideArguments().to_dict()
+    del saved["measurement"]
+    assert StrideArguments.from_saved(saved).measurement == "exact"

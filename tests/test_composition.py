@@ -96,7 +96,7 @@ def test_steer_inside_user_trace_matches_measurement(pair, tiny_model, bridge):
     with tiny_model.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask):
         nn_stride.steer(k, scale=0.0)
         unsteered = tiny_model.output.logits.save()
-    y, base = nn_stride.measure(PROMPTS[:1], COMPLETIONS[:1], progress=False)
+    y, base = nn_stride.measure(PROMPTS[:1], COMPLETIONS[:1], progress=False, measurement="exact")
     expected = -base[0] - token_nll(steered_nn, batch.input_ids, batch.loss_mask)[0]
     assert y[0, k] == pytest.approx(float(expected.detach()), abs=1e-4)
     assert float(-token_nll(unsteered, batch.input_ids, batch.loss_mask)[0]) == pytest.approx(float(base[0]), abs=1e-5)

@@ -470,3 +470,24 @@ def test_more_subsets_reuse_the_first_subsets_retrains(tmp_path):
     with pytest.raises(ValueError, match="other settings"):  # another fraction: other masks
         retrain_ground_truth(train, lambda m: m, n_train=10, n_models=6, fraction=0.3, seed=1,
                              cache_dir=tmp_path / "seven", progress=False, n_seeds=2, reuse_dir=tmp_path / "four")
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_lds_replicates_of_several_methods_equal_each_method_alone(with_nan):
+    """The methods are ranked side by side in one call per draw; each column must be what the
+    same draws give that method alone (finite losses: the vectorised ranks; a nan loss: the
+    per-query fallback)."""
+    from stride_nnsight.evaluation import lds_replicates
+
+    rng = np.random.default_rng(0)
+    scores = [rng.normal(size=(12, 40)) for _ in range(3)]
+    masks = rng.random((15, 40)) < 0.5
+    losses = rng.normal(size=(15, 12))
+    if with_nan:
+        losses[2, 4] = np.nan
+    joint = lds_replicates(scores, masks, losses, n_boot=40, seed=3)
+    assert joint.shape == (40, 3)
+    for i, s in enumerate(scores):
+        np.testing.assert_allclose(joint[:, i], lds_replicates([s], masks, losses, n_boot=40, seed=3)[:, 0],
+                                   rtol=1e-12, atol=1e-12)
+    assert np.ptp(joint[:, 0]) > 0  # the draws do vary

@@ -101,6 +101,27 @@ def test_head_measurements_against_a_loop(tiny_hf_model, tiny_model, tiny_tokeni
     assert float(y.abs().min()) > 1e-5
 
 
+def test_first_order_head_measurements_are_the_derivative_along_each_edit(tiny_hf_model, tiny_model,
+                                                                           tiny_tokenizer):
+    backend = resolve_backend(tiny_model)
+    ops = _operators(backend.d_model, K=4, seed=2)
+    queries = encode_queries(tiny_tokenizer, PROMPTS, COMPLETIONS, 64)
+    z, h = _hf_parts(tiny_hf_model, queries.input_ids, queries.attention_mask, 0)
+    for max_elements in (1 << 20, 1):
+        y, base = head_measurements(ops, head_function(backend), z, h, queries.input_ids, queries.loss_mask,
+                                    max_elements=max_elements, first_order=True)
+        expected_base = -token_nll(tiny_hf_model.lm_head(h), queries.input_ids, queries.loss_mask)
+        torch.testing.assert_close(base, expected_base.detach(), rtol=1e-5, atol=1e-5)
+        for k in range(4):  # autograd through the HF head: d/d alpha of the metric at h + alpha * edit_k
+            alpha = torch.zeros((), requires_grad=True)
+            metric = -token_nll(tiny_hf_model.lm_head(h + alpha * ops.delta(z, k).detach()), queries.input_ids,
+                                queries.loss_mask)
+            expected = torch.stack([torch.autograd.grad(metric[i], alpha, retain_graph=True)[0]
+                                    for i in range(len(PROMPTS))])
+            torch.testing.assert_close(y[:, k], expected, rtol=1e-4, atol=1e-5)
+    assert float(y.abs().min()) > 1e-6
+
+
 @pytest.fixture(scope="module")
 def head_fits(tiny_model, small_texts):
     live = Stride(tiny_model, activation_cache=False, **SETTINGS).fit(small_texts[:24], progress=False)
@@ -123,7 +144,8 @@ def test_stride_fit_cached_equals_live_and_attributes(head_fits):
 
 def test_custom_metric_path_equals_default(head_fits):
     live, _ = head_fits
-    y, base = live.measure(PROMPTS, COMPLETIONS, progress=False)
+    # a custom metric is measured exactly: the same numbers as the default metric's exact path
+    y, base = live.measure(PROMPTS, COMPLETIONS, progress=False, measurement="exact")
     y2, base2 = live.measure(PROMPTS, COMPLETIONS, progress=False,
                              metric=lambda logits, batch: -token_nll(logits, batch.input_ids, batch.loss_mask))
     torch.testing.assert_close(y2, y, rtol=1e-4, atol=1e-5)
@@ -141,7 +163,7 @@ def test_save_load_roundtrip(head_fits, tiny_model, tmp_path):
 
 def test_steer_in_a_user_trace_reproduces_the_measurement(head_fits, tiny_model, tiny_tokenizer):
     live, _ = head_fits
-    y, base = live.measure(PROMPTS[:1], COMPLETIONS[:1], progress=False)
+    y, base = live.measure(PROMPTS[:1], COMPLETIONS[:1], progress=False, measurement="exact")
     batch = encode_queries(tiny_tokenizer, PROMPTS[:1], COMPLETIONS[:1], 64)
     box = []
     with tiny_model.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask):
@@ -166,9 +188,9 @@ def test_transformer_lens_agrees_with_nnsight(head_fits, tiny_hf_model, tiny_tok
     batch = encode_queries(tiny_tokenizer, PROMPTS[:1], COMPLETIONS[:1], 64)
     logits = bridge.run_with_hooks(batch.input_ids, fwd_hooks=tl.steer(3), attention_mask=batch.attention_mask,
                                    return_type="logits")
-    _, base = tl.measure(PROMPTS[:1], COMPLETIONS[:1], progress=False)
+    y_exact, base = tl.measure(PROMPTS[:1], COMPLETIONS[:1], progress=False, measurement="exact")
     metric = -token_nll(logits, batch.input_ids, batch.loss_mask)
-    assert float(metric - base[0]) == pytest.approx(float(y_nn[0, 3]), rel=1e-4, abs=1e-5)
+    assert float(metric - base[0]) == pytest.approx(float(y_exact[0, 3]), rel=1e-4, abs=1e-5)
 
 
 def test_remote_is_refused_with_advice(tiny_model):

@@ -61,3 +61,30 @@ def test_as_text_list_validation():
     FakeDataset.column_names = ["content"]
     with pytest.raises(ValueError, match="no 'text' column"):
         as_text_list(FakeDataset())
+
+
+def test_long_documents_warn_once_from_the_library_not_the_tokenizer(tiny_tokenizer):
+    """A document longer than the tokenizer's ``model_max_length`` gets the library's truncation
+    warning (with counts and the fix), not also the tokenizer's misleading "... will result in
+    indexing errors" (nothing is indexed out of range: the library truncates first)."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.model_max_length = 8
+    tok.deprecation_warnings.clear()
+    long_text = " ".join(["the cat sat on the mat"] * 10)
+    with pytest.warns(UserWarning, match="truncated"):
+        batch = encode_texts(tok, [long_text, "a dog"], 16)
+    assert batch.input_ids.shape[1] == 16
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in tok.deprecation_warnings
+    plain = tok(long_text, add_special_tokens=False)  # the tokenizer alone does flag it
+    assert len(plain["input_ids"]) > 8
+    assert "sequence-length-is-longer-than-the-specified-maximum" in tok.deprecation_warnings
+
+    class NoVerbose:  # a tokenizer callable that does not take verbose=
+        pad_token_id, bos_token_id = 0, None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1 + (ord(c) % 5) for c in text]}
+
+    assert encode_texts(NoVerbose(), ["abc"], 8).input_ids.shape[1] >= 3

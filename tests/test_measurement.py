@@ -41,3 +41,31 @@ def test_custom_metric_and_bad_metric(tiny_model, tiny_tokenizer):
     torch.testing.assert_close(y, torch.zeros(1, 3))  # zero operators change nothing
     with pytest.raises(ValueError, match="one scalar per row"):
         measure(backend, ops, queries, progress=False, metric=lambda logits, b: logits.sum())
+
+
+def test_first_order_measure_is_the_derivative_and_needs_logits_or_head(tiny_model, tiny_tokenizer):
+    backend = resolve_backend(tiny_model)
+    backend.freeze()
+    torch.manual_seed(0)
+    ops = SteeringOperators(4, 32, 3, backend.vocab_size, placement="logits", layer=1)
+    with torch.no_grad():
+        ops.coefficients.normal_(std=0.5)
+    queries = encode_queries(tiny_tokenizer, ["the cat sat", "a dog ran over the"], [" on the mat.", " river"], 64)
+    y, base = measure(backend, ops, queries, batch_size=3, progress=False, first_order=True)
+    exact, base_exact = measure(backend, ops, queries, batch_size=3, progress=False)
+    torch.testing.assert_close(base, base_exact)
+    for q in range(2):
+        one = queries.rows([q])
+        logits, z = backend.forward(one.input_ids, one.attention_mask, 1)
+        for k in range(4):
+            alpha = torch.zeros((), requires_grad=True)
+            edit = ops(z, k, target=torch.zeros_like(logits)).detach()
+            metric = -token_nll(logits.detach() + alpha * edit, one.input_ids, one.loss_mask)[0]
+            (expected,) = torch.autograd.grad(metric, alpha)
+            assert y[q, k] == pytest.approx(float(expected), abs=1e-4)
+    assert not torch.allclose(y, exact, atol=1e-3)  # a different quantity from the exact change
+    residual = SteeringOperators(2, 32, 2, 32, placement="residual", layer=1)
+    with pytest.raises(ValueError, match="first-order measurements need"):
+        measure(backend, residual, queries, progress=False, first_order=True)
+    with pytest.raises(ValueError, match="first-order measurements need"):
+        measure(backend, ops, queries, progress=False, first_order=True, metric=lambda logits, b: logits[:, -1, 5])

@@ -282,3 +282,41 @@ def test_completion_measurements_with_shared_columns(max_elements):
     for k in range(K):
         expected = -token_nll(ops(z, k, target=logits), ids, loss_mask) - base
         torch.testing.assert_close(y[:, k], expected, rtol=1e-5, atol=1e-5)
+
+
+def _scaled_metric(ops, z, logits, ids, loss_mask, k, alpha):
+    """Minus the completion NLL with operator ``k``'s edit scaled by ``alpha`` (a 0-d tensor)."""
+    edit = ops(z, k, target=torch.zeros_like(logits))  # the edit alone: B(z) a_k
+    return -token_nll(logits + alpha * edit, ids, loss_mask)
+
+
+@pytest.mark.parametrize("max_elements", [1 << 25, 1])  # all operators in one chunk / one per chunk
+@pytest.mark.parametrize("columns", [None, 16])       # one column per entry / shared columns
+def test_first_order_measurements_are_the_derivative_along_each_edit(max_elements, columns):
+    torch.manual_seed(4)
+    K, d, V, b, t = 5, 8, 30, 3, 6
+    ops = SteeringOperators(K, d, 3, V, placement="logits", layer=1, hidden=5, columns=columns)
+    if columns is not None:
+        ops.assign_columns(torch.randint(0, 9, (V,)))
+    with torch.no_grad():
+        ops.coefficients.normal_()
+    z, logits = torch.randn(b, t, d), torch.randn(b, t, V)
+    ids = torch.randint(0, V, (b, t))
+    loss_mask = torch.zeros(b, t, dtype=torch.long)
+    loss_mask[0, 3:] = 1
+    loss_mask[1, 1:3] = 1
+    loss_mask[2, 5] = 1
+    y, base = completion_measurements(ops, z, logits, ids, loss_mask, max_elements=max_elements, first_order=True)
+    torch.testing.assert_close(base, -token_nll(logits, ids, loss_mask))
+    for k in range(K):  # autograd: d/d alpha of the metric with alpha * edit_k, at alpha = 0
+        alpha = torch.zeros((), requires_grad=True)
+        expected = torch.stack([torch.autograd.grad(_scaled_metric(ops, z, logits, ids, loss_mask, k, alpha)[i],
+                                                    alpha, retain_graph=True)[0] for i in range(b)])
+        torch.testing.assert_close(y[:, k], expected.detach(), rtol=1e-4, atol=1e-5)
+    # small edits: the exact measurement divided by the edit's scale tends to the first-order one
+    exact, _ = completion_measurements(ops, z, logits, ids, loss_mask, max_elements=max_elements)
+    with torch.no_grad():
+        ops.coefficients.mul_(1e-3)
+    small, _ = completion_measurements(ops, z, logits, ids, loss_mask, max_elements=max_elements)
+    assert float((small / 1e-3 - y).abs().max()) < 1e-2 * float(y.abs().max())
+    assert float((exact - y).abs().max()) > 1e-2  # at full scale the two differ: the curvature term

@@ -350,6 +350,25 @@ def test_measurement_failure_and_resume(tiny_model, small_texts, local_fits, mon
     torch.testing.assert_close(base, base_local, rtol=1e-5, atol=1e-6)
 
 
+def test_remote_exact_measurement_matches_local_and_keeps_its_own_checkpoint(tiny_model, local_fits, tmp_path):
+    """``measurement="exact"`` in a remote session gives the local exact measurements; its
+    checkpoint folder differs from the first-order one (the logits placement's default), so neither
+    resumes the other."""
+    local, y_local, base_local = local_fits["logits"]
+    stride = Stride(tiny_model, remote="local", remote_checkpoint_dir=str(tmp_path),
+                    **{**SETTINGS, "placement": "logits"})
+    stride.design, stride.operators = local.design, local.operators
+    stride.train_texts, stride.train_ids = local.train_texts, local.train_ids
+    y_exact_local, _ = local.measure(PROMPTS, COMPLETIONS, progress=False, measurement="exact")
+    y_exact, base = stride.measure(PROMPTS, COMPLETIONS, progress=False, measurement="exact")
+    torch.testing.assert_close(y_exact, y_exact_local, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base, base_local, rtol=1e-5, atol=1e-6)
+    y_first, _ = stride.measure(PROMPTS, COMPLETIONS, progress=False)
+    torch.testing.assert_close(y_first, y_local, rtol=1e-5, atol=1e-6)  # first-order (the default)
+    assert not torch.allclose(y_first, y_exact, atol=1e-6)
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(remote_mod.MEASURE_PREFIX)]) == 2
+
+
 def test_remote_argument_checks(tiny_model):
     with pytest.raises(ValueError, match="host URL"):
         Stride(tiny_model, remote="ndif", **SETTINGS)

@@ -103,6 +103,33 @@ def test_logits_placement_end_to_end(tiny_model, small_texts):
         stride.attribute(["the cat"], [" sat"], progress=False, null_permutations=-1)
 
 
+def test_measurement_default_override_and_provenance(tiny_model, small_texts):
+    """The logits placement measures first-order by default (``"auto"``);
+    ``attribute(measurement="exact")`` measures the exact change from the same operators; the
+    provenance records which; a custom metric is measured exactly under ``"auto"`` and refused
+    under an explicit ``"first_order"`` (states saved without the setting: tests/test_arguments.py)."""
+    stride = Stride(tiny_model, layer=0, placement="logits", **FAST).fit(small_texts[:24], progress=False)
+    prompts, completions = ["the cat", "a dog"], [" sat", " ran"]
+    first = stride.attribute(prompts, completions, progress=False, null_permutations=0)
+    exact = stride.attribute(prompts, completions, progress=False, null_permutations=0, measurement="exact")
+    assert first.provenance["measurement"] == "first_order" and exact.provenance["measurement"] == "exact"
+    assert first.provenance["settings"]["measurement"] == "auto"
+    y_first, _ = stride.measure(prompts, completions, progress=False)
+    y_exact, _ = stride.measure(prompts, completions, progress=False, measurement="exact")
+    torch.testing.assert_close(first.measurements, y_first)
+    torch.testing.assert_close(exact.measurements, y_exact)
+    assert not torch.allclose(y_first, y_exact, atol=1e-6)
+    # the small edits of a short fit: two readings of one effect, closely correlated
+    assert float(torch.corrcoef(torch.stack([y_first.flatten(), y_exact.flatten()]))[0, 1]) > 0.9
+    metric = lambda logits, batch: logits[:, -1, 5]  # noqa: E731
+    custom = stride.attribute(prompts, completions, progress=False, null_permutations=0, metric=metric)
+    assert custom.provenance["measurement"] == "exact"
+    with pytest.raises(ValueError, match="needs the default metric"):
+        stride.attribute(prompts, completions, progress=False, metric=metric, measurement="first_order")
+    with pytest.raises(ValueError, match="measurement must be one of"):
+        stride.attribute(prompts, completions, progress=False, measurement="linear")
+
+
 def test_from_pretrained_model_saved_to_disk(tiny_hf_model, tiny_tokenizer, small_texts, tmp_path):
     """The loading path users take (from_pretrained on a local dir) works end to end."""
     from nnsight import TransformersModel

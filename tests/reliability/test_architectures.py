@@ -212,7 +212,7 @@ def check_steer_matches_fit(stride: Stride, model, k: int = 3) -> None:
     assert (expected - base).abs().max() > 0.1
     assert _relative_error(steered, expected, base) < 1e-5
     # ... and the measurement of operator k is that run's change of the completion loss
-    y, base_metric = stride.measure(PROMPTS[:1], COMPLETIONS[:1], progress=False)
+    y, base_metric = stride.measure(PROMPTS[:1], COMPLETIONS[:1], progress=False, measurement="exact")
     steered_metric = -token_nll(steered, ids, batch.loss_mask)[0]
     assert float(y[0, k]) == pytest.approx(float(steered_metric - base_metric[0]), abs=1e-4)
 
