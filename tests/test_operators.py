@@ -266,17 +266,23 @@ def test_columns_by_frequency_rest_unedited_or_shared():
         assert SteeringOperators(4, 8, 3, 8, placement=other, columns=4).coefficients.shape == (4, 3, 8)
 
 
-@pytest.mark.parametrize("max_elements", [1 << 25, 1])
-def test_completion_measurements_with_shared_columns(max_elements):
-    torch.manual_seed(3)
-    K, d, V, b, t = 4, 8, 30, 2, 5
-    ops = SteeringOperators(K, d, 3, V, placement="logits", layer=1, hidden=5, columns=16)
-    ops.assign_columns(torch.randint(0, 9, (V,)))
+def _logits_case(seed: int, K: int, b: int, t: int, columns=None, d: int = 8, V: int = 30):
+    """Random logits-placement operators (``columns``: that many shared coefficient columns) and a
+    random batch ``(ops, z [b, t, d], logits [b, t, V], ids [b, t], loss_mask [b, t] all 0)``."""
+    torch.manual_seed(seed)
+    ops = SteeringOperators(K, d, 3, V, placement="logits", layer=1, hidden=5, columns=columns)
+    if columns is not None:
+        ops.assign_columns(torch.randint(0, 9, (V,)))
     with torch.no_grad():
         ops.coefficients.normal_()
     z, logits = torch.randn(b, t, d), torch.randn(b, t, V)
-    ids = torch.randint(0, V, (b, t))
-    loss_mask = torch.zeros(b, t, dtype=torch.long)
+    return ops, z, logits, torch.randint(0, V, (b, t)), torch.zeros(b, t, dtype=torch.long)
+
+
+@pytest.mark.parametrize("max_elements", [1 << 25, 1])
+def test_completion_measurements_with_shared_columns(max_elements):
+    K = 4
+    ops, z, logits, ids, loss_mask = _logits_case(seed=3, K=K, b=2, t=5, columns=16)
     loss_mask[:, 2:] = 1
     y, base = completion_measurements(ops, z, logits, ids, loss_mask, max_elements=max_elements)
     for k in range(K):
@@ -293,16 +299,8 @@ def _scaled_metric(ops, z, logits, ids, loss_mask, k, alpha):
 @pytest.mark.parametrize("max_elements", [1 << 25, 1])  # all operators in one chunk / one per chunk
 @pytest.mark.parametrize("columns", [None, 16])       # one column per entry / shared columns
 def test_first_order_measurements_are_the_derivative_along_each_edit(max_elements, columns):
-    torch.manual_seed(4)
-    K, d, V, b, t = 5, 8, 30, 3, 6
-    ops = SteeringOperators(K, d, 3, V, placement="logits", layer=1, hidden=5, columns=columns)
-    if columns is not None:
-        ops.assign_columns(torch.randint(0, 9, (V,)))
-    with torch.no_grad():
-        ops.coefficients.normal_()
-    z, logits = torch.randn(b, t, d), torch.randn(b, t, V)
-    ids = torch.randint(0, V, (b, t))
-    loss_mask = torch.zeros(b, t, dtype=torch.long)
+    K, b = 5, 3
+    ops, z, logits, ids, loss_mask = _logits_case(seed=4, K=K, b=b, t=6, columns=columns)
     loss_mask[0, 3:] = 1
     loss_mask[1, 1:3] = 1
     loss_mask[2, 5] = 1
