@@ -14,7 +14,8 @@ trained here on generated text) and a corpus of generated documents (default: 2,
     the same candidates from the live logits);
 (d) the same for variants (the whole vocabulary, document sampling, the linearity loss, the head
     placement), each with the cache it reads, built and timed once;
-(e) per-query costs (measurement per placement, recovery) and the index-cost references: EK-FAC
+(e) per-query costs (measurement per placement, exact and, for the logits and head placements,
+    first order as the default measures; recovery) and the index-cost references: EK-FAC
     (kronfluence) and TRAK's featurisation (a projected gradient per document, timed on the first
     ``trak_documents`` documents at two projection widths and scaled to the corpus).
 
@@ -264,6 +265,9 @@ def query_costs(backend: Any, texts: TokenBatch, cfg: CostConfig) -> dict[str, A
         seconds, (y, _) = timed(lambda: measure(backend, ops, part, progress=False, head=head))
         out[f"measure_{placement}_per_query"] = seconds / n_q
         out[f"measure_{placement}_queries"] = n_q
+        if placement != "residual":  # the default measurement there ("auto"): first order
+            first, _ = timed(lambda: measure(backend, ops, part, progress=False, head=head, first_order=True))
+            out[f"measure_{placement}_first_order_per_query"] = first / n_q
         if placement == "logits":
             rec, (lasso, _) = timed(lambda: recover(y.numpy(), design.membership, "fraction", 0.3, True,
                                                     progress=False, sparse=True))
@@ -417,6 +421,9 @@ def query_report(qc: dict[str, Any]) -> str:
     for placement in ("logits", "head", "residual"):
         rows.append((f"measuring all K operators, {placement} placement ({qc[f'measure_{placement}_queries']} queries)",
                      qc[f"measure_{placement}_per_query"]))
+        if f"measure_{placement}_first_order_per_query" in qc:
+            rows.append(("  the same, first order (the default, measurement='auto')",
+                         qc[f"measure_{placement}_first_order_per_query"]))
     rows.append(("recovery (working-set Lasso, n = corpus)", qc["recover_per_query"]))
     if "token_component_per_query" in qc:
         rows.append(("  + token component (the default recovery's second part)", qc["token_component_per_query"]))

@@ -505,7 +505,9 @@ def test_fit_cost_quick_prints_table(tmp_path, capsys):
     assert head["candidates"] is None  # the head placement reads the whole vocabulary (a cache with h)
     assert "measuring all K operators, residual placement (1 queries)" in out
     qc = result["queries"]
+    assert "  the same, first order (the default, measurement='auto')" in out
     for key in ("plain_per_query", "measure_logits_per_query", "measure_head_per_query",
+                "measure_logits_first_order_per_query", "measure_head_first_order_per_query",
                 "measure_residual_per_query", "recover_per_query"):
         assert qc[key] > 0, key
     assert set(qc["trak"]) == {8, 16} and min(qc["trak"].values()) > 0
