@@ -84,14 +84,25 @@ def test_step_losses_against_the_hf_model_by_hand(tiny_hf_model, tiny_model, tin
     assert float(stability.detach().min()) > 1e-4
 
 
-def test_head_measurements_against_a_loop(tiny_hf_model, tiny_model, tiny_tokenizer):
+def _head_case(tiny_hf_model, tiny_model, tiny_tokenizer, K: int, seed: int):
+    """Head-placement operators and the queries' ``z`` / ``h`` read from the HF model itself, and a
+    ``measure(max_elements, first_order)`` of `head_measurements` on them."""
     backend = resolve_backend(tiny_model)
-    ops = _operators(backend.d_model, K=6, seed=1)
+    ops = _operators(backend.d_model, K=K, seed=seed)
     queries = encode_queries(tiny_tokenizer, PROMPTS, COMPLETIONS, 64)
     z, h = _hf_parts(tiny_hf_model, queries.input_ids, queries.attention_mask, 0)
+
+    def measure(max_elements: int, first_order: bool = False):
+        return head_measurements(ops, head_function(backend), z, h, queries.input_ids, queries.loss_mask,
+                                 max_elements=max_elements, first_order=first_order)
+
+    return ops, queries, z, h, measure
+
+
+def test_head_measurements_against_a_loop(tiny_hf_model, tiny_model, tiny_tokenizer):
+    ops, queries, z, h, measure = _head_case(tiny_hf_model, tiny_model, tiny_tokenizer, K=6, seed=1)
     for max_elements in (1 << 20, 1):
-        y, base = head_measurements(ops, head_function(backend), z, h, queries.input_ids, queries.loss_mask,
-                                    max_elements=max_elements)
+        y, base = measure(max_elements)
         with torch.no_grad():
             expected_base = -token_nll(tiny_hf_model.lm_head(h), queries.input_ids, queries.loss_mask)
             expected = torch.stack([-token_nll(tiny_hf_model.lm_head(h + ops.delta(z, k)), queries.input_ids,
@@ -103,13 +114,9 @@ def test_head_measurements_against_a_loop(tiny_hf_model, tiny_model, tiny_tokeni
 
 def test_first_order_head_measurements_are_the_derivative_along_each_edit(tiny_hf_model, tiny_model,
                                                                            tiny_tokenizer):
-    backend = resolve_backend(tiny_model)
-    ops = _operators(backend.d_model, K=4, seed=2)
-    queries = encode_queries(tiny_tokenizer, PROMPTS, COMPLETIONS, 64)
-    z, h = _hf_parts(tiny_hf_model, queries.input_ids, queries.attention_mask, 0)
+    ops, queries, z, h, measure = _head_case(tiny_hf_model, tiny_model, tiny_tokenizer, K=4, seed=2)
     for max_elements in (1 << 20, 1):
-        y, base = head_measurements(ops, head_function(backend), z, h, queries.input_ids, queries.loss_mask,
-                                    max_elements=max_elements, first_order=True)
+        y, base = measure(max_elements, first_order=True)
         expected_base = -token_nll(tiny_hf_model.lm_head(h), queries.input_ids, queries.loss_mask)
         torch.testing.assert_close(base, expected_base.detach(), rtol=1e-5, atol=1e-5)
         for k in range(4):  # autograd through the HF head: d/d alpha of the metric at h + alpha * edit_k
